@@ -1,0 +1,1 @@
+"""Data, not code: model presets, dataset presets and default settings (TOML files)."""

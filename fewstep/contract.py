@@ -1,0 +1,238 @@
+"""The contract the producer and the worker share.
+
+Storage layout (keys relative to the job root ``{output}/{job}/``, built from the job
+name and ids only, never from dataset fields)::
+
+    job.json                                  the job spec
+    manifests/part-000001.parquet             the prompts of shard 1
+    images/part-000001/000000000042.png       one image, named by its global row id
+    metadata/part-000001.parquet              shard 1's metadata: the commit marker, written last
+    failed/part-000001.json                   shard 1 gave up after too many attempts
+
+Parts are numbered from 1, as in DiffusionDB. The Celery message for a shard
+carries references only (:class:`ShardMessage`), never prompts or credentials.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from fewstep import UserError
+
+FORMAT_VERSION = 1
+TASK_NAME = "fewstep.generate_shard"
+
+JOB_SPEC_KEY = "job.json"
+MANIFESTS = "manifests"
+IMAGES = "images"
+METADATA = "metadata"
+FAILED = "failed"
+
+_JOB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+_PART = re.compile(r"part-(\d{6,})\.(parquet|json)$")
+
+
+def check_job_name(name: str) -> str:
+    """The job name if it is safe to use in keys, else a :class:`UserError`."""
+    if not _JOB_NAME.fullmatch(name) or ".." in name:
+        raise UserError(
+            f"invalid job name {name!r}: use 1-100 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def part_name(shard: int) -> str:
+    """``part-000042`` for shard 42 (shards count from 1)."""
+    if shard < 1:
+        raise ValueError(f"shard ids start at 1, got {shard}")
+    return f"part-{shard:06d}"
+
+
+def manifest_key(shard: int) -> str:
+    return f"{MANIFESTS}/{part_name(shard)}.parquet"
+
+
+def metadata_key(shard: int) -> str:
+    return f"{METADATA}/{part_name(shard)}.parquet"
+
+
+def failed_key(shard: int) -> str:
+    return f"{FAILED}/{part_name(shard)}.json"
+
+
+def image_name(row_id: int, ext: str) -> str:
+    """``000000000042.png`` for global row 42."""
+    return f"{row_id:012d}.{ext}"
+
+
+def image_key(shard: int, row_id: int, ext: str) -> str:
+    return f"{IMAGES}/{part_name(shard)}/{image_name(row_id, ext)}"
+
+
+def shard_of_key(key: str) -> int | None:
+    """The shard id in a manifest, metadata or failed key; None for other keys."""
+    m = _PART.search(key)
+    return int(m.group(1)) if m else None
+
+
+def queue_name(prefix: str, model: str) -> str:
+    """Each model has its own queue, so a worker only receives shards it can run."""
+    return f"{prefix}.{model}"
+
+
+@dataclass(frozen=True)
+class ShardMessage:
+    """The body of one Celery task: references only."""
+
+    job_url: str
+    shard: int
+    manifest_key: str
+    attempt: int = 1
+
+    def to_kwargs(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_kwargs(cls, kwargs: dict[str, Any]) -> ShardMessage:
+        return cls(
+            job_url=str(kwargs["job_url"]),
+            shard=int(kwargs["shard"]),
+            manifest_key=str(kwargs["manifest_key"]),
+            attempt=int(kwargs.get("attempt", 1)),
+        )
+
+    @property
+    def task_id(self) -> str:
+        """Deterministic, so a queued shard can be recognised without reading its body."""
+        return f"{self.job_url}#{part_name(self.shard)}#{self.attempt}"
+
+
+# --- seeds -----------------------------------------------------------------
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def derive_seeds(job_seed: int, source_rows: np.ndarray | list[int]) -> np.ndarray:
+    """uint32 seeds from (job seed, source row): the same spec always gives the same seeds.
+
+    SplitMix64 over ``job_seed * golden + source_row``; vectorised so 14M rows take
+    well under a second.
+    """
+    rows = np.asarray(source_rows, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        x = np.uint64(job_seed & 0xFFFFFFFFFFFFFFFF) * _GOLDEN + rows
+        x = x + _GOLDEN
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return (x & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+
+
+# --- parquet schemas ---------------------------------------------------------
+
+# Types a source field may have; jobs declare their fields by these names.
+FIELD_TYPES: dict[str, pa.DataType] = {
+    "string": pa.string(),
+    "int64": pa.int64(),
+    "float32": pa.float32(),
+    "float64": pa.float64(),
+    "bool": pa.bool_(),
+    "timestamp": pa.timestamp("us", tz="UTC"),
+    "list<string>": pa.list_(pa.string()),
+}
+
+MANIFEST_CORE = pa.schema(
+    [
+        pa.field("row_id", pa.int64(), nullable=False),
+        pa.field("source_row", pa.int64(), nullable=False),
+        pa.field("prompt", pa.string(), nullable=False),
+        pa.field("seed", pa.uint32(), nullable=False),
+    ]
+)
+
+# DiffusionDB's columns first (part_id widened to uint32: a job can exceed 65,535
+# shards), then what a dataset builder needs.
+METADATA_CORE = pa.schema(
+    [
+        pa.field("image_name", pa.string()),
+        pa.field("prompt", pa.string()),
+        pa.field("part_id", pa.uint32()),
+        pa.field("seed", pa.uint32()),
+        pa.field("step", pa.uint16()),
+        pa.field("cfg", pa.float32()),
+        pa.field("sampler", pa.string()),
+        pa.field("width", pa.uint16()),
+        pa.field("height", pa.uint16()),
+        pa.field("model", pa.string()),
+        pa.field("model_revision", pa.string()),
+        pa.field("row_id", pa.int64()),
+        pa.field("image_key", pa.string()),
+        pa.field("format", pa.string()),
+        pa.field("sha256", pa.string()),
+        pa.field("bytes", pa.int64()),
+        pa.field("nsfw", pa.bool_()),
+        pa.field("prompt_tokens", pa.int32()),
+        pa.field("truncated", pa.bool_()),
+        pa.field("source", pa.string()),
+        pa.field("source_row", pa.int64()),
+        pa.field("gen_ms", pa.float32()),
+        pa.field("worker", pa.string()),
+        pa.field("attempt", pa.uint16()),
+        pa.field("created_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
+RESERVED_NAMES = frozenset(MANIFEST_CORE.names) | frozenset(METADATA_CORE.names)
+
+
+def check_fields(fields: dict[str, str]) -> dict[str, str]:
+    """Validate a job's source fields (name → type name); returns them unchanged."""
+    for name, type_name in fields.items():
+        if name in RESERVED_NAMES:
+            raise UserError(f"source field {name!r} clashes with a metadata column; rename it")
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]{0,127}", name):
+            raise UserError(f"source field name {name!r} is not a plain identifier")
+        if type_name not in FIELD_TYPES:
+            raise UserError(f"source field {name!r} has unsupported type {type_name!r}")
+    return fields
+
+
+def _with_fields(core: pa.Schema, fields: dict[str, str]) -> pa.Schema:
+    extra = [pa.field(name, FIELD_TYPES[t]) for name, t in check_fields(fields).items()]
+    return pa.schema(list(core) + extra)
+
+
+def manifest_schema(fields: dict[str, str]) -> pa.Schema:
+    """The manifest schema of a job whose source carries ``fields``."""
+    return _with_fields(MANIFEST_CORE, fields)
+
+
+def metadata_schema(fields: dict[str, str]) -> pa.Schema:
+    """The metadata schema of a job: identical in every shard of the job."""
+    return _with_fields(METADATA_CORE, fields)
+
+
+# --- job spec ------------------------------------------------------------------
+
+# The parts of job.json that define what a job produces. Two enqueues with equal
+# identities are the same job (a resume); a different one under the same name is refused.
+SPEC_IDENTITY_KEYS = ("format_version", "source", "model", "generation", "seed", "shard_size")
+
+
+def spec_identity(spec: dict[str, Any]) -> dict[str, Any]:
+    return {k: spec.get(k) for k in SPEC_IDENTITY_KEYS}
+
+
+def shard_rows(spec: dict[str, Any], shard: int) -> int:
+    """Rows in a shard: every shard is full but the last."""
+    total, size = spec["counts"]["prompts"], spec["shard_size"]
+    shards = spec["counts"]["shards"]
+    if not 1 <= shard <= shards:
+        raise ValueError(f"shard {shard} out of range 1..{shards}")
+    return size if shard < shards else total - size * (shards - 1)

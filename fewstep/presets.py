@@ -1,0 +1,44 @@
+"""Model presets (``config/models.toml``) and how a ``--model`` value is resolved.
+
+Pure data: no torch here, so the producer can validate a model name and read its
+steps, guidance and size without loading the GPU stack.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+from fewstep import UserError
+from fewstep.settings import defaults, load_config
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def presets() -> dict[str, dict[str, Any]]:
+    """All presets by name."""
+    return {name: dict(p, name=name) for name, p in load_config("models").items()}
+
+
+def resolve_model(model: str) -> dict[str, Any]:
+    """The preset for ``model``: a preset name, a hub id or a local directory.
+
+    A hub id or directory that is not a preset gets the ``[generic_model]`` defaults
+    and ``kind`` "hub" or "local"; presets have ``kind`` "preset".
+    """
+    known = presets()
+    if model in known:
+        return dict(known[model], kind="preset")
+    if os.path.isdir(model):
+        if not os.path.isfile(os.path.join(model, "model_index.json")):
+            raise UserError(f"{model} is a directory but has no model_index.json (not a diffusers pipeline)")
+        return dict(
+            defaults()["generic_model"], name=model, repo=os.path.abspath(model), revision=None, kind="local"
+        )
+    if _HUB_ID.fullmatch(model) and not model.startswith(("./", "../")):
+        return dict(defaults()["generic_model"], name=model, repo=model, revision="main", kind="hub")
+    raise UserError(
+        f"unknown model {model!r}: not a preset ({', '.join(sorted(known))}), "
+        "a hub id (owner/name) or a local directory"
+    )

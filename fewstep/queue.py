@@ -1,0 +1,149 @@
+"""Celery wiring shared by the producer (sends) and the worker (consumes).
+
+Redis carries one small message per shard. Everything durable lives in storage,
+so results are ignored and a flushed Redis only costs a ``reconcile``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import redis
+from celery import Celery
+
+from fewstep import UserError
+from fewstep.contract import TASK_NAME, ShardMessage
+from fewstep.settings import broker_url, redact_url, visibility_timeout
+
+
+def celery_app(url: str | None = None) -> Celery:
+    """The Celery app with fewstep's locked-down configuration."""
+    url = url or broker_url()
+    vt = visibility_timeout()
+    app = Celery("fewstep", broker=url, set_as_current=False)
+    app.conf.update(
+        # JSON only: a pickled message from the broker would be code execution.
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        event_serializer="json",
+        # Outputs live in storage; results would only pile up in Redis.
+        task_ignore_result=True,
+        result_backend=None,
+        # At-least-once: ack after the shard is committed, requeue if the worker dies.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        # The three Redis visibility timeouts must agree (the shortest wins).
+        broker_transport_options={"visibility_timeout": vt},
+        result_backend_transport_options={"visibility_timeout": vt},
+        visibility_timeout=vt,
+        # Without this a broker reconnect re-runs late-acked tasks while they still run.
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        broker_connection_retry_on_startup=True,
+        broker_connection_timeout=5,
+        task_create_missing_queues=True,
+        # Task events, so Flower works out of the box.
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        worker_hijack_root_logger=False,
+    )
+    return app
+
+
+def redis_client(url: str | None = None) -> redis.Redis:
+    """A Redis client for the broker URL (redis:// or rediss://)."""
+    url = url or broker_url()
+    try:
+        return redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=10)
+    except ValueError as e:
+        raise UserError(f"invalid broker URL {redact_url(url)}: {e}") from None
+
+
+def check_broker(url: str | None = None) -> None:
+    """Raise :class:`UserError` naming the URL when Redis cannot be used."""
+    url = url or broker_url()
+    try:
+        redis_client(url).ping()
+    except redis.AuthenticationError:
+        raise UserError(f"Redis at {redact_url(url)} rejected the password") from None
+    except redis.ResponseError as e:
+        if "NOAUTH" in str(e) or "WRONGPASS" in str(e):
+            raise UserError(f"Redis at {redact_url(url)} needs a valid password") from None
+        raise UserError(f"Redis at {redact_url(url)} refused: {e}") from None
+    except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
+        raise UserError(f"cannot reach Redis at {redact_url(url)}: {e}") from None
+
+
+# kombu's Redis transport keeps a queue in a list named after it, plus one list per
+# priority step, and delivered-but-unacked messages in a hash.
+_PRIORITY_SEP = "\x06\x16"
+_UNACKED = "unacked"
+
+
+def queue_keys(queue: str) -> list[str]:
+    return [queue] + [f"{queue}{_PRIORITY_SEP}{p}" for p in (3, 6, 9)]
+
+
+def queue_length(client: redis.Redis, queue: str) -> int:
+    """Messages waiting in a queue (not counting delivered ones)."""
+    pipe = client.pipeline()
+    for key in queue_keys(queue):
+        pipe.llen(key)
+    return sum(pipe.execute())
+
+
+def _task_kwargs(raw: bytes | str) -> dict[str, Any] | None:
+    """The task kwargs of a raw kombu message, or None if it is not a fewstep task."""
+    try:
+        envelope = json.loads(raw)
+        if envelope.get("headers", {}).get("task") != TASK_NAME:
+            return None
+        if envelope.get("content-type") != "application/json":
+            return None
+        body = envelope["body"]
+        if envelope.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        args = json.loads(body)
+        return args[1] if isinstance(args, list) and len(args) >= 2 else None
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def pending_messages(client: redis.Redis, queue: str) -> Iterator[ShardMessage]:
+    """Shard messages waiting in ``queue`` or delivered and not yet acknowledged."""
+    for key in queue_keys(queue):
+        for raw in client.lrange(key, 0, -1):
+            kwargs = _task_kwargs(raw)
+            if kwargs:
+                yield ShardMessage.from_kwargs(kwargs)
+    for raw in client.hvals(_UNACKED):
+        try:
+            envelope, _exchange, routing_key = json.loads(raw)
+        except (ValueError, TypeError):
+            continue
+        if routing_key != queue:
+            continue
+        kwargs = _task_kwargs(json.dumps(envelope))
+        if kwargs:
+            yield ShardMessage.from_kwargs(kwargs)
+
+
+def send_shards(app: Celery, messages: Iterable[ShardMessage], queue: str) -> int:
+    """Put shard messages on a model's queue over one connection; returns how many."""
+    sent = 0
+    with app.producer_or_acquire() as producer:
+        for message in messages:
+            app.send_task(
+                TASK_NAME,
+                kwargs=message.to_kwargs(),
+                queue=queue,
+                task_id=message.task_id,
+                producer=producer,
+            )
+            sent += 1
+    return sent

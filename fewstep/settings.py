@@ -1,0 +1,72 @@
+"""Settings: command-line flags, then environment, then ``config/`` defaults."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from fewstep import UserError
+
+
+def config_dir() -> Path:
+    """Directory of the TOML config files (``FEWSTEP_CONFIG_DIR`` overrides)."""
+    override = os.environ.get("FEWSTEP_CONFIG_DIR")
+    if override:
+        return Path(override)
+    return Path(str(resources.files("fewstep.config")))
+
+
+@cache
+def _load(name: str, directory: str) -> dict[str, Any]:
+    path = Path(directory) / f"{name}.toml"
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise UserError(f"config file missing: {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"config file {path} is not valid TOML: {e}") from None
+
+
+def load_config(name: str) -> dict[str, Any]:
+    """One config file (``defaults``, ``models``, ``datasets``) as a dict."""
+    return _load(name, str(config_dir()))
+
+
+def defaults() -> dict[str, Any]:
+    return load_config("defaults")
+
+
+def broker_url() -> str:
+    """The Celery broker URL: ``CELERY_BROKER_URL`` or the configured default."""
+    return os.environ.get("CELERY_BROKER_URL") or defaults()["queue"]["broker_url"]
+
+
+def queue_prefix() -> str:
+    return os.environ.get("FEWSTEP_QUEUE_PREFIX") or defaults()["queue"]["prefix"]
+
+
+def visibility_timeout() -> int:
+    value = os.environ.get("FEWSTEP_VISIBILITY_TIMEOUT")
+    return int(value) if value else int(defaults()["queue"]["visibility_timeout"])
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by ``***``, safe for logs and messages."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    if parts.password is None and parts.username is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    user = parts.username or ""
+    netloc = f"{user}:***@{host}" if parts.password is not None else f"{user}@{host}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))

@@ -1,0 +1,305 @@
+"""Object storage: S3-compatible buckets (AWS, MinIO, SeaweedFS) or a local directory.
+
+A :class:`Store` is rooted at a URL (``s3://bucket/prefix`` or a local path) and
+addresses objects by keys relative to that root. S3 is configured by boto3's
+standard variables (``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``,
+``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``); error
+messages name the endpoint and bucket, never the credentials.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import threading
+from collections.abc import Iterator
+from functools import cache
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import boto3
+import botocore.exceptions as bex
+from botocore.config import Config
+
+from fewstep import UserError
+from fewstep.settings import defaults
+
+
+class KeyMissing(KeyError):
+    """The object does not exist."""
+
+
+class StorageError(RuntimeError):
+    """Storage failed after bounded retries (unreachable, 5xx, timeouts)."""
+
+
+def _check_key(key: str) -> str:
+    # Keys come from ids, never from data; this guards the invariant.
+    if not key or key.startswith("/") or "\x00" in key or ".." in key.split("/"):
+        raise ValueError(f"refusing unsafe storage key {key!r}")
+    if len(key.encode()) > 900:
+        raise ValueError("storage key longer than 900 bytes")
+    return key
+
+
+def join(*parts: str) -> str:
+    return "/".join(p.strip("/") for p in parts if p and p.strip("/"))
+
+
+class Store:
+    """Objects under one root URL."""
+
+    url: str
+
+    def child(self, name: str) -> Store:
+        """The store rooted at ``{url}/{name}``."""
+        raise NotImplementedError
+
+    def put(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
+        """Write an object; with ``if_absent``, only if no object has that key.
+
+        Returns False when ``if_absent`` and the key already existed (nothing written).
+        """
+        raise NotImplementedError
+
+    def get(self, key: str) -> bytes:
+        raise NotImplementedError
+
+    def exists(self, key: str) -> bool:
+        raise NotImplementedError
+
+    def list(self, prefix: str = "") -> Iterator[tuple[str, int]]:
+        """(key, size) of every object under ``prefix``, keys relative to the root."""
+        raise NotImplementedError
+
+    def delete(self, key: str) -> None:
+        raise NotImplementedError
+
+    def check(self) -> None:
+        """Raise :class:`UserError` when the store is unreachable or unusable."""
+        raise NotImplementedError
+
+    def url_of(self, key: str) -> str:
+        return f"{self.url.rstrip('/')}/{key}"
+
+
+# --- S3 ------------------------------------------------------------------------
+
+
+def _s3_endpoint() -> str | None:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+@cache
+def _s3_client(endpoint: str | None, region: str, max_attempts: int, credentials: tuple[str, str] | None):
+    cfg = defaults()["storage"]
+    config = Config(
+        retries={"max_attempts": max_attempts, "mode": "standard"},
+        connect_timeout=cfg["connect_timeout"],
+        read_timeout=cfg["read_timeout"],
+        max_pool_connections=32,
+        # Self-hosted servers (MinIO, SeaweedFS) want path-style addressing.
+        s3={"addressing_style": "path" if endpoint else "auto"},
+        signature_version="s3v4",
+    )
+    keys = (
+        {"aws_access_key_id": credentials[0], "aws_secret_access_key": credentials[1]} if credentials else {}
+    )
+    session = boto3.session.Session()
+    return session.client("s3", endpoint_url=endpoint, region_name=region, config=config, **keys)
+
+
+def s3_client(max_attempts: int | None = None):
+    """A shared, thread-safe boto3 S3 client configured from the environment."""
+    cfg = defaults()["storage"]
+    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or cfg["region"]
+    key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+    # Keyed by the credentials too, so a changed environment gets a new client; without
+    # them in the environment boto3 finds its own (profiles, instance roles).
+    credentials = (key, secret) if key and secret else None
+    return _s3_client(_s3_endpoint(), region, max_attempts or int(cfg["max_attempts"]), credentials)
+
+
+def _status(e: bex.ClientError) -> int | None:
+    return e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+
+
+class S3Store(Store):
+    def __init__(self, bucket: str, prefix: str = "", *, max_attempts: int | None = None):
+        if len(bucket) < 3:
+            raise UserError(f"invalid bucket name {bucket!r}: bucket names have 3 or more characters")
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
+        self._max_attempts = max_attempts
+        self._client = s3_client(max_attempts)
+        self.endpoint = self._client.meta.endpoint_url
+
+    def child(self, name: str) -> S3Store:
+        return S3Store(self.bucket, join(self.prefix, name), max_attempts=self._max_attempts)
+
+    def _key(self, key: str) -> str:
+        return join(self.prefix, _check_key(key))
+
+    @contextlib.contextmanager
+    def _errors(self, what: str):
+        where = f"{self.endpoint} (bucket {self.bucket!r})"
+        try:
+            yield
+        except bex.NoCredentialsError:
+            raise UserError(
+                f"no S3 credentials for {where}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+            ) from None
+        except (bex.EndpointConnectionError, bex.ConnectTimeoutError) as e:
+            raise StorageError(f"cannot reach S3 at {self.endpoint} while {what}: {e}") from None
+        except (bex.ReadTimeoutError, bex.ConnectionClosedError) as e:
+            raise StorageError(f"S3 at {self.endpoint} timed out while {what}: {e}") from None
+        except bex.ClientError as e:
+            code = e.response.get("Error", {}).get("Code", "")
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in ("NoSuchBucket",) or (status == 404 and what == "checking the bucket"):
+                raise UserError(f"bucket {self.bucket!r} does not exist at {self.endpoint}") from None
+            if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403"):
+                raise UserError(
+                    f"S3 at {self.endpoint} rejected the credentials for bucket "
+                    f"{self.bucket!r} ({code or status})"
+                ) from None
+            if status and status >= 500:
+                raise StorageError(f"S3 at {where} failed while {what}: {code} ({status})") from None
+            raise StorageError(f"S3 at {where} refused {what}: {code} ({status})") from None
+
+    def put(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
+        kwargs = {"IfNoneMatch": "*"} if if_absent else {}
+        with self._errors(f"writing {key}"):
+            try:
+                self._client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, **kwargs)
+            except bex.ClientError as e:
+                # 412: the key exists. 409: a concurrent conditional write to the same key
+                # is in progress; either way another writer owns this key.
+                if if_absent and _status(e) in (409, 412):
+                    return False
+                raise
+        return True
+
+    def get(self, key: str) -> bytes:
+        with self._errors(f"reading {key}"):
+            try:
+                return self._client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+            except bex.ClientError as e:
+                if _status(e) == 404:
+                    raise KeyMissing(self.url_of(key)) from None
+                raise
+
+    def exists(self, key: str) -> bool:
+        with self._errors(f"looking up {key}"):
+            try:
+                self._client.head_object(Bucket=self.bucket, Key=self._key(key))
+            except bex.ClientError as e:
+                if _status(e) == 404:
+                    return False
+                raise
+        return True
+
+    def list(self, prefix: str = "") -> Iterator[tuple[str, int]]:
+        root = f"{self.prefix}/" if self.prefix else ""
+        full = root + prefix if prefix else root
+        paginator = self._client.get_paginator("list_objects_v2")
+        with self._errors(f"listing {prefix or '/'}"):
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
+                for obj in page.get("Contents", []):
+                    yield obj["Key"][len(root) :], int(obj["Size"])
+
+    def delete(self, key: str) -> None:
+        with self._errors(f"deleting {key}"):
+            self._client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+    def check(self) -> None:
+        try:
+            with self._errors("checking the bucket"):
+                self._client.list_objects_v2(Bucket=self.bucket, MaxKeys=1)
+        except StorageError as e:
+            raise UserError(str(e)) from None
+
+
+# --- local directory ---------------------------------------------------------------
+
+
+class LocalStore(Store):
+    """A directory used like a bucket: atomic writes by rename, conditional writes by link."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser().resolve()
+        self.url = self.root.as_uri()
+        self._lock = threading.Lock()
+
+    def child(self, name: str) -> LocalStore:
+        return LocalStore(self.root / _check_key(name))
+
+    def _path(self, key: str) -> Path:
+        return self.root / _check_key(key)
+
+    def put(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            if not if_absent:
+                os.replace(tmp, path)
+                return True
+            try:
+                os.link(tmp, path)  # fails if path exists: an atomic create-if-absent
+            except FileExistsError:
+                return False
+            return True
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise KeyMissing(self.url_of(key)) from None
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def list(self, prefix: str = "") -> Iterator[tuple[str, int]]:
+        if not self.root.is_dir():
+            return
+        for dirpath, _dirs, files in os.walk(self.root):
+            for name in sorted(files):
+                if name.startswith(".tmp-"):
+                    continue
+                rel = os.path.relpath(os.path.join(dirpath, name), self.root).replace(os.sep, "/")
+                if rel.startswith(prefix):
+                    yield rel, os.path.getsize(os.path.join(dirpath, name))
+
+    def delete(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._path(key).unlink()
+
+    def check(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot use output directory {self.root}: {e.strerror}") from None
+        if not os.access(self.root, os.W_OK):
+            raise UserError(f"output directory {self.root} is not writable")
+
+
+def open_store(url: str, *, max_attempts: int | None = None) -> Store:
+    """The store for ``s3://bucket/prefix``, ``file:///path`` or a plain local path."""
+    parts = urlsplit(url)
+    if parts.scheme == "s3":
+        if not parts.netloc:
+            raise UserError(f"invalid S3 URL {url!r}: expected s3://BUCKET/PREFIX")
+        return S3Store(parts.netloc, parts.path, max_attempts=max_attempts)
+    if parts.scheme == "file":
+        return LocalStore(parts.path)
+    if parts.scheme in ("", None) or len(parts.scheme) == 1:  # a path (or a Windows drive)
+        return LocalStore(url)
+    raise UserError(f"unsupported output URL {url!r}: use s3://BUCKET/PREFIX or a local directory")

@@ -1,0 +1,99 @@
+"""User errors: one clear line naming the problem, a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import BUCKET
+from tests.support import cli
+from tests.test_end_to_end import SAMPLE
+
+
+def assert_one_line_error(result, *fragments: str) -> None:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def enqueue(env, *args: str, path: str = str(SAMPLE), model: str = "tiny", output: str | None = None):
+    return cli(
+        "producer", "enqueue", "partiprompts", "--path", path, "--model", model, "--job", "errors",
+        "--output", output or f"s3://{BUCKET}/errors", *args, env=env, check=False,
+    )  # fmt: skip
+
+
+def test_missing_file(env, tmp_path):
+    assert_one_line_error(enqueue(env, path=str(tmp_path / "nope.tsv")), "not found", "nope.tsv")
+
+
+def test_missing_columns(env, tmp_path):
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("text\tlabel\nhello\tx\n")
+    assert_one_line_error(enqueue(env, path=str(bad)), "bad.tsv", "missing column(s) Prompt")
+
+
+def test_unknown_model(env):
+    assert_one_line_error(enqueue(env, model="no-such-model"), "unknown model 'no-such-model'")
+
+
+def test_invalid_job_name(env):
+    result = cli(
+        "producer", "enqueue", "partiprompts", "--path", str(SAMPLE), "--model", "tiny", "--job", "../up",
+        "--output", f"s3://{BUCKET}/x", env=env, check=False,
+    )  # fmt: skip
+    assert_one_line_error(result, "invalid job name")
+
+
+def test_unreachable_redis(env):
+    result = enqueue({**env, "CELERY_BROKER_URL": "redis://127.0.0.1:9/0"})
+    assert_one_line_error(result, "cannot reach Redis at redis://127.0.0.1:9/0")
+
+
+def test_wrong_redis_password_is_not_echoed(env, local_services):
+    url = f"redis://:wrongpass@127.0.0.1:{local_services.redis_port}/0"
+    result = enqueue({**env, "CELERY_BROKER_URL": url})
+    assert_one_line_error(result, "Redis at redis://:***@127.0.0.1")
+    assert "wrongpass" not in result.stderr
+
+
+def test_unreachable_s3(env):
+    result = enqueue({**env, "AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9"})
+    assert_one_line_error(result, "cannot reach S3 at http://127.0.0.1:9")
+
+
+def test_missing_bucket(env):
+    result = enqueue(env, output="s3://no-such-bucket/jobs")
+    assert_one_line_error(result, "bucket 'no-such-bucket' does not exist")
+
+
+def test_wrong_s3_credentials_are_not_echoed(env):
+    result = enqueue({**env, "AWS_SECRET_ACCESS_KEY": "not-the-secret"})
+    assert_one_line_error(result, "rejected the credentials")
+    assert "not-the-secret" not in result.stderr
+
+
+def test_status_of_unknown_job(env):
+    result = cli("producer", "status", "never-enqueued", "--output", f"s3://{BUCKET}/x", env=env, check=False)
+    assert_one_line_error(result, "no job at s3://fewstep-test/x/never-enqueued")
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--model", "no-such-model"], "unknown model 'no-such-model'"),
+        (["--model", "tiny", "--device", "tpu"], "unknown device 'tpu'"),
+        ([], "--model is required"),
+    ],
+)
+def test_worker_user_errors(env, args, fragment):
+    assert_one_line_error(cli("worker", *args, env=env, check=False), fragment)
+
+
+def test_worker_with_unreachable_redis(env):
+    result = cli(
+        "worker", "--model", "tiny", env={**env, "CELERY_BROKER_URL": "redis://127.0.0.1:9/0"}, check=False
+    )
+    assert_one_line_error(result, "cannot reach Redis at redis://127.0.0.1:9/0")

@@ -1,0 +1,75 @@
+"""The shared contract: keys from ids only, deterministic seeds, one schema per job."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fewstep import UserError
+from fewstep.contract import (
+    ShardMessage,
+    check_job_name,
+    derive_seeds,
+    image_key,
+    manifest_key,
+    metadata_key,
+    metadata_schema,
+    shard_of_key,
+    shard_rows,
+)
+
+
+def test_keys_are_built_from_ids():
+    assert manifest_key(1) == "manifests/part-000001.parquet"
+    assert metadata_key(12) == "metadata/part-000012.parquet"
+    assert image_key(1, 42, "png") == "images/part-000001/000000000042.png"
+    assert shard_of_key("metadata/part-000012.parquet") == 12
+    assert shard_of_key("images/part-000001/000000000042.png") is None
+    with pytest.raises(ValueError):
+        manifest_key(0)
+
+
+@pytest.mark.parametrize("name", ["", "../x", "a/b", "a..b", ".hidden", "x" * 101, "a\x00b", "sp ace"])
+def test_unsafe_job_names_are_refused(name):
+    with pytest.raises(UserError, match="invalid job name"):
+        check_job_name(name)
+
+
+def test_seeds_depend_only_on_job_seed_and_source_row():
+    rows = np.arange(10_000)
+    a = derive_seeds(0, rows)
+    assert a.dtype == np.uint32
+    assert np.array_equal(a, derive_seeds(0, rows))
+    assert np.array_equal(a[5000:], derive_seeds(0, rows[5000:]))  # not on position or batch
+    assert not np.array_equal(a, derive_seeds(1, rows))
+    assert len(np.unique(a)) > 9_990  # no degenerate collisions
+
+
+def test_message_is_references_only():
+    message = ShardMessage("s3://b/p/job", 3, "manifests/part-000003.parquet", 2)
+    assert set(message.to_kwargs()) == {"job_url", "shard", "manifest_key", "attempt"}
+    assert ShardMessage.from_kwargs(message.to_kwargs()) == message
+
+
+def test_metadata_schema_starts_with_diffusiondb_columns_and_adds_fields():
+    schema = metadata_schema({"category": "string"})
+    assert schema.names[:9] == [
+        "image_name",
+        "prompt",
+        "part_id",
+        "seed",
+        "step",
+        "cfg",
+        "sampler",
+        "width",
+        "height",
+    ]
+    assert str(schema.field("part_id").type) == "uint32"
+    assert schema.names[-1] == "category"
+    with pytest.raises(UserError, match="clashes"):
+        metadata_schema({"seed": "int64"})
+
+
+def test_shard_rows_every_shard_full_but_the_last():
+    spec = {"counts": {"prompts": 10, "shards": 3}, "shard_size": 4}
+    assert [shard_rows(spec, s) for s in (1, 2, 3)] == [4, 4, 2]

@@ -1,0 +1,6 @@
+"""The worker: one pinned model per process, shards in, images + metadata out.
+
+Reading order: ``cli`` (start-up: load the model once, then consume) → ``app`` (the Celery
+task) → ``shard`` (manifest → generate → encode → upload → commit) with ``model``
+(preset → pipeline → images) and ``encode`` (pixels → PNG/JPEG/WebP bytes).
+"""

@@ -1,0 +1,146 @@
+"""The ``tiny`` preset: a small random-weight Stable Diffusion replica built locally.
+
+Same architecture family and component classes as the real presets (UNet2DConditionModel,
+AutoencoderTiny, CLIPTextModel, CLIPTokenizer, Euler scheduler), created deterministically,
+saved with ``save_pretrained`` in the hub's layout, and then loaded through the same
+``from_pretrained`` path as hub models. It runs offline on a CPU in milliseconds per image.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+REVISION = "v1"
+
+
+def cache_root() -> Path:
+    """Where locally built models live (``FEWSTEP_MODEL_CACHE`` overrides)."""
+    return Path(os.environ.get("FEWSTEP_MODEL_CACHE") or Path.home() / ".cache" / "fewstep" / "models")
+
+
+def _byte_symbols() -> list[str]:
+    # GPT-2/CLIP byte-level BPE alphabet: printable bytes map to themselves, the
+    # rest to code points from 256 up, so every byte has a visible symbol.
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    extra = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
+
+
+def write_tokenizer_files(directory: Path) -> dict[str, int]:
+    """A byte-level CLIP vocabulary (no merges): every text tokenizes, one token per byte."""
+    directory.mkdir(parents=True, exist_ok=True)
+    symbols = _byte_symbols()
+    vocab: dict[str, int] = {}
+    for suffix in ("", "</w>"):
+        for s in symbols:
+            vocab[s + suffix] = len(vocab)
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (directory / "merges.txt").write_text("#version: 0.2\n")
+    return vocab
+
+
+def build(directory: Path) -> None:
+    """Create the tiny pipeline with fixed seeds and save it in the hub layout."""
+    import torch
+    from diffusers import (
+        AutoencoderTiny,
+        EulerDiscreteScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as scratch:
+        vocab = write_tokenizer_files(Path(scratch))
+        tokenizer = CLIPTokenizer(
+            vocab_file=str(Path(scratch) / "vocab.json"),
+            merges_file=str(Path(scratch) / "merges.txt"),
+            model_max_length=77,
+        )
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(vocab),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            projection_dim=32,
+            bos_token_id=vocab["<|startoftext|>"],
+            eos_token_id=vocab["<|endoftext|>"],
+            pad_token_id=vocab["<|endoftext|>"],
+        )
+    )
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderTiny(
+        encoder_block_out_channels=(16, 16, 16, 16),
+        decoder_block_out_channels=(16, 16, 16, 16),
+        num_encoder_blocks=(1, 1, 1, 1),
+        num_decoder_blocks=(1, 1, 1, 1),
+        latent_channels=4,
+    )
+    with torch.no_grad():
+        # Random decoders output near-constant grey; widen the last layer so the
+        # images vary visibly with the seed and the prompt.
+        last = [m for m in vae.decoder.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+        last.weight.mul_(8.0)
+        last.bias.zero_()
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="trailing",
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(directory, safe_serialization=True)
+
+
+def ensure() -> Path:
+    """The tiny model's directory, building it on first use (atomically, safe to race)."""
+    final = cache_root() / f"tiny-{REVISION}"
+    if (final / "model_index.json").is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".tiny-", dir=final.parent))
+    try:
+        build(scratch)
+        try:
+            os.rename(scratch, final)
+        except OSError:
+            if not (final / "model_index.json").is_file():
+                raise  # someone else won the race only if the model is there
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return final
