@@ -8,6 +8,8 @@ name and ids only, never from dataset fields)::
     images/part-000001/000000000042.png       one image, named by its global row id
     metadata/part-000001.parquet              shard 1's metadata: the commit marker, written last
     failed/part-000001.json                   shard 1 gave up after too many attempts
+    stats/part-000001.json                    shard 1's timings (generate / encode / upload)
+    workers/<worker-id>.json                  a worker's heartbeat while it works on this job
 
 Parts are numbered from 1, as in DiffusionDB. The Celery message for a shard
 carries references only (:class:`ShardMessage`), never prompts or credentials.
@@ -32,6 +34,8 @@ MANIFESTS = "manifests"
 IMAGES = "images"
 METADATA = "metadata"
 FAILED = "failed"
+STATS = "stats"
+WORKERS = "workers"
 
 _JOB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 _PART = re.compile(r"part-(\d{6,})\.(parquet|json)$")
@@ -64,6 +68,16 @@ def metadata_key(shard: int) -> str:
 
 def failed_key(shard: int) -> str:
     return f"{FAILED}/{part_name(shard)}.json"
+
+
+def stats_key(shard: int) -> str:
+    return f"{STATS}/{part_name(shard)}.json"
+
+
+def heartbeat_key(worker_id: str) -> str:
+    """A worker's heartbeat object; the id is reduced to characters safe in keys."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "-", worker_id).strip(".-")[:200] or "worker"
+    return f"{WORKERS}/{safe}.json"
 
 
 def image_name(row_id: int, ext: str) -> str:

@@ -14,7 +14,7 @@ import pytest
 from fewstep import services
 
 REPO = Path(__file__).resolve().parent.parent
-PARTI = REPO.parent / "shared" / "data" / "PartiPrompts.tsv"
+PARTI = Path(os.environ.get("FEWSTEP_PARTIPROMPTS") or REPO.parent / "shared" / "data" / "PartiPrompts.tsv")
 BUCKET = "fewstep-test"
 
 
@@ -22,7 +22,10 @@ BUCKET = "fewstep-test"
 def parti_path() -> Path:
     """The real PartiPrompts file, which lives outside the project (never copied in)."""
     if not PARTI.is_file():
-        pytest.skip(f"real PartiPrompts file not available at {PARTI} (only in the developers' checkout)")
+        pytest.skip(
+            f"real PartiPrompts file not available at {PARTI} "
+            "(it lives in the developers' ../shared/data; set FEWSTEP_PARTIPROMPTS to a copy)"
+        )
     return PARTI
 
 

@@ -29,11 +29,13 @@ def cli_json(tool: str, *args: str, env: dict[str, str]) -> dict:
     return json.loads(cli(tool, *args, "--json", env=env).stdout)
 
 
-def start_worker(env: dict[str, str], *args: str, log_path: Path | None = None) -> subprocess.Popen:
-    """A real worker process for the tiny model (more flags via ``args``)."""
+def start_worker(
+    env: dict[str, str], *args: str, log_path: Path | None = None, model: str = "tiny"
+) -> subprocess.Popen:
+    """A real worker process, by default for the tiny model on the CPU (more flags via ``args``)."""
     out = open(log_path, "wb") if log_path else subprocess.DEVNULL  # noqa: SIM115
     return subprocess.Popen(
-        [sys.executable, "-m", "worker", "--model", "tiny", "--device", "cpu", *args],
+        [sys.executable, "-m", "worker", "--model", model, "--device", "cpu", *args],
         env=env,
         stdout=out,
         stderr=subprocess.STDOUT,
