@@ -14,7 +14,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-REVISION = "v1"
+# v2: the tokenizer reads its vocabulary (transformers 5 ignored the v1 way of passing it).
+REVISION = "v2"
 
 
 def cache_root() -> Path:
@@ -62,11 +63,7 @@ def build(directory: Path) -> None:
 
     with tempfile.TemporaryDirectory() as scratch:
         vocab = write_tokenizer_files(Path(scratch))
-        tokenizer = CLIPTokenizer(
-            vocab_file=str(Path(scratch) / "vocab.json"),
-            merges_file=str(Path(scratch) / "merges.txt"),
-            model_max_length=77,
-        )
+        tokenizer = CLIPTokenizer.from_pretrained(scratch, model_max_length=77)
     torch.manual_seed(0)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
