@@ -210,7 +210,8 @@ def _load_error(e: Exception, label: str) -> UserError:
     lowered = text.lower()
     if "safetensors" in lowered:
         return UserError(f"model {label}: no safetensors weights found; fewstep refuses pickle weights")
-    if any(s in lowered for s in ("offline", "cannot find the requested files", "connect", "local cache")):
+    offline = ("offline", "cannot find the requested files", "connect", "local cache", "not fully cached")
+    if any(s in lowered for s in offline):
         return UserError(f"model {label} is not in the local Hugging Face cache and the hub is unreachable")
     first = text.splitlines()[0] if text else type(e).__name__
     return UserError(f"cannot load model {label}: {first}")

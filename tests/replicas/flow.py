@@ -32,8 +32,13 @@ def flux_schnell(snapshot: Path, files: list[str]) -> None:
         )
         pipe = FluxPipeline(
             scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False),
-            vae=parts.vae_kl(302, shift_factor=0.1159, scaling_factor=0.3611, use_quant_conv=False,
-                             use_post_quant_conv=False),  # fmt: skip
+            vae=parts.vae_kl(
+                302,
+                shift_factor=0.1159,
+                scaling_factor=0.3611,
+                use_quant_conv=False,
+                use_post_quant_conv=False,
+            ),
             text_encoder=parts.clip_text(tokenizer, 303),
             tokenizer=tokenizer,
             text_encoder_2=text_encoder_2,
@@ -65,8 +70,13 @@ def sd35_large_turbo(snapshot: Path, files: list[str]) -> None:
         )
         pipe = StableDiffusion3Pipeline(
             scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-            vae=parts.vae_kl(402, shift_factor=0.0609, scaling_factor=1.5305, use_quant_conv=False,
-                             use_post_quant_conv=False),  # fmt: skip
+            vae=parts.vae_kl(
+                402,
+                shift_factor=0.0609,
+                scaling_factor=1.5305,
+                use_quant_conv=False,
+                use_post_quant_conv=False,
+            ),
             text_encoder=parts.clip_text(tokenizer, 403, projection=True),
             tokenizer=tokenizer,
             text_encoder_2=parts.clip_text(tokenizer, 404, projection=True),

@@ -26,7 +26,11 @@ class HubCache:
     def snapshot(self, repo: str, revision: str) -> Path:
         """The snapshot folder of ``repo`` at ``revision``; a branch gets a made-up commit and a ref."""
         folder = self.root / ("models--" + repo.replace("/", "--"))
-        commit = revision if _COMMIT.fullmatch(revision) else hashlib.sha1(f"{repo}@{revision}".encode()).hexdigest()
+        commit = (
+            revision
+            if _COMMIT.fullmatch(revision)
+            else hashlib.sha1(f"{repo}@{revision}".encode()).hexdigest()
+        )
         if commit != revision:
             (folder / "refs").mkdir(parents=True, exist_ok=True)
             (folder / "refs" / revision).write_text(commit)

@@ -169,7 +169,12 @@ def safety_checker(seed: int, *, flags_everything: bool):
     from transformers import CLIPConfig, CLIPImageProcessor
 
     torch.manual_seed(seed)
-    vision = {"hidden_size": HIDDEN, "intermediate_size": 37, "num_hidden_layers": 1, "num_attention_heads": 2}
+    vision = {
+        "hidden_size": HIDDEN,
+        "intermediate_size": 37,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+    }
     config = CLIPConfig(
         text_config={**vision, "vocab_size": 99},
         vision_config={**vision, "image_size": 32, "patch_size": 8},
@@ -196,7 +201,9 @@ def write_lora(pipeline_cls, unet, directory: Path, filename: str, seed: int) ->
     torch.manual_seed(seed)
     adapted = copy.deepcopy(unet)
     adapted.add_adapter(
-        LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False)
+        LoraConfig(
+            r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False
+        )
     )
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(adapted))
     pipeline_cls.save_lora_weights(directory, unet_lora_layers=layers, weight_name=filename)

@@ -59,13 +59,17 @@ def _pipeline(snapshot: Path, seed: int, scheduler) -> None:
 def sdxl_base(snapshot: Path, files: list[str]) -> None:
     from diffusers import EulerDiscreteScheduler
 
-    _pipeline(snapshot, BASE_SEED, EulerDiscreteScheduler.from_config({**EULER, "timestep_spacing": "leading"}))
+    _pipeline(
+        snapshot, BASE_SEED, EulerDiscreteScheduler.from_config({**EULER, "timestep_spacing": "leading"})
+    )
 
 
 def sdxl_turbo(snapshot: Path, files: list[str]) -> None:
     from diffusers import EulerAncestralDiscreteScheduler
 
-    _pipeline(snapshot, 110, EulerAncestralDiscreteScheduler.from_config({**EULER, "timestep_spacing": "trailing"}))
+    _pipeline(
+        snapshot, 110, EulerAncestralDiscreteScheduler.from_config({**EULER, "timestep_spacing": "trailing"})
+    )
 
 
 def vae_fp16_fix(snapshot: Path, files: list[str]) -> None:

@@ -11,10 +11,21 @@ import torch
 from tests.replicas import parts
 
 # Scheduler configs as the repositories ship them (scheduler/scheduler_config.json).
-BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
+BETAS = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+}
 PNDM = {**BETAS, "skip_prk_steps": True, "steps_offset": 1, "set_alpha_to_one": False, "clip_sample": False}
 EULER_TRAILING = {**BETAS, "steps_offset": 1, "timestep_spacing": "trailing", "prediction_type": "epsilon"}
-LCM = {**BETAS, "original_inference_steps": 50, "set_alpha_to_one": True, "steps_offset": 1, "clip_sample": False}
+LCM = {
+    **BETAS,
+    "original_inference_steps": 50,
+    "set_alpha_to_one": True,
+    "steps_offset": 1,
+    "clip_sample": False,
+}
 
 
 def unet(seed: int, *, time_cond_proj_dim: int | None = None):
@@ -43,7 +54,9 @@ def _save(pipe, snapshot: Path, variant: str | None) -> None:
         pipe.to(torch.float16).save_pretrained(snapshot, safe_serialization=True, variant=variant)
 
 
-def _pipeline(snapshot: Path, seed: int, *, vae, scheduler, checker=None, variant=None, cls_name="", unet_model=None):
+def _pipeline(
+    snapshot: Path, seed: int, *, vae, scheduler, checker=None, variant=None, cls_name="", unet_model=None
+):
     import diffusers
 
     with tempfile.TemporaryDirectory() as scratch:
@@ -74,7 +87,9 @@ def sdxs_dreamshaper(snapshot: Path, files: list[str]) -> None:
     from diffusers import PNDMScheduler
 
     checker = parts.safety_checker(20, flags_everything=False)
-    _pipeline(snapshot, 20, vae=parts.vae_tiny(20), scheduler=PNDMScheduler.from_config(PNDM), checker=checker)
+    _pipeline(
+        snapshot, 20, vae=parts.vae_tiny(20), scheduler=PNDMScheduler.from_config(PNDM), checker=checker
+    )
 
 
 def sd_turbo(snapshot: Path, files: list[str]) -> None:
@@ -93,7 +108,14 @@ def sd15(snapshot: Path, files: list[str]) -> None:
 
     checker = parts.safety_checker(SD15_SEED, flags_everything=True)
     vae = parts.vae_kl(SD15_SEED)
-    _pipeline(snapshot, SD15_SEED, vae=vae, scheduler=PNDMScheduler.from_config(PNDM), checker=checker, variant="fp16")
+    _pipeline(
+        snapshot,
+        SD15_SEED,
+        vae=vae,
+        scheduler=PNDMScheduler.from_config(PNDM),
+        checker=checker,
+        variant="fp16",
+    )
 
 
 def lcm_dreamshaper(snapshot: Path, files: list[str]) -> None:
