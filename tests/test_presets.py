@@ -9,12 +9,14 @@ specification, written from the model cards independently of ``config/models.tom
 from __future__ import annotations
 
 import io
+import shutil
 from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from fewstep import UserError
 from fewstep.presets import presets, resolve_model
@@ -197,7 +199,6 @@ def test_lora_is_fused_into_the_unet_and_its_layers_unloaded(hub, name):
 
 def test_unet_checkpoint_file_replaces_the_base_unet(hub):
     from huggingface_hub import hf_hub_download
-    from safetensors.torch import load_file
 
     from worker.model import load_model
 
@@ -228,12 +229,21 @@ def test_components_from_other_repositories_replace_the_base_ones(hub):
     assert type(yoso.pipeline.tokenizer).__name__ == "T5Tokenizer"  # read from spiece.model
 
 
-def test_pickle_weights_are_refused_with_one_clear_line(hub):
+def test_pickle_weights_are_refused_with_one_clear_line(hub, tmp_path):
     from worker.model import load_model
 
     with pytest.raises(UserError, match=r"dmd2_sdxl_1step_unet_fp16\.bin is not a safetensors file") as e:
         load_model("dmd2-sdxl-1step", "cpu")
     assert "\n" not in str(e.value)
+
+    # A directory whose UNet exists only as a pickle is refused too, not unpickled.
+    local = tmp_path / "pickled"
+    shutil.copytree(hub.snapshot("IDKiro/sdxs-512-0.9", resolve_model("sdxs-512-0.9")["revision"]), local)
+    weights = local / "unet" / "diffusion_pytorch_model.safetensors"
+    torch.save(load_file(weights), weights.with_suffix(".bin"))
+    weights.unlink()
+    with pytest.raises(UserError, match="no safetensors weights found; fewstep refuses pickle weights"):
+        load_model(str(local), "cpu")
 
 
 def test_nsfw_flags_are_recorded_and_the_images_kept(hub):

@@ -208,11 +208,11 @@ def _safetensors_file(name: str, label: str) -> str:
 def _load_error(e: Exception, label: str) -> UserError:
     text = str(e)
     lowered = text.lower()
-    if "safetensors" in lowered:
-        return UserError(f"model {label}: no safetensors weights found; fewstep refuses pickle weights")
     offline = ("offline", "cannot find the requested files", "connect", "local cache", "not fully cached")
     if any(s in lowered for s in offline):
         return UserError(f"model {label} is not in the local Hugging Face cache and the hub is unreachable")
+    if "safetensors" in lowered:  # use_safetensors=True found only pickle weights
+        return UserError(f"model {label}: no safetensors weights found; fewstep refuses pickle weights")
     first = text.splitlines()[0] if text else type(e).__name__
     return UserError(f"cannot load model {label}: {first}")
 
