@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from worker.tiny import write_tokenizer_files
+from worker import tiny
 
 HIDDEN = 32  # text encoders' width everywhere
 
@@ -27,30 +27,13 @@ SENTENCES = [
 
 def clip_tokenizer(scratch: Path):
     """A byte-level CLIP tokenizer (the tiny preset's): every text tokenizes."""
-    from transformers import CLIPTokenizer
-
-    write_tokenizer_files(scratch)
-    return CLIPTokenizer.from_pretrained(scratch, model_max_length=77)
+    return tiny.clip_tokenizer(scratch)
 
 
-def clip_text(tokenizer, seed: int, *, projection: bool = False, hidden: int = HIDDEN):
+def clip_text(tokenizer, seed: int, *, projection: bool = False):
     """CLIPTextModel, or CLIPTextModelWithProjection (SDXL's and SD3's second encoder)."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
     torch.manual_seed(seed)
-    config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=77,
-        projection_dim=hidden,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
+    return tiny.clip_text(tokenizer, projection=projection, hidden=HIDDEN)
 
 
 def write_t5_tokenizer(directory: Path, max_length: int) -> None:
@@ -133,30 +116,14 @@ def vae_kl(seed: int, *, latent_channels: int = 4, blocks: int = 2, **config):
         sample_size=32,
         **config,
     )
-    _widen(vae.decoder)
+    tiny.widen_decoder(vae.decoder)
     return vae
 
 
 def vae_tiny(seed: int):
     """AutoencoderTiny (TAESD), as SDXS ships in its ``vae`` folder."""
-    from diffusers import AutoencoderTiny
-
     torch.manual_seed(seed)
-    vae = AutoencoderTiny(
-        encoder_block_out_channels=(8, 8, 8, 8),
-        decoder_block_out_channels=(8, 8, 8, 8),
-        num_encoder_blocks=(1, 1, 1, 1),
-        num_decoder_blocks=(1, 1, 1, 1),
-        latent_channels=4,
-    )
-    _widen(vae.decoder)
-    return vae
-
-
-def _widen(decoder) -> None:
-    with torch.no_grad():
-        last = [m for m in decoder.modules() if isinstance(m, torch.nn.Conv2d)][-1]
-        last.weight.mul_(8.0)
+    return tiny.vae_tiny(8)
 
 
 def safety_checker(seed: int, *, flags_everything: bool):

@@ -10,6 +10,7 @@ import torch
 
 from tests.replicas import parts
 from tests.replicas.stable_diffusion import BETAS, _save
+from worker import tiny
 
 EULER = {**BETAS, "steps_offset": 1, "prediction_type": "epsilon", "interpolation_type": "linear"}
 BASE_SEED = 100
@@ -17,15 +18,9 @@ BASE_SEED = 100
 
 def unet(seed: int):
     """UNet2DConditionModel, SDXL layout in miniature (text_time conditioning, two encoders)."""
-    from diffusers import UNet2DConditionModel
-
     torch.manual_seed(seed)
-    return UNet2DConditionModel(
+    return tiny.unet(
         sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=(2, 4),
@@ -35,7 +30,6 @@ def unet(seed: int):
         transformer_layers_per_block=(1, 2),
         projection_class_embeddings_input_dim=6 * 8 + parts.HIDDEN,
         cross_attention_dim=2 * parts.HIDDEN,
-        norm_num_groups=8,
     )
 
 

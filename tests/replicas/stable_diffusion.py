@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from tests.replicas import parts
+from worker import tiny
 
 # Scheduler configs as the repositories ship them (scheduler/scheduler_config.json).
 BETAS = {
@@ -29,23 +30,9 @@ LCM = {
 
 
 def unet(seed: int, *, time_cond_proj_dim: int | None = None):
-    """UNet2DConditionModel, SD 1.x/2.x layout in miniature."""
-    from diffusers import UNet2DConditionModel
-
+    """UNet2DConditionModel, SD 1.x/2.x layout in miniature (the tiny preset's)."""
     torch.manual_seed(seed)
-    return UNet2DConditionModel(
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=parts.HIDDEN,
-        attention_head_dim=8,
-        norm_num_groups=8,
-        time_cond_proj_dim=time_cond_proj_dim,
-    )
+    return tiny.unet(sample_size=32, cross_attention_dim=parts.HIDDEN, time_cond_proj_dim=time_cond_proj_dim)
 
 
 def _save(pipe, snapshot: Path, variant: str | None) -> None:
