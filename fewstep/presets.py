@@ -42,3 +42,30 @@ def resolve_model(model: str) -> dict[str, Any]:
         f"unknown model {model!r}: not a preset ({', '.join(sorted(known))}), "
         "a hub id (owner/name) or a local directory"
     )
+
+
+def samplers(preset: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The samplers a preset allows, label → scheduler spec; the default (``sampler``) first.
+
+    A hub id or local directory declares none: it runs the scheduler its repository ships.
+    """
+    if not preset.get("sampler"):
+        return {}
+    return {preset["sampler"]: dict(preset.get("scheduler") or {}), **preset.get("samplers", {})}
+
+
+def check_generation(preset: dict[str, Any], generation: dict[str, Any]) -> dict[str, Any]:
+    """``generation`` (steps, sampler, …) if the preset can run it, else a :class:`UserError`."""
+    name = preset["name"]
+    allowed = samplers(preset)
+    sampler = generation.get("sampler")
+    if sampler is not None and sampler not in allowed:
+        offer = f"one of {', '.join(allowed)}" if allowed else "none (it runs its repository's scheduler)"
+        raise UserError(f"model {name} has no sampler {sampler!r}: choose {offer}")
+    timesteps = preset.get("timesteps")
+    if timesteps and generation["steps"] != len(timesteps):
+        raise UserError(
+            f"model {name} runs the fixed timesteps {timesteps} from its card: "
+            f"steps must be {len(timesteps)}, not {generation['steps']}"
+        )
+    return generation

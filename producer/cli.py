@@ -36,6 +36,7 @@ def job_options(command):
         click.option("--guidance", type=float, help="Override the preset's guidance scale."),
         click.option("--width", type=click.IntRange(min=8), help="Override the preset's width."),
         click.option("--height", type=click.IntRange(min=8), help="Override the preset's height."),
+        click.option("--sampler", help="One of the preset's samplers (see `worker models`) [its default]."),
         click.option(
             "--format", "image_format", type=click.Choice(["png", "jpeg", "webp"]), help="Image format [png]."
         ),

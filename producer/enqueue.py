@@ -23,7 +23,7 @@ from fewstep.contract import (
     queue_name,
     spec_identity,
 )
-from fewstep.presets import resolve_model
+from fewstep.presets import check_generation, resolve_model
 from fewstep.queue import celery_app, check_broker, pending_messages, redis_client, send_shards
 from fewstep.settings import defaults, queue_prefix
 from fewstep.storage import Store, open_store
@@ -46,6 +46,7 @@ class JobOptions:
     guidance: float | None = None
     width: int | None = None
     height: int | None = None
+    sampler: str | None = None
     image_format: str | None = None
     quality: int | None = None
     png_level: int | None = None
@@ -69,9 +70,10 @@ def build_spec(source: PromptSource, opts: JobOptions) -> dict[str, Any]:
         "guidance": float(_pick(opts.guidance, preset["guidance"])),
         "width": int(_pick(opts.width, preset["width"])),
         "height": int(_pick(opts.height, preset["height"])),
-        "sampler": preset.get("sampler"),
+        "sampler": _pick(opts.sampler, preset.get("sampler")),
         "format": image_format,
     }
+    check_generation(preset, generation)
     if image_format == "png":
         generation["png_level"] = int(_pick(opts.png_level, out["png_level"]))
     else:

@@ -13,6 +13,9 @@ import pytest
 
 from fewstep import services
 
+# Before anything imports huggingface_hub or diffusers (both read it at import): never the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 REPO = Path(__file__).resolve().parent.parent
 PARTI = Path(os.environ.get("FEWSTEP_PARTIPROMPTS") or REPO.parent / "shared" / "data" / "PartiPrompts.tsv")
 BUCKET = "fewstep-test"

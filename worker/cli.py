@@ -14,7 +14,7 @@ import click
 
 from fewstep import UserError, console
 from fewstep.contract import queue_name
-from fewstep.presets import presets
+from fewstep.presets import presets, samplers
 from fewstep.queue import check_broker, queue_length, redis_client
 from fewstep.settings import broker_url, defaults, queue_prefix, redact_url
 
@@ -139,8 +139,8 @@ def cli(ctx, model, device, batch_size, exit_when_idle, loglevel) -> None:
 
 @cli.command("models")
 def list_models() -> None:
-    """List the model presets: steps, guidance, resolution, dtype, licence."""
-    rows = [("preset", "steps", "cfg", "size", "dtype", "licence")]
+    """List the model presets: steps, guidance, resolution, dtype, samplers, licence."""
+    rows = [("preset", "steps", "cfg", "size", "dtype", "samplers", "licence")]
     for name, p in sorted(presets().items()):
         rows.append(
             (
@@ -149,6 +149,7 @@ def list_models() -> None:
                 f"{p['guidance']:g}",
                 f"{p['width']}x{p['height']}",
                 p.get("dtype", ""),
+                ",".join(samplers(p)),
                 p.get("license", ""),
             )
         )

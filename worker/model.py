@@ -1,9 +1,18 @@
 """A model preset turned into a loaded pipeline, and images out of it.
 
-``load_model`` is the one function that turns a preset (``config/models.toml``) into a
-diffusers pipeline: ``from_pretrained`` with safetensors only, no remote code, then the
-preset's scheduler. ``Model.generate`` runs a batch with one seeded generator per
-image, so an image depends on its seed and prompt, not on its batch-mates.
+``load_model`` turns a preset (``config/models.toml``) into a diffusers pipeline with one
+data-driven recipe, every step driven by a field the preset declares:
+
+1. ``components``: parts loaded first and handed to the pipeline: a model folder of
+   another repository (a VAE, a transformer), or a bare checkpoint ``file`` loaded into
+   the base repository's architecture (a UNet-only checkpoint);
+2. the pipeline ``from_pretrained`` from ``repo`` at ``revision`` (``variant`` if any);
+3. ``lora``: LoRA weights loaded, fused into the weights at ``scale`` and unloaded;
+4. ``scheduler``: the sampler's scheduler class and config overrides.
+
+Weights load as safetensors only (pickle ``.bin`` files are refused), never with remote
+code or a hub ``custom_pipeline``. ``Model.generate`` runs a batch with one seeded
+generator per image, so an image depends on its seed and prompt, not on its batch-mates.
 """
 
 from __future__ import annotations
@@ -17,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from fewstep import UserError
-from fewstep.presets import resolve_model
+from fewstep.presets import resolve_model, samplers
 
 log = logging.getLogger("fewstep.worker")
 
@@ -46,6 +55,21 @@ class Model:
     sampler: str
     load_seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    #: The repository's own scheduler config: every sampler is derived from it.
+    scheduler_config: Any = None
+    #: (safety checker, feature extractor), taken out of the pipeline so that it only flags.
+    safety: tuple[Any, Any] | None = None
+
+    def use_sampler(self, label: str | None) -> None:
+        """Switch to one of the preset's samplers (None: keep the current one)."""
+        if label is None or label == self.sampler:
+            return
+        allowed = samplers(self.preset)
+        if label not in allowed:
+            offer = ", ".join(allowed) or "none"
+            raise UserError(f"model {self.name} has no sampler {label!r} (it has: {offer})")
+        self.pipeline.scheduler = _scheduler(self.scheduler_config, allowed[label])
+        self.sampler = label
 
     def generate(
         self, prompts: list[str], seeds: list[int], *, steps: int, guidance: float, width: int, height: int
@@ -53,6 +77,12 @@ class Model:
         """Images for ``prompts``, image i from ``seeds[i]`` (CPU generators: device-independent noise)."""
         import torch
 
+        kwargs = dict(self.preset.get("call") or {})
+        timesteps = self.preset.get("timesteps")
+        if timesteps:
+            if steps != len(timesteps):
+                raise UserError(f"model {self.name} runs exactly {len(timesteps)} steps, not {steps}")
+            kwargs["timesteps"] = list(timesteps)
         generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
         start = time.perf_counter()
         with torch.inference_mode():
@@ -64,15 +94,27 @@ class Model:
                 height=height,
                 generator=generators,
                 output_type="pt",
+                **kwargs,
             )
             pixels = out.images
             if pixels.ndim == 4 and pixels.shape[1] in (1, 3):
                 pixels = pixels.permute(0, 2, 3, 1)
             images = (pixels.float() * 255).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
+            nsfw = self._nsfw(images)
         seconds = time.perf_counter() - start
-        flags = getattr(out, "nsfw_content_detected", None)
-        nsfw = [bool(f) for f in flags] if flags is not None else [None] * len(prompts)
         return Batch(images=images, nsfw=nsfw, seconds=seconds)
+
+    def _nsfw(self, images: np.ndarray) -> list[bool | None]:
+        # The checker blanks the images it flags; it gets a copy, the real images are kept.
+        if self.safety is None:
+            return [None] * len(images)
+        from PIL import Image
+
+        checker, extractor = self.safety
+        clip = extractor([Image.fromarray(a) for a in images], return_tensors="pt").pixel_values
+        param = next(checker.parameters())
+        _, flags = checker(images=images.copy(), clip_input=clip.to(param.device, param.dtype))
+        return [bool(f) for f in flags]
 
     def count_tokens(self, prompts: list[str]) -> tuple[list[int], int]:
         """Token count of each prompt (untruncated) and the text encoder's limit."""
@@ -111,16 +153,30 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def _hub_revision(repo: str, revision: str | None) -> str | None:
+def _commit(repo: str, revision: str | None, filename: str) -> str | None:
     """The commit a hub revision resolved to, read from the local hub cache."""
     from huggingface_hub import try_to_load_from_cache
 
-    found = try_to_load_from_cache(repo, "model_index.json", revision=revision)
+    found = try_to_load_from_cache(repo, filename, revision=revision)
     if isinstance(found, str):
         parts = Path(found).parts
         if "snapshots" in parts:
             return parts[parts.index("snapshots") + 1]
     return revision
+
+
+def _revision(preset: dict[str, Any]) -> str | None:
+    """What ran, for the ``model_revision`` column: the base commit, then ``part=repo@commit``
+    for every part that came from another repository."""
+    if preset["kind"] == "local" or preset["repo"].startswith("builtin:"):
+        return preset.get("revision")
+    words = [_commit(preset["repo"], preset.get("revision"), "model_index.json")]
+    parts = {**preset.get("components", {}), "lora": preset.get("lora")}
+    for name, spec in parts.items():
+        if spec and "repo" in spec:
+            probe = spec.get("file") or "/".join(filter(None, [spec.get("subfolder"), "config.json"]))
+            words.append(f"{name}={spec['repo']}@{_commit(spec['repo'], spec.get('revision'), probe)}")
+    return " ".join(w for w in words if w)
 
 
 def _dtype_kwarg() -> str:
@@ -130,13 +186,35 @@ def _dtype_kwarg() -> str:
     return "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
 
 
-def _pipeline_class(name: str):
+def _diffusers_class(name: str, what: str):
+    """A class diffusers itself defines: no class name can pull in code from a repository."""
     import diffusers
 
     cls = getattr(diffusers, name, None)
-    if cls is None or not hasattr(cls, "from_pretrained"):
-        raise UserError(f"preset names unknown pipeline class {name!r}")
+    if cls is None or not hasattr(cls, "from_pretrained" if what != "scheduler" else "from_config"):
+        raise UserError(f"preset names unknown {what} class {name!r}")
     return cls
+
+
+def _safetensors_file(name: str, label: str) -> str:
+    if not name.endswith(".safetensors"):
+        raise UserError(
+            f"model {label}: {name} is not a safetensors file; fewstep refuses pickle (.bin/.pt/.ckpt) "
+            "weights (convert it to safetensors and point the preset at that file)"
+        )
+    return name
+
+
+def _load_error(e: Exception, label: str) -> UserError:
+    text = str(e)
+    lowered = text.lower()
+    offline = ("offline", "cannot find the requested files", "connect", "local cache", "not fully cached")
+    if any(s in lowered for s in offline):
+        return UserError(f"model {label} is not in the local Hugging Face cache and the hub is unreachable")
+    if "safetensors" in lowered:  # use_safetensors=True found only pickle weights
+        return UserError(f"model {label}: no safetensors weights found; fewstep refuses pickle weights")
+    first = text.splitlines()[0] if text else type(e).__name__
+    return UserError(f"cannot load model {label}: {first}")
 
 
 def _from_pretrained(cls, location: str, label: str, **kwargs):
@@ -144,22 +222,73 @@ def _from_pretrained(cls, location: str, label: str, **kwargs):
         # use_safetensors=True refuses pickle weights; no custom_pipeline, no remote code.
         return cls.from_pretrained(location, use_safetensors=True, **kwargs)
     except (OSError, ValueError) as e:
-        text = str(e)
-        if "safetensors" in text.lower():
-            raise UserError(
-                f"model {label}: no safetensors weights found; fewstep refuses pickle (.bin) weights"
-            ) from None
-        if (
-            "offline" in text.lower()
-            or "cannot find the requested files" in text.lower()
-            or "connect" in text.lower()
-        ):
-            raise UserError(
-                f"model {label} is not in the local Hugging Face cache and the hub cannot be reached"
-            ) from None
-        raise UserError(
-            f"cannot load model {label}: {text.splitlines()[0] if text else type(e).__name__}"
-        ) from None
+        raise _load_error(e, label) from None
+
+
+def _source(spec: dict[str, Any]) -> dict[str, str]:
+    return {k: spec[k] for k in ("revision", "variant", "subfolder") if spec.get(k)}
+
+
+def _checkpoint(cls, name: str, spec: dict[str, Any], preset: dict[str, Any], label: str):
+    """A bare checkpoint file loaded into the base repository's ``name`` architecture."""
+    from accelerate import init_empty_weights
+    from huggingface_hub import hf_hub_download
+    from safetensors.torch import load_file
+
+    filename = _safetensors_file(spec["file"], label)
+    try:
+        revision = preset.get("revision")
+        config = cls.load_config(preset["repo"], subfolder=name, **_source({"revision": revision}))
+        path = hf_hub_download(spec["repo"], filename, revision=spec.get("revision"))
+    except (OSError, ValueError) as e:
+        raise _load_error(e, label) from None
+    with init_empty_weights():  # no throw-away random init of a multi-GB model
+        model = cls.from_config(config)
+    state = load_file(path)
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError:
+        raise UserError(f"model {label}: {filename} does not fit the {name} of {preset['repo']}") from None
+    return model.eval()
+
+
+def _scheduler(config: Any, spec: dict[str, Any]):
+    """The sampler's scheduler, derived from the repository's own scheduler config."""
+    spec = dict(spec)
+    cls = _diffusers_class(spec.pop("class", None) or config["_class_name"], "scheduler")
+    return cls.from_config(config, **spec)
+
+
+def build_pipeline(preset: dict[str, Any], location: str, torch_dtype) -> Any:
+    """The preset's pipeline on the CPU: components, pipeline, fused LoRA (its sampler comes after)."""
+    label = preset["name"]
+    kwargs: dict[str, Any] = {_dtype_kwarg(): torch_dtype}
+    if preset["kind"] != "local" and not preset["repo"].startswith("builtin:"):
+        kwargs.update(_source({"revision": preset.get("revision"), "variant": preset.get("variant")}))
+    for name, spec in (preset.get("components") or {}).items():
+        cls = _diffusers_class(spec["class"], "component")
+        if "file" in spec:
+            kwargs[name] = _checkpoint(cls, name, spec, preset, label).to(torch_dtype)
+        else:
+            kwargs[name] = _from_pretrained(
+                cls, spec["repo"], label, **_source(spec), **{_dtype_kwarg(): torch_dtype}
+            )
+    pipeline_cls = _diffusers_class(preset.get("pipeline", "DiffusionPipeline"), "pipeline")
+    pipe = _from_pretrained(pipeline_cls, location, label, **kwargs)
+    lora = preset.get("lora")
+    if lora:
+        try:
+            pipe.load_lora_weights(
+                lora["repo"],
+                weight_name=_safetensors_file(lora["file"], label),
+                use_safetensors=True,
+                **_source(lora),
+            )
+        except (OSError, ValueError) as e:
+            raise _load_error(e, label) from None
+        pipe.fuse_lora(lora_scale=float(lora.get("scale", 1.0)))
+        pipe.unload_lora_weights()  # keeps the fused weights, drops the adapter layers
+    return pipe
 
 
 def load_model(name: str, device: str = "auto") -> Model:
@@ -172,44 +301,35 @@ def load_model(name: str, device: str = "auto") -> Model:
     start = time.perf_counter()
     diffusers.utils.logging.set_verbosity_error()  # its truncation warning would log prompts
 
-    repo = preset["repo"]
-    revision = preset.get("revision")
-    if repo == "builtin:tiny":
+    location = preset["repo"]
+    if location == "builtin:tiny":
         from worker import tiny
 
-        location, kwargs = str(tiny.ensure()), {}
-    elif preset["kind"] == "local":
-        location, kwargs = repo, {}
-        revision = None
-    else:
-        location, kwargs = repo, {"revision": revision}
-    cls = _pipeline_class(preset.get("pipeline", "DiffusionPipeline"))
-    kwargs[_dtype_kwarg()] = torch_dtype
-    pipe = _from_pretrained(cls, location, name, **kwargs)
-
-    sampler = preset.get("sampler") or type(pipe.scheduler).__name__
-    scheduler = dict(preset.get("scheduler") or {})
-    if scheduler:
-        scheduler_cls = getattr(diffusers, scheduler.pop("class"))
-        pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config, **scheduler)
+        location = str(tiny.ensure())
+    pipe = build_pipeline(preset, location, torch_dtype)
+    safety = None
+    if getattr(pipe, "safety_checker", None) is not None:
+        safety = (pipe.safety_checker.to(device, torch_dtype), pipe.feature_extractor)
+        pipe.safety_checker = None
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    if preset["kind"] == "hub" or (preset["kind"] == "preset" and not repo.startswith("builtin:")):
-        revision = _hub_revision(repo, revision)
     model = Model(
         name=name,
         preset=preset,
         pipeline=pipe,
         device=device,
         dtype=dtype,
-        revision=revision,
-        sampler=sampler,
-        load_seconds=time.perf_counter() - start,
+        revision=_revision(preset),
+        sampler=type(pipe.scheduler).__name__,
+        scheduler_config=pipe.scheduler.config,
+        safety=safety,
     )
+    model.use_sampler(preset.get("sampler"))
+    model.load_seconds = time.perf_counter() - start
     log.info(
         "loaded model %s (revision %s) on %s as %s in %.1fs",
         name,
-        revision,
+        model.revision,
         device,
         dtype,
         model.load_seconds,

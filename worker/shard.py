@@ -95,6 +95,7 @@ class ShardRunner:
 
         manifest = pq.read_table(io.BytesIO(store.get(message.manifest_key)))
         gen = spec["generation"]
+        self.model.use_sampler(gen.get("sampler"))  # the job's sampler; the metadata records it
         ext = extension(gen["format"])
         rows = manifest.to_pydict()
         n = manifest.num_rows

@@ -14,7 +14,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-REVISION = "v1"
+# v2: the tokenizer reads its vocabulary (transformers 5 ignored the v1 way of passing it).
+REVISION = "v2"
 
 
 def cache_root() -> Path:
@@ -49,64 +50,88 @@ def write_tokenizer_files(directory: Path) -> dict[str, int]:
     return vocab
 
 
-def build(directory: Path) -> None:
-    """Create the tiny pipeline with fixed seeds and save it in the hub layout."""
-    import torch
-    from diffusers import (
-        AutoencoderTiny,
-        EulerDiscreteScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+def clip_tokenizer(scratch: Path):
+    """A byte-level CLIP tokenizer (its files written to ``scratch``): every text tokenizes."""
+    from transformers import CLIPTokenizer
 
-    with tempfile.TemporaryDirectory() as scratch:
-        vocab = write_tokenizer_files(Path(scratch))
-        tokenizer = CLIPTokenizer(
-            vocab_file=str(Path(scratch) / "vocab.json"),
-            merges_file=str(Path(scratch) / "merges.txt"),
-            model_max_length=77,
-        )
-    torch.manual_seed(0)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(vocab),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=77,
-            projection_dim=32,
-            bos_token_id=vocab["<|startoftext|>"],
-            eos_token_id=vocab["<|endoftext|>"],
-            pad_token_id=vocab["<|endoftext|>"],
-        )
+    write_tokenizer_files(scratch)
+    return CLIPTokenizer.from_pretrained(scratch, model_max_length=77)
+
+
+def clip_text(tokenizer, *, projection: bool = False, hidden: int = 32):
+    """A small CLIPTextModel (or CLIPTextModelWithProjection, SDXL's and SD3's second encoder)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        projection_dim=hidden,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
-    unet = UNet2DConditionModel(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    )
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
+
+
+def unet(**overrides):
+    """A small UNet2DConditionModel in the SD 1.x/2.x layout (``overrides`` reshape it, e.g. to SDXL's)."""
+    from diffusers import UNet2DConditionModel
+
+    config = {
+        "sample_size": 16,
+        "in_channels": 4,
+        "out_channels": 4,
+        "block_out_channels": (32, 64),
+        "layers_per_block": 1,
+        "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+        "cross_attention_dim": 32,
+        "attention_head_dim": 8,
+        "norm_num_groups": 8,
+    }
+    return UNet2DConditionModel(**{**config, **overrides})
+
+
+def widen_decoder(decoder) -> None:
+    """Random decoders output near-constant grey; widen the last layer so that images vary
+    visibly with the seed and the prompt."""
+    import torch
+
+    with torch.no_grad():
+        last = [m for m in decoder.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+        last.weight.mul_(8.0)
+        last.bias.zero_()
+
+
+def vae_tiny(channels: int):
+    """A small AutoencoderTiny (TAESD's architecture), its decoder widened."""
+    from diffusers import AutoencoderTiny
+
     vae = AutoencoderTiny(
-        encoder_block_out_channels=(16, 16, 16, 16),
-        decoder_block_out_channels=(16, 16, 16, 16),
+        encoder_block_out_channels=(channels,) * 4,
+        decoder_block_out_channels=(channels,) * 4,
         num_encoder_blocks=(1, 1, 1, 1),
         num_decoder_blocks=(1, 1, 1, 1),
         latent_channels=4,
     )
-    with torch.no_grad():
-        # Random decoders output near-constant grey; widen the last layer so the
-        # images vary visibly with the seed and the prompt.
-        last = [m for m in vae.decoder.modules() if isinstance(m, torch.nn.Conv2d)][-1]
-        last.weight.mul_(8.0)
-        last.bias.zero_()
+    widen_decoder(vae.decoder)
+    return vae
+
+
+def build(directory: Path) -> None:
+    """Create the tiny pipeline with fixed seeds and save it in the hub layout."""
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer = clip_tokenizer(Path(scratch))
+    torch.manual_seed(0)
+    text_encoder = clip_text(tokenizer)
+    vae = vae_tiny(16)
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -118,7 +143,7 @@ def build(directory: Path) -> None:
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
-        unet=unet,
+        unet=unet(),
         scheduler=scheduler,
         safety_checker=None,
         feature_extractor=None,

@@ -1,0 +1,64 @@
+"""Tiny random-weight replicas of every hub repository the presets name.
+
+Each replica has the real pipeline class, component classes, scheduler configuration and
+file layout (LoRA files, bare UNet checkpoints, a SentencePiece T5 tokenizer) with tiny
+configs, and is written into a hub cache (``hub.py``) at the commit the preset pins. The
+repositories to build are read from ``config/models.toml`` itself: a preset whose
+repository has no replica here fails the build, naming it.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+from fewstep.presets import presets
+from tests.replicas import flow, pixart, sdxl, stable_diffusion
+from tests.replicas.hub import HubCache
+
+# Hub repository → builder(snapshot folder, files the presets ask of it).
+BUILDERS = {
+    "IDKiro/sdxs-512-0.9": stable_diffusion.sdxs_09,
+    "IDKiro/sdxs-512-dreamshaper": stable_diffusion.sdxs_dreamshaper,
+    "stabilityai/sd-turbo": stable_diffusion.sd_turbo,
+    "stable-diffusion-v1-5/stable-diffusion-v1-5": stable_diffusion.sd15,
+    "SimianLuo/LCM_Dreamshaper_v7": stable_diffusion.lcm_dreamshaper,
+    "latent-consistency/lcm-lora-sdv1-5": stable_diffusion.sd15_lora,
+    "Luo-Yihong/yoso_sd1.5_lora": stable_diffusion.sd15_lora,
+    "ByteDance/Hyper-SD": stable_diffusion.sd15_lora,
+    "stabilityai/stable-diffusion-xl-base-1.0": sdxl.sdxl_base,
+    "stabilityai/sdxl-turbo": sdxl.sdxl_turbo,
+    "madebyollin/sdxl-vae-fp16-fix": sdxl.vae_fp16_fix,
+    "ByteDance/SDXL-Lightning": sdxl.base_unet_files,
+    "tianweiy/DMD2": sdxl.base_unet_files,
+    "PixArt-alpha/PixArt-XL-2-512x512": pixart.pixart_512,
+    "Luo-Yihong/yoso_pixart512": pixart.yoso_512,
+    "Luo-Yihong/yoso_pixart1024": pixart.yoso_1024,
+    "black-forest-labs/FLUX.1-schnell": flow.flux_schnell,
+    "stabilityai/stable-diffusion-3.5-large-turbo": flow.sd35_large_turbo,
+}
+
+
+def sources() -> dict[tuple[str, str], list[str]]:
+    """Every (repository, revision) the presets load from, with the files they name in it."""
+    found: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for preset in presets().values():
+        if preset["repo"].startswith("builtin:"):
+            continue
+        found[(preset["repo"], preset["revision"])]
+        extras = [*preset.get("components", {}).values(), preset.get("lora")]
+        for spec in filter(None, extras):
+            files = found[(spec["repo"], spec.get("revision", "main"))]
+            if spec.get("file") and spec["file"] not in files:
+                files.append(spec["file"])
+    return dict(found)
+
+
+def build(root: Path) -> HubCache:
+    """Write every replica into a hub cache at ``root``."""
+    hub = HubCache(root)
+    for (repo, revision), files in sorted(sources().items()):
+        if repo not in BUILDERS:
+            raise KeyError(f"no replica for hub repository {repo} (add one to tests/replicas)")
+        BUILDERS[repo](hub.snapshot(repo, revision), files)
+    return hub
