@@ -173,28 +173,34 @@ class Heartbeat:
 
     def connect(self, signals) -> Heartbeat:
         """Follow the worker's tasks through Celery's signals (the ``celery.signals`` module)."""
-        signals.task_prerun.connect(self._prerun, weak=False)
-        signals.task_postrun.connect(self._postrun, weak=False)
-        signals.task_failure.connect(self._failure, weak=False)
-        signals.task_retry.connect(self._retry, weak=False)
-        signals.worker_shutdown.connect(self._shutdown, weak=False)
+        signals.task_prerun.connect(self.task_prerun, weak=False)
+        signals.task_postrun.connect(self.task_postrun, weak=False)
+        signals.task_failure.connect(self.task_failure, weak=False)
+        signals.task_retry.connect(self.task_retry, weak=False)
+        signals.worker_shutdown.connect(self.worker_shutdown, weak=False)
         return self
 
-    def _prerun(self, kwargs=None, **_):
+    # Receivers of Celery's signals, called with the signals' keyword arguments.
+    def task_prerun(self, kwargs=None, **_):
+        """A shard starts: beat now."""
         self.activity.shard_started(kwargs or {})
         self._wake.set()
 
-    def _postrun(self, retval=None, state=None, **_):
+    def task_postrun(self, retval=None, state=None, **_):
+        """A shard ended (committed or not): beat now."""
         self.activity.shard_finished(retval, state)
         self._wake.set()
 
-    def _failure(self, exception=None, **_):
+    def task_failure(self, exception=None, **_):
+        """Keep the error, for ``producer status``'s last errors."""
         self.activity.error(exception)
 
-    def _retry(self, reason=None, **_):
+    def task_retry(self, reason=None, **_):
+        """A shard will be retried later: keep why."""
         self.activity.error(reason)
 
-    def _shutdown(self, **_):
+    def worker_shutdown(self, **_):
+        """The worker stops: the last heartbeat says so."""
         self.stop()
 
     def stop(self) -> None:
