@@ -17,7 +17,7 @@ import io
 import json
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,7 +43,7 @@ from fewstep.contract import (
 from fewstep.settings import defaults
 from fewstep.storage import Store, open_store
 from producer.card import dataset_card
-from producer.options import JSON, OUTPUT
+from producer.options import JSON, OUTPUT, progress_bar
 from producer.progress import Progress, read_progress
 from producer.tar_shards import part_tar
 
@@ -176,9 +176,17 @@ def committed_tables(
 
 
 def finalize(
-    job_store: Store, *, partial: bool = False, json_parts: bool = False, webdataset: bool = False
+    job_store: Store,
+    *,
+    partial: bool = False,
+    json_parts: bool = False,
+    webdataset: bool = False,
+    on_shard: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
-    """Consolidate a job's committed shards; returns what was written (also saved as ``finalized.json``)."""
+    """Consolidate a job's committed shards; returns what was written (also saved as ``finalized.json``).
+
+    ``on_shard(done, total)`` is called after each shard, for a progress bar.
+    """
     cfg = defaults()["finalize"]
     threads = int(cfg["threads"])
     progress = read_progress(job_store)
@@ -200,7 +208,8 @@ def finalize(
     files = MetadataFiles(job_store, schema, total_rows, int(cfg["row_group_rows"]), int(cfg["file_rows"]))
     facts = Facts()
     tars: list[str] = []
-    for shard, table in zip(shards, committed_tables(job_store, shards, schema, threads), strict=True):
+    tables = committed_tables(job_store, shards, schema, threads)
+    for done, (shard, table) in enumerate(zip(shards, tables, strict=True), start=1):
         if table.num_rows != shard_rows(spec, shard):
             raise UserError(
                 f"{metadata_key(shard)} has {table.num_rows} rows, its manifest {shard_rows(spec, shard)}: "
@@ -215,6 +224,8 @@ def finalize(
             if not job_store.exists(key):  # a committed part never changes, nor does its tar
                 job_store.put(key, part_tar(job_store, table, threads))
             tars.append(key)
+        if on_shard:
+            on_shard(done, len(shards))
     keys = files.close()
     for key, _size in list(job_store.list("metadata")):
         if _DATASET_FILE.fullmatch(key) and key not in keys:
@@ -271,7 +282,10 @@ def finalize_command(job: str, output: str, partial: bool, json_parts: bool, web
     root = open_store(output)
     root.check()
     job_store = root.child(check_job_name(job))
-    summary = finalize(job_store, partial=partial, json_parts=json_parts, webdataset=webdataset)
+    with progress_bar("finalize: shards") as on_shard:
+        summary = finalize(
+            job_store, partial=partial, json_parts=json_parts, webdataset=webdataset, on_shard=on_shard
+        )
     if as_json:
         click.echo(json.dumps(summary))
         return

@@ -15,6 +15,7 @@ import io
 import json
 import random
 from collections import defaultdict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from fewstep import UserError
 from fewstep.contract import GALLERY, check_job_name, image_name, metadata_key, part_name
 from fewstep.settings import defaults
 from fewstep.storage import Store, open_store
-from producer.options import JSON, OUTPUT
+from producer.options import JSON, OUTPUT, progress_bar
 from producer.progress import read_progress
 
 COLUMNS = ["row_id", "part_id", "image_key", "prompt", "seed", "model", "width", "height"]
@@ -152,8 +153,18 @@ def page(spec: dict[str, Any], groups: list[tuple[str | None, list]], by: str | 
     return "\n".join(out)
 
 
-def make_gallery(job_store: Store, *, n: int, by: str | None = None, seed: int = 0) -> dict[str, Any]:
-    """Write ``gallery/index.html`` and its thumbnails into the job folder; returns a summary."""
+def make_gallery(
+    job_store: Store,
+    *,
+    n: int,
+    by: str | None = None,
+    seed: int = 0,
+    on_image: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Write ``gallery/index.html`` and its thumbnails into the job folder; returns a summary.
+
+    ``on_image(done, total)`` is called after each thumbnail, for a progress bar.
+    """
     cfg = defaults()["gallery"]
     spec = read_progress(job_store).spec
     groups, population = sample_rows(job_store, n, by, seed)
@@ -165,8 +176,12 @@ def make_gallery(job_store: Store, *, n: int, by: str | None = None, seed: int =
         job_store.put(key, thumbnail(job_store.get(row["image_key"]), size))
         return key
 
+    thumbs = set()
     with ThreadPoolExecutor(16) as pool:
-        thumbs = set(pool.map(make_thumb, rows))
+        for key in pool.map(make_thumb, rows):
+            thumbs.add(key)
+            if on_image:
+                on_image(len(thumbs), len(rows))
     for key, _size in list(job_store.list(f"{THUMBS}/")):
         if key not in thumbs:
             job_store.delete(key)  # from an earlier gallery of other rows
@@ -210,7 +225,10 @@ def gallery_command(job: str, output: str, n: int | None, by: str | None, seed: 
     root = open_store(output)
     root.check()
     job_store = root.child(check_job_name(job))
-    summary = make_gallery(job_store, n=n or int(defaults()["gallery"]["images"]), by=by, seed=seed)
+    with progress_bar("gallery: thumbnails") as on_image:
+        summary = make_gallery(
+            job_store, n=n or int(defaults()["gallery"]["images"]), by=by, seed=seed, on_image=on_image
+        )
     if download_dir is not None:
         summary["local"] = str(download(job_store, download_dir, summary["image_keys"]).resolve())
     if as_json:
