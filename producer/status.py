@@ -203,34 +203,36 @@ class StatusReader:
         self._samples: list[tuple[float, int]] = []  # (monotonic, images done)
         cfg = defaults()["status"]
         self.stale_after_intervals = float(cfg["stale_after_intervals"])
+        self.stats_read = int(cfg["stats_read"])
 
     def read(self) -> JobStatus:
         progress = read_progress(self.job_store)
         now = dt.datetime.now(dt.UTC)
         status = JobStatus(progress=progress, read_at=now)
-        stats = self._read_folder(STATS, cache=True)
+        stats = self._read_folder(STATS, self.stats_read)
         status.stats = {s: v for s, v in stats.items() if v is not None}
-        failed = self._read_folder(FAILED, cache=True)
+        failed = self._read_folder(FAILED)
         status.failures = {s: _failure(s, v or {}) for s, v in failed.items() if s in progress.failed}
         status.workers = self._workers(now)
         status.pending, status.redis_error = self._pending(progress)
         status.observed_rate = self._observe(progress.images_done)
         return status
 
-    def _read_folder(self, folder: str, *, cache: bool) -> dict[int, dict[str, Any] | None]:
-        """``part-N.json`` objects of a folder by shard; unchanged sizes are not fetched again."""
-        listing = {key: size for key, size in self.job_store.list(f"{folder}/") if key.endswith(".json")}
-        wanted = [
-            k for k, size in listing.items() if not cache or self._objects.get(k, (-1, None))[0] != size
-        ]
+    def _read_folder(self, folder: str, limit: int | None = None) -> dict[int, dict[str, Any] | None]:
+        """``part-N.json`` objects of a folder by shard; with ``limit``, those of the highest parts
+        only (the newest: shards run in queue order). Unchanged objects are not fetched again."""
+        parts = sorted(
+            (shard, key, size)
+            for key, size in self.job_store.list(f"{folder}/")
+            if (shard := shard_of_key(key)) is not None and key.endswith(".json")
+        )
+        if limit is not None:
+            parts = parts[-limit:]
+        wanted = [key for _shard, key, size in parts if self._objects.get(key, (-1, None))[0] != size]
+        sizes = {key: size for _shard, key, size in parts}
         for key, parsed in self._fetch(wanted):
-            self._objects[key] = (listing[key], parsed)
-        out = {}
-        for key in listing:
-            shard = shard_of_key(key)
-            if shard is not None and key in self._objects:
-                out[shard] = self._objects[key][1]
-        return out
+            self._objects[key] = (sizes[key], parsed)
+        return {shard: self._objects[key][1] for shard, key, _size in parts}
 
     def _fetch(self, keys: list[str]) -> list[tuple[str, dict[str, Any] | None]]:
         def get(key: str) -> tuple[str, dict[str, Any] | None]:
