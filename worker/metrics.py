@@ -32,12 +32,31 @@ class WorkerCollector(Collector):
         a = self.activity
         labels = ["worker", "model", "device"]
         values = [a.worker, a.model, a.device]
-
-        images = CounterMetricFamily(
-            "fewstep_worker_images", "Images in shards this worker committed.", labels=labels
-        )
-        images.add_metric(values, a.images_total)
-        yield images
+        simple = [
+            (
+                CounterMetricFamily,
+                "fewstep_worker_images",
+                "Images in shards this worker committed.",
+                a.images_total,
+            ),
+            (
+                CounterMetricFamily,
+                "fewstep_worker_busy_seconds",
+                "Seconds spent running shards.",
+                a.busy_seconds,
+            ),
+            (
+                GaugeMetricFamily,
+                "fewstep_worker_images_per_second",
+                "Images per second of work over the shards finished in the last 5 minutes.",
+                a.images_per_s() or 0.0,
+            ),
+            (GaugeMetricFamily, "fewstep_worker_busy", "1 while a shard runs.", 1.0 if a.working else 0.0),
+        ]
+        for family, name, documentation, value in simple:
+            metric = family(name, documentation, labels=labels)
+            metric.add_metric(values, value)
+            yield metric
 
         shards = CounterMetricFamily(
             "fewstep_worker_shards",
@@ -47,24 +66,6 @@ class WorkerCollector(Collector):
         for outcome, count in sorted(a.shard_outcomes.items()):
             shards.add_metric([*values, outcome], count)
         yield shards
-
-        busy_seconds = CounterMetricFamily(
-            "fewstep_worker_busy_seconds", "Seconds spent running shards.", labels=labels
-        )
-        busy_seconds.add_metric(values, a.busy_seconds)
-        yield busy_seconds
-
-        rate = GaugeMetricFamily(
-            "fewstep_worker_images_per_second",
-            "Images per second of work over the shards finished in the last 5 minutes.",
-            labels=labels,
-        )
-        rate.add_metric(values, a.images_per_s() or 0.0)
-        yield rate
-
-        busy = GaugeMetricFamily("fewstep_worker_busy", "1 while a shard runs.", labels=labels)
-        busy.add_metric(values, 1.0 if a.working else 0.0)
-        yield busy
 
         depth = GaugeMetricFamily(
             "fewstep_queue_depth",
