@@ -100,7 +100,8 @@ def render(status: JobStatus) -> Group:
     parts: list = [header, bars]
     queue = s["queue"]
     if not queue["reachable"]:
-        parts.append(Text(f"Redis not reachable ({queue['error']}): queued shards unknown", style="yellow"))
+        why = "not asked" if queue["error"] == "not asked" else f"not reachable ({queue['error']})"
+        parts.append(Text(f"Redis {why}: queued shards unknown", style="yellow"))
     stages = s["stages"]
     if stages:
         idle = stages["gpu_idle_fraction"]

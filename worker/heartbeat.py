@@ -79,7 +79,7 @@ class Activity:
 
     def shard_started(self, kwargs: dict[str, Any]) -> None:
         with self._lock:
-            self.job_url = str(kwargs.get("job_url") or self.job_url)
+            self.job_url = kwargs.get("job_url") or self.job_url
             self.shard = int(kwargs["shard"]) if "shard" in kwargs else None
             self.attempt = int(kwargs.get("attempt", 1))
             self.shard_started_at = _now()
