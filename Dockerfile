@@ -1,10 +1,12 @@
-# GPU worker / producer image. Build: docker compose build
+# The fewstep image: GPU worker and producer. Build: docker compose build
+# The base brings a CUDA build of torch; pip keeps it (pyproject asks only torch>=2.1).
 FROM pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
 
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     HF_HOME=/cache/huggingface \
-    FEWSTEP_MODEL_CACHE=/cache/fewstep
+    FEWSTEP_MODEL_CACHE=/cache/fewstep \
+    FEWSTEP_GPU_LOCK_DIR=/locks
 
 WORKDIR /app
 COPY pyproject.toml README.md ./
@@ -12,9 +14,11 @@ COPY config ./config
 COPY fewstep ./fewstep
 COPY producer ./producer
 COPY worker ./worker
-# torch comes with the base image (CUDA build); pip keeps it.
+# Not root at run time. /cache (model weights) and /locks (GPU claims) are volumes in
+# docker-compose.yml; made here so that new named volumes belong to the fewstep user.
 RUN pip install . \
  && useradd --create-home --uid 1000 fewstep \
- && mkdir -p /cache && chown fewstep /cache
+ && mkdir -p /cache /locks \
+ && chown fewstep /cache /locks
 USER fewstep
 CMD ["worker", "--help"]

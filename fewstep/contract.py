@@ -11,6 +11,16 @@ name and ids only, never from dataset fields)::
     stats/part-000001.json                    shard 1's timings (generate / encode / upload)
     workers/<worker-id>.json                  a worker's heartbeat while it works on this job
 
+What ``producer finalize`` and ``producer gallery`` add to a job::
+
+    metadata.parquet                          every committed row, one schema (or
+                                              metadata-00001-of-00003.parquet, ... when large)
+    README.md                                 the dataset card
+    finalized.json                            what finalize wrote, when, and what was missing
+    images/part-000001/part-000001.json       DiffusionDB-style prompts of a part (--json-parts)
+    webdataset/part-000001.tar                WebDataset shard of part 1 (--webdataset)
+    gallery/index.html                        a contact sheet, with gallery/thumbs/*.jpg
+
 Parts are numbered from 1, as in DiffusionDB. The Celery message for a shard
 carries references only (:class:`ShardMessage`), never prompts or credentials.
 """
@@ -36,6 +46,10 @@ METADATA = "metadata"
 FAILED = "failed"
 STATS = "stats"
 WORKERS = "workers"
+FINALIZED_KEY = "finalized.json"
+DATASET_CARD_KEY = "README.md"
+WEBDATASET = "webdataset"
+GALLERY = "gallery"
 
 _JOB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 _PART = re.compile(r"part-(\d{6,})\.(parquet|json)$")
@@ -87,6 +101,20 @@ def image_name(row_id: int, ext: str) -> str:
 
 def image_key(shard: int, row_id: int, ext: str) -> str:
     return f"{IMAGES}/{part_name(shard)}/{image_name(row_id, ext)}"
+
+
+def dataset_metadata_key(index: int = 1, files: int = 1) -> str:
+    """``metadata.parquet``, or ``metadata-00002-of-00003.parquet`` when split in several files."""
+    return "metadata.parquet" if files == 1 else f"metadata-{index:05d}-of-{files:05d}.parquet"
+
+
+def json_part_key(shard: int) -> str:
+    """DiffusionDB's per-part prompt file, next to the part's images."""
+    return f"{IMAGES}/{part_name(shard)}/{part_name(shard)}.json"
+
+
+def webdataset_key(shard: int) -> str:
+    return f"{WEBDATASET}/{part_name(shard)}.tar"
 
 
 def shard_of_key(key: str) -> int | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from functools import cache
 from importlib import resources
@@ -70,3 +71,11 @@ def redact_url(url: str) -> str:
     user = parts.username or ""
     netloc = f"{user}:***@{host}" if parts.password is not None else f"{user}@{host}"
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+_PASSWORD_IN_URL = re.compile(r"(://[^/\s:@]*:)[^@\s/]+@")
+
+
+def mask_passwords(text: str) -> str:
+    """``text`` with the password of every ``scheme://user:password@host`` in it replaced by ``***``."""
+    return _PASSWORD_IN_URL.sub(r"\1***@", text)

@@ -76,6 +76,10 @@ class Store:
     def delete(self, key: str) -> None:
         raise NotImplementedError
 
+    def folders(self) -> Iterator[str]:
+        """Names of the folders directly under the root (one listing level, not every key)."""
+        raise NotImplementedError
+
     def check(self) -> None:
         """Raise :class:`UserError` when the store is unreachable or unusable."""
         raise NotImplementedError
@@ -214,6 +218,14 @@ class S3Store(Store):
         with self._errors(f"deleting {key}"):
             self._client.delete_object(Bucket=self.bucket, Key=self._key(key))
 
+    def folders(self) -> Iterator[str]:
+        root = f"{self.prefix}/" if self.prefix else ""
+        paginator = self._client.get_paginator("list_objects_v2")
+        with self._errors("listing folders"):
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=root, Delimiter="/"):
+                for common in page.get("CommonPrefixes", []):
+                    yield common["Prefix"][len(root) :].rstrip("/")
+
     def check(self) -> None:
         try:
             with self._errors("checking the bucket"):
@@ -281,6 +293,10 @@ class LocalStore(Store):
     def delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self._path(key).unlink()
+
+    def folders(self) -> Iterator[str]:
+        if self.root.is_dir():
+            yield from sorted(e.name for e in os.scandir(self.root) if e.is_dir())
 
     def check(self) -> None:
         try:

@@ -8,19 +8,10 @@ import json
 import click
 
 from fewstep import console
-from fewstep.storage import open_store
+from producer import finalize, gallery, jobs, status_view
 from producer.enqueue import JobOptions, enqueue
-from producer.progress import read_progress
+from producer.options import JSON, OUTPUT
 from producer.sources.partiprompts import PartiPrompts
-
-OUTPUT = click.option(
-    "--output",
-    envvar="FEWSTEP_OUTPUT",
-    required=True,
-    metavar="URL",
-    help="Where jobs live: s3://BUCKET/PREFIX or a local directory (env FEWSTEP_OUTPUT).",
-)
-JSON = click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 
 
 def job_options(command):
@@ -91,23 +82,10 @@ def enqueue_partiprompts(path: str | None, **flags) -> None:
     run_enqueue(PartiPrompts(path), **flags)
 
 
-@cli.command("status")
-@click.argument("job")
-@OUTPUT
-@JSON
-def status(job: str, output: str, as_json: bool) -> None:
-    """Progress of JOB, read from storage (commit markers), not from Redis."""
-    root = open_store(output)
-    root.check()
-    summary = read_progress(root.child(job)).summary()
-    if as_json:
-        click.echo(json.dumps(summary))
-        return
-    click.echo(
-        f"{summary['job']} [{summary['state']}] model {summary['model']}: "
-        f"shards {summary['shards_done']}/{summary['shards_total']} done, {summary['shards_failed']} failed; "
-        f"images {summary['images_done']}/{summary['images_total']}"
-    )
+cli.add_command(status_view.status_command)
+cli.add_command(jobs.jobs_command)
+cli.add_command(finalize.finalize_command)
+cli.add_command(gallery.gallery_command)
 
 
 main = functools.partial(console.run, cli)

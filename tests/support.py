@@ -59,3 +59,23 @@ def committed_metadata(job_url: str) -> pa.Table:
     store = open_store(job_url)
     tables = [pq.read_table(io.BytesIO(store.get(key))) for key, _ in store.list("metadata/")]
     return pa.concat_tables(tables).sort_by("row_id")
+
+
+def run_job(env: dict[str, str], output: str, job: str, path: Path, tmp_path: Path, *extra: str) -> dict:
+    """Enqueue ``path`` as ``job`` with the tiny model, run a real worker until the queue is empty,
+    and return the enqueue summary."""
+    summary = cli_json(
+        "producer", "enqueue", "partiprompts", "--path", str(path), "--model", "tiny",
+        "--job", job, "--output", output, *extra, env=env,
+    )  # fmt: skip
+    run_worker_until_idle(env, tmp_path / f"worker-{job}.log")
+    return summary
+
+
+def run_worker_until_idle(env: dict[str, str], log_path: Path, *args: str) -> None:
+    """A real worker that exits once its queue has been empty for 2 seconds."""
+    worker = start_worker(env, "--exit-when-idle", "2", *args, log_path=log_path)
+    try:
+        assert worker.wait(timeout=300) == 0, log_path.read_text()[-3000:]
+    finally:
+        worker.kill()

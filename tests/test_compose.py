@@ -1,38 +1,176 @@
-"""docker-compose.yml, checked statically (no Docker engine runs on the test machines)."""
+"""docker-compose.yml, checked statically (no Docker engine runs on the test machines).
+
+The file is parsed as YAML, then interpolated the way Compose does (``${VAR}``,
+``${VAR:-default}``, ``${VAR:?error}``, ``$$``) with the values of ``.env.example``, and the
+result is checked: services, settings, volumes, the GPU reservation, healthchecks, ports.
+"""
 
 from __future__ import annotations
 
+import re
+import subprocess
+
+import pytest
 import yaml
 
 from tests.conftest import REPO
 
+_VARIABLE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
+SERVICES = {"redis", "minio", "create-bucket", "worker", "producer", "flower"}
+LONG_RUNNING = {"redis", "minio", "worker", "flower"}
 
-def compose() -> dict:
+
+def dotenv(text: str) -> dict[str, str]:
+    values = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            values[key.strip()] = value.strip()
+    return values
+
+
+ENV_EXAMPLE = dotenv((REPO / ".env.example").read_text())
+
+
+def interpolate(value, env: dict[str, str]):
+    """Compose's variable substitution over a parsed file."""
+    if isinstance(value, dict):
+        return {k: interpolate(v, env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate(v, env) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def one(m: re.Match) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        name, op, arg = m.group(1), m.group(2), m.group(3)
+        present = env.get(name)
+        if op in (":-", "-"):
+            return present if present or (op == "-" and name in env) else arg
+        if op in (":?", "?"):
+            if not present:
+                raise KeyError(f"{name}: {arg}")
+            return present
+        if present is None:
+            raise KeyError(f"{name} is not set and has no default")
+        return present
+
+    return _VARIABLE.sub(one, value)
+
+
+@pytest.fixture(scope="module")
+def raw() -> dict:
     return yaml.safe_load((REPO / "docker-compose.yml").read_text())
 
 
-def test_redis_persists_and_needs_a_password():
-    redis = compose()["services"]["redis"]
-    assert "--appendonly yes" in redis["command"]
-    assert "--requirepass" in redis["command"]
-    assert "noeviction" in redis["command"]
-    assert all(p.startswith("${BIND_ADDRESS:-127.0.0.1}:") for p in redis["ports"])
+@pytest.fixture(scope="module")
+def compose(raw) -> dict:
+    return interpolate(raw, ENV_EXAMPLE)
 
 
-def test_worker_reserves_a_gpu_and_scales():
-    worker = compose()["services"]["worker"]
-    devices = worker["deploy"]["resources"]["reservations"]["devices"]
-    assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
+def test_every_setting_comes_from_env_example():
+    text = (REPO / "docker-compose.yml").read_text()
+    used = {m.group(1) for m in _VARIABLE.finditer(text) if m.group(1)}
+    assert used <= set(ENV_EXAMPLE), f"not in .env.example: {sorted(used - set(ENV_EXAMPLE))}"
+    required = set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*):\?", text))
+    assert {"REDIS_PASSWORD", "MINIO_ROOT_PASSWORD", "AWS_SECRET_ACCESS_KEY", "FLOWER_PASSWORD"} <= required
+    with pytest.raises(KeyError, match="REDIS_PASSWORD"):  # no silent default for a secret
+        interpolate(yaml.safe_load(text), {k: v for k, v in ENV_EXAMPLE.items() if k != "REDIS_PASSWORD"})
+
+
+def test_services_and_what_they_get_from_env(compose):
+    services = compose["services"]
+    assert set(services) == SERVICES
+    worker = services["worker"]["environment"]
+    assert worker["CELERY_BROKER_URL"] == "redis://:change-me-redis-password@redis:6379/0"
+    assert worker["AWS_ENDPOINT_URL_S3"] == "http://minio:9000"
+    assert worker["AWS_SECRET_ACCESS_KEY"] == "change-me-fewstep-secret"
+    assert worker["FEWSTEP_OUTPUT"] == "s3://fewstep/jobs"
+    assert services["producer"]["environment"] == {
+        k: v for k, v in worker.items() if not k.startswith(("FEWSTEP_GPU", "FEWSTEP_METRICS"))
+    }
+    assert services["flower"]["environment"]["CELERY_BROKER_URL"] == worker["CELERY_BROKER_URL"]
+    # Workers get a key limited to the bucket, not MinIO's administrator.
+    assert worker["AWS_ACCESS_KEY_ID"] != services["minio"]["environment"]["MINIO_ROOT_USER"]
+
+
+def test_redis_persists_and_needs_a_password(raw, compose):
+    redis = compose["services"]["redis"]
+    assert "--appendonly yes" in redis["command"] and "noeviction" in redis["command"]
+    assert '--requirepass "change-me-redis-password"' in redis["command"]
+    assert redis["environment"]["REDISCLI_AUTH"] == "change-me-redis-password"  # for the healthcheck
+    assert raw["services"]["redis"]["ports"] == [
+        "${BIND_ADDRESS:-127.0.0.1}:${REDIS_PUBLISH_PORT:-6379}:6379"
+    ]
+    assert any(v == "redis-data:/data" for v in redis["volumes"])
+
+
+def test_nothing_is_published_beyond_what_a_user_needs(compose):
+    published = {name: s.get("ports", []) for name, s in compose["services"].items()}
+    assert {name for name, ports in published.items() if ports} == {"redis", "minio", "flower"}
+    for ports in published.values():
+        for port in ports:
+            assert port.startswith("127.0.0.1:"), port  # with .env.example: loopback only
+    assert published["minio"][1] == "127.0.0.1:9001:9001"  # the console never leaves the host
+
+
+def test_worker_reserves_gpus_claims_one_and_scales(compose):
+    worker = compose["services"]["worker"]
+    [gpus] = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert gpus == {"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}
+    # Docker gives each `count: 1` replica GPU 0; replicas see all GPUs and claim distinct ones.
+    assert worker["command"] == ["worker", "--model", "sdxs-512-0.9", "--device", "claim"]
+    assert worker["environment"]["FEWSTEP_GPU_LOCK_DIR"] == "/locks"
+    assert set(worker["volumes"]) == {"model-cache:/cache", "gpu-locks:/locks"}
     assert "container_name" not in worker and "ports" not in worker  # --scale worker=N
-    assert worker["command"][:2] == ["worker", "--model"]
-    assert any(v.endswith(":/cache") for v in worker["volumes"])
+    assert worker["depends_on"]["create-bucket"]["condition"] == "service_completed_successfully"
+    assert worker["stop_grace_period"] == "10m" and worker["init"] is True
 
 
-def test_services_get_settings_from_env_and_minio_gets_a_bucket():
-    services = compose()["services"]
-    assert {"redis", "minio", "create-bucket", "worker", "producer"} <= set(services)
-    env = services["worker"]["environment"]
-    assert env["CELERY_BROKER_URL"].startswith("redis://:${REDIS_PASSWORD")
-    assert env["AWS_SECRET_ACCESS_KEY"].startswith("${AWS_SECRET_ACCESS_KEY")
-    assert "mc mb" in " ".join(services["create-bucket"]["entrypoint"])
-    assert services["worker"]["depends_on"]["create-bucket"]["condition"] == "service_completed_successfully"
+def test_long_running_services_have_healthchecks(compose):
+    services = compose["services"]
+    for name in LONG_RUNNING:
+        check = services[name]["healthcheck"]["test"]
+        assert check[0] in ("CMD", "CMD-SHELL"), name
+    assert "9400/metrics" in " ".join(services["worker"]["healthcheck"]["test"])
+    assert services["worker"]["environment"]["FEWSTEP_METRICS_PORT"] == "9400"
+
+
+def test_minio_gets_a_bucket_and_a_key_for_that_bucket_only(compose):
+    setup = compose["services"]["create-bucket"]
+    script = setup["entrypoint"][-1]
+    for step in (
+        "mc mb --ignore-existing",
+        "mc admin policy create",
+        "mc admin user add",
+        "mc admin policy attach",
+    ):
+        assert step in script, step
+    assert '"arn:aws:s3:::$FEWSTEP_BUCKET/*"' in script
+    subprocess.run(["sh", "-n", "-c", script], check=True)  # valid shell after interpolation
+    assert setup["depends_on"]["minio"]["condition"] == "service_healthy"
+
+
+def test_flower_and_producer_run_only_when_asked(compose):
+    services = compose["services"]
+    assert services["flower"]["profiles"] == ["monitoring"]
+    assert services["flower"]["environment"]["FLOWER_BASIC_AUTH"] == "admin:change-me-flower-password"
+    assert services["flower"]["command"][:2] == ["celery", "flower"]
+    assert services["producer"]["profiles"] == ["tools"] and services["producer"]["entrypoint"] == [
+        "producer"
+    ]
+
+
+def test_image_runs_as_a_user_and_owns_its_volumes():
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert "USER fewstep" in dockerfile and "chown fewstep /cache /locks" in dockerfile
+    ignored = (REPO / ".dockerignore").read_text().split()
+    assert {".venv", ".env", ".git"} <= set(ignored)
+
+
+def test_deploy_guide_shows_the_commands():
+    guide = (REPO / "docs" / "deploy.md").read_text()
+    for text in ("docker compose up -d --scale worker=", "--no-deps", "celery", "flower", "rediss://"):
+        assert text in guide, text

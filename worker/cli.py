@@ -59,7 +59,13 @@ class IdleExit:
 
 
 def start_worker(
-    model_name: str, device: str, batch_size: int | None, exit_when_idle: float | None, loglevel: str
+    model_name: str,
+    device: str,
+    batch_size: int | None,
+    exit_when_idle: float | None,
+    loglevel: str,
+    metrics_port: int | None = None,
+    metrics_address: str = "127.0.0.1",
 ) -> int:
     """Load the model, then run a Celery worker on the model's queue until it stops."""
     # Import-time notices of transformers (e.g. about torchvision) are noise in a worker log.
@@ -67,12 +73,16 @@ def start_worker(
     from celery import signals
 
     from worker import app as worker_app
+    from worker.gpu_claim import claim_gpu, visible_gpus
+    from worker.heartbeat import Activity, Heartbeat
     from worker.model import load_model
     from worker.shard import ShardRunner
 
     logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     check_broker()
     queue = queue_name(queue_prefix(), model_name)
+    if device == "claim":
+        device = claim_gpu(visible_gpus())
     model = load_model(model_name, device)
     cfg = defaults()["worker"]
     if batch_size is None:
@@ -93,6 +103,12 @@ def start_worker(
         redact_url(broker_url()),
         batch_size,
     )
+    activity = Activity(worker_app.runner.worker_id, model_name, model.device)
+    Heartbeat(activity, float(cfg["heartbeat_seconds"])).connect(signals).start()
+    if metrics_port is not None:
+        from worker.metrics import serve_metrics
+
+        serve_metrics(activity, queue, metrics_port, metrics_address)
     if exit_when_idle is not None:
         idle = IdleExit(queue, exit_when_idle)
         signals.worker_ready.connect(idle.start, weak=False)
@@ -115,7 +131,12 @@ def start_worker(
 
 @click.group(invoke_without_command=True)
 @click.option("--model", help="Preset name, hub id or local directory (see `worker models`).")
-@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    help="cpu, cuda, cuda:N, auto, or claim (a GPU no other worker on this host holds).",
+)
 @click.option("--batch-size", type=click.IntRange(min=1), help="Images per pipeline call.")
 @click.option(
     "--exit-when-idle",
@@ -124,17 +145,30 @@ def start_worker(
     help="Exit once the queue has been empty this long.",
 )
 @click.option(
+    "--metrics-port",
+    type=click.IntRange(1, 65535),
+    envvar="FEWSTEP_METRICS_PORT",
+    help="Serve Prometheus metrics on this port (env FEWSTEP_METRICS_PORT).",
+)
+@click.option(
+    "--metrics-address",
+    default="127.0.0.1",
+    show_default=True,
+    envvar="FEWSTEP_METRICS_ADDRESS",
+    help="Address the metrics endpoint binds (env FEWSTEP_METRICS_ADDRESS).",
+)
+@click.option(
     "--loglevel", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"])
 )
 @click.version_option(package_name="fewstep")
 @click.pass_context
-def cli(ctx, model, device, batch_size, exit_when_idle, loglevel) -> None:
+def cli(ctx, model, device, batch_size, exit_when_idle, metrics_port, metrics_address, loglevel) -> None:
     """Hold one pinned model and turn the shards on its queue into images + parquet."""
     if ctx.invoked_subcommand is not None:
         return
     if not model:
         raise UserError("--model is required (a preset from `worker models`, a hub id or a local directory)")
-    ctx.exit(start_worker(model, device, batch_size, exit_when_idle, loglevel))
+    ctx.exit(start_worker(model, device, batch_size, exit_when_idle, loglevel, metrics_port, metrics_address))
 
 
 @cli.command("models")

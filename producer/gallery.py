@@ -1,0 +1,239 @@
+"""``producer gallery``: a static HTML contact sheet of a job, to look at before trusting a run.
+
+A seeded sample of committed rows (spread evenly over the groups of a source field with
+``--by``) becomes ``gallery/index.html`` with JPEG thumbnails in ``gallery/thumbs/``, in the
+job's folder. Every link is relative (thumbnails, and the full image in ``../images/``),
+so the page opens the same from a local copy of the job folder (e.g. after
+``aws s3 sync``); ``--download DIR`` fetches the gallery itself. The page has no script,
+and every value from the data is escaped.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+import random
+from collections import defaultdict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import click
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from fewstep import UserError
+from fewstep.contract import GALLERY, check_job_name, image_name, metadata_key, part_name
+from fewstep.settings import defaults
+from fewstep.storage import Store, open_store
+from producer.options import JSON, OUTPUT, progress_bar
+from producer.progress import read_progress
+
+COLUMNS = ["row_id", "part_id", "image_key", "prompt", "seed", "model", "width", "height"]
+THUMBS = f"{GALLERY}/thumbs"
+INDEX = f"{GALLERY}/index.html"
+NO_VALUE = "(none)"
+
+STYLE = """
+body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5rem; color: #222; background: #fafafa; }
+header p { color: #555; margin: .2rem 0; }
+h2 { margin: 1.5rem 0 .5rem; font-size: 1.1rem; }
+h2 small { color: #777; font-weight: normal; }
+.grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(200px, 1fr)); gap: .75rem; }
+figure { margin: 0; background: #fff; border: 1px solid #ddd; border-radius: 6px; overflow: hidden; }
+figure img { display: block; width: 100%; height: auto; background: #eee; }
+figcaption { padding: .4rem .5rem; }
+.prompt { margin: 0 0 .3rem; overflow-wrap: anywhere; }
+.meta { margin: 0; color: #777; font-size: 12px; }
+"""
+
+
+def sample_rows(
+    job_store: Store, n: int, by: str | None, seed: int
+) -> tuple[list[tuple[str | None, list]], int]:
+    """Up to ``n`` committed rows, grouped by ``by``; and how many rows were sampled from."""
+    progress = read_progress(job_store)
+    spec = progress.spec
+    fields = spec["source"].get("fields", {})
+    if by is not None and by not in fields and by not in ("model", "part_id", "source"):
+        raise UserError(
+            f"--by {by!r} is not a field of job {spec['job']}; "
+            f"its source fields: {', '.join(fields) or 'none'}"
+        )
+    shards = sorted(progress.committed)
+    if not shards:
+        raise UserError(f"job {spec['job']} has no committed shard yet: nothing to show")
+    rng = random.Random(seed)
+    # Enough parts to give every group a fair chance without reading a huge job's every part.
+    chosen = sorted(rng.sample(shards, min(len(shards), max(32, n))))
+    columns = COLUMNS + ([by] if by and by not in COLUMNS else [])
+
+    def read(shard: int) -> pa.Table:
+        return pq.read_table(io.BytesIO(job_store.get(metadata_key(shard))), columns=columns)
+
+    with ThreadPoolExecutor(min(16, len(chosen))) as pool:
+        rows = pa.concat_tables(pool.map(read, chosen)).sort_by("row_id").to_pylist()
+    if by is None:
+        picked = sorted(rng.sample(rows, min(n, len(rows))), key=lambda r: r["row_id"])
+        return [(None, picked)], len(rows)
+    groups: dict[str, list] = defaultdict(list)
+    for row in rows:
+        value = row.get(by)
+        groups[NO_VALUE if value is None or value == "" else str(value)].append(row)
+    names = sorted(groups)
+    for name in names:
+        rng.shuffle(groups[name])
+    taken: dict[str, list] = {name: [] for name in names}
+    remaining = min(n, len(rows))
+    while remaining:  # round robin: every group shows before any shows twice
+        for name in names:
+            if remaining and len(taken[name]) < len(groups[name]):
+                taken[name].append(groups[name][len(taken[name])])
+                remaining -= 1
+    return [(name, sorted(taken[name], key=lambda r: r["row_id"])) for name in names if taken[name]], len(
+        rows
+    )
+
+
+def thumbnail(data: bytes, size: int) -> bytes:
+    image = Image.open(io.BytesIO(data))
+    image.thumbnail((size, size))
+    out = io.BytesIO()
+    image.convert("RGB").save(out, format="JPEG", quality=85)
+    return out.getvalue()
+
+
+def thumb_name(row_id: int) -> str:
+    return image_name(row_id, "jpg")
+
+
+def page(spec: dict[str, Any], groups: list[tuple[str | None, list]], by: str | None, population: int) -> str:
+    """The contact sheet's HTML; every value from the data is escaped."""
+    e = html.escape
+    gen = spec["generation"]
+    shown = sum(len(rows) for _name, rows in groups)
+    settings = (
+        f"{gen['steps']} steps, guidance {gen['guidance']:g}, {gen['width']}×{gen['height']}, {gen['format']}"
+    )
+    out = [
+        "<!doctype html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        # No script runs here; images come from this folder only.
+        "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; img-src 'self'; "
+        "style-src 'unsafe-inline'\">",
+        f"<title>{e(spec['job'])} · fewstep gallery</title>",
+        f"<style>{STYLE}</style></head><body>",
+        f"<header><h1>{e(spec['job'])}</h1>",
+        f"<p>model <b>{e(spec['model']['name'])}</b> (revision {e(str(spec['model'].get('revision')))}) · "
+        f"{e(settings)} · source {e(str(spec['source'].get('name')))}</p>",
+        f"<p>{shown} images sampled from {population:,} committed rows "
+        f"of {spec['counts']['prompts']:,} prompts"
+        + (f", grouped by <b>{e(by)}</b>" if by else "")
+        + "</p></header>",
+    ]
+    for name, rows in groups:
+        out.append("<section>")
+        if by:
+            out.append(f"<h2>{e(name or NO_VALUE)} <small>({len(rows)})</small></h2>")
+        out.append('<div class="grid">')
+        for r in rows:
+            out.append(
+                f'<figure><a href="../{e(r["image_key"])}">'
+                f'<img src="thumbs/{thumb_name(r["row_id"])}" alt="{e(r["prompt"][:200])}"></a>'
+                f'<figcaption><p class="prompt">{e(r["prompt"])}</p>'
+                f'<p class="meta">seed {r["seed"]} · {e(r["model"])} · {part_name(r["part_id"])} · '
+                f"row {r['row_id']}</p></figcaption></figure>"
+            )
+        out.append("</div></section>")
+    out.append("</body></html>")
+    return "\n".join(out)
+
+
+def make_gallery(
+    job_store: Store,
+    *,
+    n: int,
+    by: str | None = None,
+    seed: int = 0,
+    on_image: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Write ``gallery/index.html`` and its thumbnails into the job folder; returns a summary.
+
+    ``on_image(done, total)`` is called after each thumbnail, for a progress bar.
+    """
+    cfg = defaults()["gallery"]
+    spec = read_progress(job_store).spec
+    groups, population = sample_rows(job_store, n, by, seed)
+    rows = [r for _name, group in groups for r in group]
+    size = int(cfg["thumbnail_px"])
+
+    def make_thumb(row: dict[str, Any]) -> str:
+        key = f"{THUMBS}/{thumb_name(row['row_id'])}"
+        job_store.put(key, thumbnail(job_store.get(row["image_key"]), size))
+        return key
+
+    thumbs = set()
+    with ThreadPoolExecutor(16) as pool:
+        for key in pool.map(make_thumb, rows):
+            thumbs.add(key)
+            if on_image:
+                on_image(len(thumbs), len(rows))
+    for key, _size in list(job_store.list(f"{THUMBS}/")):
+        if key not in thumbs:
+            job_store.delete(key)  # from an earlier gallery of other rows
+    job_store.put(INDEX, page(spec, groups, by, population).encode())
+    return {
+        "job": spec["job"],
+        "gallery": job_store.url_of(INDEX),
+        "images": len(rows),
+        "groups": {name: len(group) for name, group in groups} if by else None,
+        "sampled_from": population,
+        "image_keys": [r["image_key"] for r in rows],
+    }
+
+
+def download(job_store: Store, directory: Path, image_keys: list[str]) -> Path:
+    """Copy the gallery and the full images it links to into ``directory``, in the job's
+    layout, so every link works offline; returns the page's path."""
+    keys = [key for key, _size in job_store.list(f"{GALLERY}/")] + image_keys
+    for key in keys:
+        target = directory / key
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(job_store.get(key))
+    return directory / INDEX
+
+
+@click.command("gallery")
+@click.argument("job")
+@OUTPUT
+@click.option("--n", "n", type=click.IntRange(min=1), help="How many images [64].")
+@click.option("--by", metavar="FIELD", help="Group by this source field (e.g. category).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sample.")
+@click.option(
+    "--download",
+    "download_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Also copy the gallery and the images it links to into this local directory.",
+)
+@JSON
+def gallery_command(job: str, output: str, n: int | None, by: str | None, seed: int, download_dir, as_json):
+    """Write a contact sheet of JOB (gallery/index.html, thumbnails with prompt, seed and model)."""
+    root = open_store(output)
+    root.check()
+    job_store = root.child(check_job_name(job))
+    with progress_bar("gallery: thumbnails") as on_image:
+        summary = make_gallery(
+            job_store, n=n or int(defaults()["gallery"]["images"]), by=by, seed=seed, on_image=on_image
+        )
+    if download_dir is not None:
+        summary["local"] = str(download(job_store, download_dir, summary["image_keys"]).resolve())
+    if as_json:
+        click.echo(json.dumps(summary))
+        return
+    click.echo(f"gallery of {summary['images']} images: {summary['gallery']}")
+    if summary.get("local"):
+        click.echo(f"local copy: {summary['local']}")

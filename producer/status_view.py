@@ -1,0 +1,207 @@
+"""``producer status``: the view of a job — progress, rate and ETA, shard counts, workers, last errors.
+
+``render`` draws one :class:`~producer.status.JobStatus`; ``watch`` redraws it in place
+until the job is done or has nothing left to run (or Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import click
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+from fewstep.contract import check_job_name
+from fewstep.settings import defaults
+from fewstep.storage import open_store
+from producer.options import JSON, OUTPUT
+from producer.status import JobStatus, StatusReader
+
+STATE_STYLES = {"done": "bold green", "failed": "bold red", "running": "bold cyan", "queued": "bold yellow"}
+FINISHED = ("done", "failed")
+
+
+def duration(seconds: float | None) -> str:
+    """``1:02:03``, ``2d 3:04:05``; ``?`` when unknown."""
+    if seconds is None:
+        return "?"
+    seconds = round(seconds)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    clock = f"{hours}:{minutes:02d}:{secs:02d}"
+    return f"{days}d {clock}" if days else clock
+
+
+def ago(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    if seconds < 90:
+        return f"{seconds:.0f}s ago"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f}m ago"
+    return f"{seconds / 3600:.1f}h ago"
+
+
+def _bar(done: int, total: int) -> Table:
+    row = Table.grid(padding=(0, 1))
+    row.add_row(
+        ProgressBar(total=max(total, 1), completed=done, width=40),
+        Text(f"{done:,}/{total:,}"),
+        Text(f"{100 * done / total:5.1f}%" if total else "  -  "),
+    )
+    return row
+
+
+def render(status: JobStatus) -> Group:
+    """One frame of the view."""
+    s = status.summary()
+    header = Text.assemble(
+        ("job ", "dim"),
+        (s["job"], "bold"),
+        " ",
+        (f"[{s['state']}]", STATE_STYLES.get(s["state"], "bold")),
+        ("  model ", "dim"),
+        s["model"],
+        ("  ", ""),
+        (s["job_url"], "dim"),
+    )
+
+    bars = Table.grid(padding=(0, 2))
+    queued = "?" if s["shards_queued"] is None else f"{s['shards_queued']:,}"
+    bars.add_row(
+        Text("shards", style="bold"),
+        _bar(s["shards_done"], s["shards_total"]),
+        Text.assemble(
+            (f"{s['shards_done']:,} done", "green"),
+            " · ",
+            (f"{s['shards_running']:,} running", "cyan"),
+            " · ",
+            (f"{queued} queued", "yellow"),
+            " · ",
+            (f"{s['shards_failed']:,} failed", "red" if s["shards_failed"] else ""),
+        ),
+    )
+    rate = "?" if s["images_per_s"] is None else f"{s['images_per_s']:,.1f}"
+    bars.add_row(
+        Text("images", style="bold"),
+        _bar(s["images_done"], s["images_total"]),
+        Text(
+            f"{rate} img/s · ETA {duration(s['eta_s']) if s['state'] != 'done' else '-'}"
+            f" · elapsed {duration(s['elapsed_s'])}"
+        ),
+    )
+
+    parts: list = [header, bars]
+    queue = s["queue"]
+    if not queue["reachable"]:
+        why = "not asked" if queue["error"] == "not asked" else f"not reachable ({queue['error']})"
+        parts.append(Text(f"Redis {why}: queued shards unknown", style="yellow"))
+    stages = s["stages"]
+    if stages:
+        idle = stages["gpu_idle_fraction"]
+        parts.append(
+            Text(
+                "stages over {shards} shards: generate {g} · encode {e} · upload {u}{idle}".format(
+                    shards=stages["shards"],
+                    g=duration(stages["generate_s"]),
+                    e=duration(stages["encode_s"]),
+                    u=duration(stages["upload_s"]),
+                    idle="" if idle is None else f" · GPU idle {100 * idle:.1f}%",
+                ),
+                style="dim",
+            )
+        )
+
+    if s["workers"]:
+        workers = Table(title=f"workers ({s['workers_live']} live)", title_justify="left", expand=False)
+        for column in ("worker", "device", "state", "shard", "images", "img/s", "last heartbeat"):
+            workers.add_column(column, justify="right" if column in ("images", "img/s") else "left")
+        for w in s["workers"]:
+            state = w.get("state", "?") if w["live"] else f"gone ({w.get('state', '?')})"
+            shard = w.get("shard")
+            w_rate = w.get("images_per_s")
+            workers.add_row(
+                str(w.get("worker")),
+                str(w.get("device", "")),
+                Text(state, style="green" if w["live"] and state == "working" else "dim"),
+                f"part-{shard:06d}" if isinstance(shard, int) and shard > 0 else "",
+                f"{int(w.get('images_done') or 0):,}",
+                f"{w_rate:,.1f}" if isinstance(w_rate, int | float) else "",
+                ago(w.get("age_s")),
+            )
+        parts.append(workers)
+
+    if s["last_errors"]:
+        errors = Table(title="last errors", title_justify="left", expand=False)
+        for column in ("shard", "when", "from", "error"):
+            errors.add_column(column, overflow="fold")
+        for e in s["last_errors"]:
+            errors.add_row(
+                e.get("part") or "",
+                str(e.get("at") or "")[:19].replace("T", " "),
+                "given up" if e["source"] == "failed" else str(e.get("worker") or ""),
+                Text(e["error"][:300], style="red"),
+            )
+        parts.append(errors)
+    return Group(*parts)
+
+
+def watch(reader: StatusReader, interval: float, console: Console | None = None) -> JobStatus:
+    """Redraw the status every ``interval`` seconds until the job is finished or Ctrl-C."""
+    console = console or Console()
+    status = reader.read()
+    with Live(render(status), console=console, auto_refresh=False) as live:
+        try:
+            while status.progress.state not in FINISHED:
+                time.sleep(interval)
+                status = reader.read()
+                live.update(render(status), refresh=True)
+        except KeyboardInterrupt:
+            pass
+    return status
+
+
+@click.command("status")
+@click.argument("job")
+@OUTPUT
+@JSON
+@click.option(
+    "--watch",
+    "follow",
+    is_flag=True,
+    help="Redraw live until the job is finished (Ctrl-C stops); with --json, one object per line.",
+)
+@click.option(
+    "--interval", type=click.FloatRange(min=0.1), metavar="SECONDS", help="Refresh interval of --watch [2]."
+)
+@click.option("--no-redis", is_flag=True, help="Read storage only; queued shards are then unknown.")
+def status_command(
+    job: str, output: str, as_json: bool, follow: bool, interval: float | None, no_redis: bool
+):
+    """Progress of JOB from storage: shards, images, rate and ETA, workers, last errors.
+
+    Commit markers, failed markers, per-shard stats and worker heartbeats are read from
+    storage; Redis is only asked how many shards still wait (unknown when it is gone).
+    """
+    root = open_store(output)
+    root.check()
+    reader = StatusReader(root.child(check_job_name(job)), use_redis=not no_redis)
+    interval = interval or float(defaults()["status"]["watch_interval"])
+    if follow and not as_json:
+        watch(reader, interval)
+        return
+    status = reader.read()
+    while follow and status.progress.state not in FINISHED:  # --watch --json: one object per line
+        click.echo(json.dumps(status.summary()), nl=True)
+        time.sleep(interval)
+        status = reader.read()
+    if as_json:
+        click.echo(json.dumps(status.summary()))
+    else:
+        Console().print(render(status))
