@@ -13,6 +13,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from fewstep.contract import metadata_schema
+from fewstep.presets import presets
 from fewstep.storage import LocalStore, open_store
 from producer.finalize import MetadataFiles
 from tests.support import cli, cli_json, committed_metadata, run_job, run_worker_until_idle
@@ -77,7 +78,7 @@ def test_incomplete_job_is_refused_partial_says_what_is_missing_and_the_finished
     for fact in (
         "32 of 32 prompts",
         "`tiny` (preset)",
-        "revision `v1`",
+        f"revision `{presets()['tiny']['revision']}`",
         "random weights, no licence restrictions",
         "prompt set `partiprompts`: Apache-2.0",
         'data_files: "metadata.parquet"',
