@@ -1,0 +1,45 @@
+"""JourneyDB: the annotation JSON Lines, plain or inside a ``.tgz``.
+
+Each record has ``img_path``, ``prompt``, ``Task1`` {``Style``, ``Content``,
+``Atmosphere``, ``Others``: lists of text} and ``Task2`` {``Caption``}. ``--field``
+chooses the text to generate from: the Midjourney ``prompt`` or the ``caption``
+(``Task2.Caption``). Every other field is carried, nested ones by their dot path
+(``Task1.Style``); with ``--field caption`` the prompt is carried as ``source_prompt``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pyarrow as pa
+
+from producer.sources import PromptSource
+from producer.sources.formats import JsonReader
+from producer.sources.location import base_name, display_name
+
+TEXT_FIELDS = {"prompt": "prompt", "caption": "Task2.Caption"}
+
+
+class JourneyDB(PromptSource):
+    name = "journeydb"
+
+    def __init__(self, path: str, field: str = "prompt", carry: tuple[str, ...] | None = None):
+        super().__init__()
+        self.path = path
+        self.field = field
+        self.reader = JsonReader(path, base_name(path) or path, TEXT_FIELDS[field], carry, "jsonl")
+        self.fields = self.reader.fields
+        self.invalid = self.reader.invalid
+        self.misfits = self.reader.misfits
+
+    def batches(self) -> Iterator[pa.RecordBatch]:
+        return self.reader.batches()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "path": display_name(self.path),
+            "field": self.field,
+            **self.reader.describe(),
+        }
