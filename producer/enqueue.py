@@ -136,10 +136,12 @@ class EnqueueDisplay:
                 self.progress.update(self.reading, advance=batch.num_rows, note=note)
             yield batch
 
-    def messages(self, messages: Iterable[ShardMessage], total: int) -> Iterator[ShardMessage]:
-        """Pass messages through, counting them."""
+    def start_sending(self, total: int) -> None:
         if self.progress is not None:
             self.progress.update(self.sending, total=total, visible=True)
+
+    def messages(self, messages: Iterable[ShardMessage]) -> Iterator[ShardMessage]:
+        """Pass messages through, counting them (from any thread)."""
         for message in messages:
             yield message
             if self.progress is not None:
@@ -330,11 +332,26 @@ def queued_shards(spec: dict[str, Any]) -> set[int]:
     return {m.shard for m in pending_messages(client, spec["queue"]) if m.job_url == spec["job_url"]}
 
 
+SEND_THREADS = 4
+SEND_CHUNK = 64
+
+
 def _send(
     spec: dict[str, Any], shards: Iterable[int], attempt: int = 1, display: EnqueueDisplay | None = None
 ) -> int:
+    """Send one task per shard. A few connections send chunks in parallel, in shard order
+    roughly: each message is a round trip to Redis, and 14,000 of them one by one take long."""
     shards = list(shards)
-    messages = (ShardMessage(spec["job_url"], s, manifest_key(s), attempt) for s in shards)
+    app = celery_app()
     if display is not None:
-        messages = display.messages(messages, len(shards))
-    return send_shards(celery_app(), messages, spec["queue"])
+        display.start_sending(len(shards))
+
+    def send(chunk: list[int]) -> int:
+        messages = (ShardMessage(spec["job_url"], s, manifest_key(s), attempt) for s in chunk)
+        return send_shards(app, display.messages(messages) if display else messages, spec["queue"])
+
+    chunks = [shards[i : i + SEND_CHUNK] for i in range(0, len(shards), SEND_CHUNK)]
+    if len(chunks) <= 1:
+        return sum(map(send, chunks))
+    with ThreadPoolExecutor(SEND_THREADS, thread_name_prefix="send") as pool:
+        return sum(pool.map(send, chunks))
