@@ -195,9 +195,8 @@ def main() -> None:
             if not path.exists():
                 t = time.perf_counter()
                 write_metadata(path, rows, groups)
-                print(
-                    f"# wrote {path} ({path.stat().st_size / 2**20:.0f} MiB) in {time.perf_counter() - t:.0f}s"
-                )
+                size = path.stat().st_size / 2**20
+                print(f"# wrote {path} ({size:.0f} MiB) in {time.perf_counter() - t:.0f}s", flush=True)
             meta = pq.ParquetFile(path).metadata
             for i in range(args.repeat):
                 result = run_enqueue(path, svc, f"bench-{rows}-{i}-{uuid.uuid4().hex[:4]}", args.shard_size,

@@ -63,11 +63,13 @@ def write_diffusiondb_parts(folder: Path, nested: bool = False) -> Path:
                 "p": "geodesic landscape, john chamberlain, 4 k, ", "se": 38753269, "c": 12.0, "st": 50,
                 "sa": "k_lms",
             },
-            "5f47c66c-51d4-4f2c-a872-a68518f44adb.png": {"p": "a cat", "se": 1, "c": 7.5, "st": 30, "sa": "ddim"},
+            "5f47c66c-51d4-4f2c-a872-a68518f44adb.png": {"p": "a cat", "se": 1, "c": 7.5, "st": 30,
+                                                         "sa": "ddim"},
         },
         2: {
             "66b428b9-55dc-4907-b116-55aaa887de30.png": {"p": "", "se": 7, "c": 7.0, "st": 50, "sa": "plms"},
-            "f3501e05-aef7-4225-a9e9-f516527408ac.png": {"p": "a dog", "se": 99, "c": 9.0, "st": 20, "sa": "k_euler"},
+            "f3501e05-aef7-4225-a9e9-f516527408ac.png": {"p": "a dog", "se": 99, "c": 9.0, "st": 20,
+                                                         "sa": "k_euler"},
         },
     }  # fmt: skip
     for part, entries in parts.items():

@@ -13,8 +13,13 @@ from fewstep import UserError
 from fewstep.contract import check_fields
 from producer.sources.diffusiondb import DiffusionDB, default_location, sampler_names
 from producer.sources.journeydb import JourneyDB
-from tests.prompt_files import DIFFUSIONDB_ROWS, JOURNEYDB_RECORDS, write_diffusiondb, write_diffusiondb_parts
-from tests.prompt_files import write_journeydb
+from tests.prompt_files import (
+    DIFFUSIONDB_ROWS,
+    JOURNEYDB_RECORDS,
+    write_diffusiondb,
+    write_diffusiondb_parts,
+    write_journeydb,
+)
 
 
 def table(source) -> pa.Table:
@@ -138,7 +143,7 @@ def test_default_locations_are_the_hub_files_from_config():
 
 def test_offline_default_location_names_path(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(UserError, match="cannot reach the Hugging Face Hub .* pass --path"):
+    with pytest.raises(UserError, match=r"cannot reach the Hugging Face Hub .* pass --path"):
         DiffusionDB(subset="large")
 
 

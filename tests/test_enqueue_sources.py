@@ -19,7 +19,7 @@ from fewstep.queue import queue_length, redis_client
 from fewstep.storage import open_store
 from tests.conftest import BUCKET
 from tests.prompt_files import DIFFUSIONDB_ROWS, journeydb_lines, write_diffusiondb, write_journeydb
-from tests.support import cli, cli_json
+from tests.support import cli
 from tests.test_cli_errors import assert_one_line_error
 
 
