@@ -18,7 +18,13 @@ from fewstep.contract import metadata_key
 from fewstep.queue import queue_length, redis_client
 from fewstep.storage import open_store
 from tests.conftest import BUCKET
-from tests.prompt_files import DIFFUSIONDB_ROWS, journeydb_lines, write_diffusiondb, write_journeydb
+from tests.prompt_files import (
+    DIFFUSIONDB_ROWS,
+    journeydb_lines,
+    write_diffusiondb,
+    write_diffusiondb_parts,
+    write_journeydb,
+)
 from tests.support import cli
 from tests.test_cli_errors import assert_one_line_error
 
@@ -171,6 +177,11 @@ def test_s3_paths_use_the_storage_credentials(env, output, tmp_path):
         env, output, "s3-jdb", ["journeydb", "--path", f"s3://{BUCKET}/sources/anno/train.jsonl.tgz"]
     )
     assert jdb["prompts"] == 3
+    parts = write_diffusiondb_parts(tmp_path / "parts", nested=True)
+    for path in sorted(parts.rglob("*.json")):
+        store.put(f"parts/{path.relative_to(parts)}", path.read_bytes())
+    folder = enqueue_json(env, output, "s3-parts", ["diffusiondb", "--path", f"s3://{BUCKET}/sources/parts/"])
+    assert (folder["prompts"], folder["skipped_empty"]) == (3, 1)
     missing = enqueue(env, output, "s3-x", ["file", f"s3://{BUCKET}/sources/nope.txt"], check=False)
     assert_one_line_error(missing, f"not found: s3://{BUCKET}/sources/nope.txt")
     wrong = enqueue({**env, "AWS_SECRET_ACCESS_KEY": "wrong"}, output, "s3-y",
