@@ -14,8 +14,7 @@ from producer.enqueue import JobOptions, enqueue
 from producer.progress import read_progress
 from producer.selection import Selection
 from producer.sources.diffusiondb import DiffusionDB
-from producer.sources.file import PromptFile
-from producer.sources.formats import FORMATS
+from producer.sources.formats import FORMATS, open_file
 from producer.sources.journeydb import TEXT_FIELDS, JourneyDB
 from producer.sources.partiprompts import PartiPrompts
 
@@ -207,7 +206,7 @@ def enqueue_file(
     path: str, input_format: str | None, column: str | None, carry: tuple[str, ...], **flags
 ) -> None:
     """Any prompt file: txt, csv, tsv, json, jsonl or parquet (compressed or in a tar archive too)."""
-    run_enqueue(PromptFile(path, input_format, column=column, carry=carry or None), **flags)
+    run_enqueue(open_file(path, input_format, column=column, carry=carry or None), **flags)
 
 
 @cli.command("status")

@@ -11,24 +11,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-# DiffusionDB's metadata table: 13 columns, these types.
-DIFFUSIONDB_SCHEMA = pa.schema(
-    [
-        ("image_name", pa.string()),
-        ("prompt", pa.string()),
-        ("part_id", pa.uint16()),
-        ("seed", pa.uint32()),
-        ("step", pa.uint16()),
-        ("cfg", pa.float32()),
-        ("sampler", pa.uint8()),
-        ("width", pa.uint16()),
-        ("height", pa.uint16()),
-        ("user_name", pa.string()),
-        ("timestamp", pa.timestamp("us", tz="UTC")),
-        ("image_nsfw", pa.float32()),
-        ("prompt_nsfw", pa.float32()),
-    ]
-)
+from producer.sources.diffusiondb import METADATA_SCHEMA
 
 DIFFUSIONDB_ROWS = [
     # image_name, prompt, part_id, seed, step, cfg, sampler, width, height, user_name, timestamp, nsfw x2
@@ -48,8 +31,8 @@ def write_diffusiondb(path: Path, rows: list[tuple] = DIFFUSIONDB_ROWS, row_grou
     """A DiffusionDB metadata.parquet (nulls in user_name and timestamp, several row groups)."""
     columns = list(zip(*rows, strict=True))
     table = pa.table(
-        {f.name: pa.array(list(c), f.type) for f, c in zip(DIFFUSIONDB_SCHEMA, columns, strict=True)},
-        schema=DIFFUSIONDB_SCHEMA,
+        {f.name: pa.array(list(c), f.type) for f, c in zip(METADATA_SCHEMA, columns, strict=True)},
+        schema=METADATA_SCHEMA,
     )
     pq.write_table(table, path, row_group_size=row_group_size)
     return path

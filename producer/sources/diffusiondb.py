@@ -38,6 +38,24 @@ from producer.sources.fields import select_columns
 from producer.sources.formats import BATCH_ROWS, open_parquet, parquet_batches
 from producer.sources.location import base_name, display_name, list_folder, open_seekable, read_bytes
 
+#: DiffusionDB's metadata table, as published.
+METADATA_SCHEMA = pa.schema(
+    [
+        ("image_name", pa.string()),
+        ("prompt", pa.string()),
+        ("part_id", pa.uint16()),
+        ("seed", pa.uint32()),
+        ("step", pa.uint16()),
+        ("cfg", pa.float32()),
+        ("sampler", pa.uint8()),
+        ("width", pa.uint16()),
+        ("height", pa.uint16()),
+        ("user_name", pa.string()),
+        ("timestamp", pa.timestamp("us", tz="UTC")),
+        ("image_nsfw", pa.float32()),
+        ("prompt_nsfw", pa.float32()),
+    ]
+)
 SAMPLERS = ["ddim", "plms", "k_euler", "k_euler_ancestral", "k_heun", "k_dpm_2", "k_dpm_2_ancestral", "k_lms"]
 SAMPLERS += ["others"]
 # Code → name: index 0 and codes past 9 have no name.

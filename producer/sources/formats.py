@@ -36,9 +36,9 @@ import pyarrow.parquet as pq
 
 from fewstep import UserError
 from fewstep.contract import FIELD_TYPES
+from producer.sources import PromptSource
 from producer.sources.fields import (
     JSON,
-    Skips,
     arrow_field,
     arrow_kind,
     declared,
@@ -49,7 +49,7 @@ from producer.sources.fields import (
     merge_kinds,
     select_columns,
 )
-from producer.sources.location import PIECE, base_name, is_remote, open_binary, open_seekable
+from producer.sources.location import PIECE, base_name, display_name, is_remote, open_binary, open_seekable
 
 FORMATS = ("txt", "csv", "tsv", "json", "jsonl", "parquet")
 EXTENSIONS = {
@@ -111,7 +111,7 @@ def _members(location: str, fmt: str, label: str):
             with tarfile.open(fileobj=raw, mode=mode) as tar:
                 yield _archive_members(tar, fmt, label)
         except _READ_ERRORS as e:
-            raise UserError(f"{label}: damaged archive ({e})") from None
+            raise UserError(f"{label}: damaged archive ({one_line(e)})") from None
 
 
 def _archive_members(tar: tarfile.TarFile, fmt: str, label: str):
@@ -126,11 +126,16 @@ def _archive_members(tar: tarfile.TarFile, fmt: str, label: str):
         raise UserError(f"{label}: the archive holds no .{fmt} file")
 
 
+def one_line(error: Exception) -> str:
+    """An error's message on one line (Arrow's can span several)."""
+    return " ".join(str(error).split())
+
+
 def _read(stream: BinaryIO, label: str, size: int = PIECE) -> bytes:
     try:
         return stream.read(size)
     except _READ_ERRORS as e:
-        raise UserError(f"{label}: cannot read ({e})") from None
+        raise UserError(f"{label}: cannot read ({one_line(e)})") from None
 
 
 def _decode(block: bytes, label: str, first_line: int) -> str:
@@ -166,29 +171,28 @@ def text_lines(stream: BinaryIO, label: str) -> Iterator[tuple[int, list[str]]]:
         yield line, [_decode(rest, label, line).removesuffix("\r")]
 
 
-class Reader:
-    """One prompt file: its carried fields (declared up front) and its batches."""
+class Reader(PromptSource):
+    """One prompt file in one format: ``producer enqueue file``.
 
-    #: Carried field name → type name (contract.FIELD_TYPES).
-    fields: dict[str, str]
-    #: Rows the reader could not use (a CSV row with the wrong number of cells, a JSON value of
-    #: the wrong kind), and values left null because they did not fit their field's type.
-    invalid: Skips
-    misfits: Skips
-    total_rows: int | None = None
+    ``invalid`` counts rows the reader could not use (a CSV row with the wrong number of
+    cells, a JSON value of the wrong kind); ``misfits`` values left null because they did
+    not fit their field's type.
+    """
 
-    def __init__(self, location: str, label: str):
+    name = "file"
+
+    def __init__(self, location: str, label: str, fmt: str):
+        super().__init__()
         self.location = location
         self.label = label
-        self.fields = {}
-        self.invalid = Skips()
-        self.misfits = Skips()
-
-    def batches(self) -> Iterator[pa.RecordBatch]:
-        raise NotImplementedError
+        self.format = fmt
 
     def describe(self) -> dict[str, Any]:
-        """What the spec records about how the file is read, besides its location."""
+        where = {"name": self.name, "path": display_name(self.location), "format": self.format}
+        return {**where, **self._read_as()}
+
+    def _read_as(self) -> dict[str, Any]:
+        """How the file is read: the prompt column, renamed and JSON fields, the fields."""
         return {"fields": self.fields}
 
     def _schema(self) -> pa.Schema:
@@ -221,7 +225,7 @@ class TxtReader(Reader):
     """One prompt a line."""
 
     def __init__(self, location: str, label: str, column: str | None, carry: tuple[str, ...] | None):
-        super().__init__(location, label)
+        super().__init__(location, label, "txt")
         if column is not None or carry:
             raise UserError(f"{label}: a txt file has one prompt a line and no columns (no --column/--carry)")
 
@@ -248,12 +252,14 @@ class CsvReader(Reader):
     def __init__(
         self, location: str, label: str, column: str | None, carry: tuple[str, ...] | None, fmt: str
     ):
-        super().__init__(location, label)
+        super().__init__(location, label, fmt)
         self.tsv = fmt == "tsv"
-        self.format = fmt
         with _members(location, fmt, label) as members:
             _member, stream = next(members)
             names = self._open(stream, None, count_bad=False).schema.names
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise UserError(f"{label}: column name(s) {', '.join(map(repr, twice))} appear more than once")
         self.column = _choose_prompt(names, column, label)
         carried = select_columns([n for n in names if n != self.column], carry, label)
         self.renames = field_names(carried)
@@ -280,7 +286,7 @@ class CsvReader(Reader):
                 convert_options=convert,
             )  # fmt: skip
         except pa.ArrowInvalid as e:
-            raise UserError(f"{self.label}: {e}") from None
+            raise UserError(f"{self.label}: {one_line(e)}") from None
         except StopIteration:
             raise UserError(f"{self.label}: empty file, expected a header row") from None
 
@@ -302,7 +308,7 @@ class CsvReader(Reader):
                     except StopIteration:
                         break
                     except (pa.ArrowInvalid, *_READ_ERRORS) as e:
-                        raise UserError(f"{label}: {e}") from None
+                        raise UserError(f"{label}: {one_line(e)}") from None
                     columns = [batch.column(self.column), *(batch.column(c) for c in self.renames)]
                     for name, array in zip([self.column, *self.renames], columns, strict=True):
                         _check_utf8(array, label, name, rows)
@@ -310,8 +316,8 @@ class CsvReader(Reader):
                     rows += batch.num_rows
                     yield pa.RecordBatch.from_arrays([source_row, *columns], schema=self._schema())
 
-    def describe(self) -> dict[str, Any]:
-        return {"column": self.column, **_renamed(self.renames), **super().describe()}
+    def _read_as(self) -> dict[str, Any]:
+        return {"column": self.column, **_renamed(self.renames), **super()._read_as()}
 
 
 def _check_utf8(array: pa.Array, label: str, column: str, first_row: int) -> None:
@@ -342,8 +348,7 @@ class JsonReader(Reader):
     def __init__(
         self, location: str, label: str, column: str | None, carry: tuple[str, ...] | None, fmt: str
     ):
-        super().__init__(location, label)
-        self.format = fmt
+        super().__init__(location, label, fmt)
         kinds: dict[str, str | None] = {}
         strings = 0
         for _row, _where, value in self._sample():
@@ -399,7 +404,10 @@ class JsonReader(Reader):
 
     def _list(self, members) -> Iterator[tuple[int, str, Any]]:
         for label, stream in members:
-            data = b"".join(iter(lambda s=stream, lb=label: _read(s, lb), b""))
+            chunks = []
+            while chunk := _read(stream, label):
+                chunks.append(chunk)
+            data = b"".join(chunks)
             try:
                 items = json.loads(data)
             except UnicodeDecodeError as e:
@@ -462,10 +470,10 @@ class JsonReader(Reader):
                 f"{at}: field {key!r} first appears after the first {SAMPLE_RECORDS:,} records; not carried"
             )
 
-    def describe(self) -> dict[str, Any]:
+    def _read_as(self) -> dict[str, Any]:
         json_fields = sorted(n for n, k in self.kinds.items() if k == JSON)
         extra = {"json_fields": json_fields} if json_fields else {}
-        return {"column": self.column, **_renamed(self.renames), **extra, **super().describe()}
+        return {"column": self.column, **_renamed(self.renames), **extra, **super()._read_as()}
 
 
 def _kind(value: Any) -> str:
@@ -493,7 +501,9 @@ def open_parquet(location: str, label: str) -> pq.ParquetFile:
     except IsADirectoryError:
         raise UserError(f"{label}: is a directory, expected a parquet file") from None
     except (pa.ArrowException, OSError) as e:
-        raise UserError(f"{label}: not a readable parquet file (truncated or damaged?): {e}") from None
+        raise UserError(
+            f"{label}: not a readable parquet file (truncated or damaged?): {one_line(e)}"
+        ) from None
 
 
 def parquet_batches(
@@ -508,7 +518,8 @@ def parquet_batches(
         except StopIteration:
             return
         except (pa.ArrowException, OSError) as e:
-            raise UserError(f"{label}: unreadable after row {done:,} (truncated or damaged?): {e}") from None
+            rows = f"rows {done:,} to {done + batch_rows - 1:,}"
+            raise UserError(f"{label}: {rows} are unreadable (damaged?): {one_line(e)}") from None
         done += batch.num_rows
         yield batch
 
@@ -533,7 +544,7 @@ class ParquetReader(Reader):
     """A parquet file, streamed by row group; struct members addressed by dot paths."""
 
     def __init__(self, location: str, label: str, column: str | None, carry: tuple[str, ...] | None):
-        super().__init__(location, label)
+        super().__init__(location, label, "parquet")
         self.file = open_parquet(location, label)
         self.total_rows = self.file.metadata.num_rows
         leaves = _leaves(self.file.schema_arrow)
@@ -564,23 +575,27 @@ class ParquetReader(Reader):
             rows += n
             yield pa.RecordBatch.from_arrays(columns, schema=self._schema())
 
-    def describe(self) -> dict[str, Any]:
+    def _read_as(self) -> dict[str, Any]:
         json_fields = sorted(n for n, k in self.kinds.items() if k == JSON)
         extra = {"json_fields": json_fields} if json_fields else {}
         if self.skipped_columns:
             extra["not_carried"] = self.skipped_columns
-        return {"column": self.column, **_renamed(self.renames), **extra, **super().describe()}
+        return {"column": self.column, **_renamed(self.renames), **extra, **super()._read_as()}
 
 
 def _under(path: str, root: str) -> bool:
     return path == root or path.startswith(root + ".")
 
 
-def open_reader(
-    location: str, fmt: str, *, column: str | None = None, carry: tuple[str, ...] | None = None
+def open_file(
+    location: str, fmt: str | None = None, *, column: str | None = None, carry: tuple[str, ...] | None = None
 ) -> Reader:
-    """The reader for a file of format ``fmt`` (one of :data:`FORMATS`)."""
+    """The reader for a prompt file; its format (one of :data:`FORMATS`) from its name unless given."""
     label = base_name(location) or location
+    fmt = fmt or (None if archive_mode(location) else infer_format(location))
+    if fmt is None:
+        formats = "|".join(FORMATS)
+        raise UserError(f"cannot tell the format of {label} from its name: pass --format ({formats})")
     if fmt == "txt":
         return TxtReader(location, label, column, carry)
     if fmt in ("csv", "tsv"):

@@ -9,37 +9,20 @@ chooses the text to generate from: the Midjourney ``prompt`` or the ``caption``
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
-import pyarrow as pa
-
-from producer.sources import PromptSource
 from producer.sources.formats import JsonReader
-from producer.sources.location import base_name, display_name
+from producer.sources.location import base_name
 
 TEXT_FIELDS = {"prompt": "prompt", "caption": "Task2.Caption"}
 
 
-class JourneyDB(PromptSource):
+class JourneyDB(JsonReader):
     name = "journeydb"
 
     def __init__(self, path: str, field: str = "prompt", carry: tuple[str, ...] | None = None):
-        super().__init__()
-        self.path = path
+        super().__init__(path, base_name(path) or path, TEXT_FIELDS[field], carry, "jsonl")
         self.field = field
-        self.reader = JsonReader(path, base_name(path) or path, TEXT_FIELDS[field], carry, "jsonl")
-        self.fields = self.reader.fields
-        self.invalid = self.reader.invalid
-        self.misfits = self.reader.misfits
-
-    def batches(self) -> Iterator[pa.RecordBatch]:
-        return self.reader.batches()
 
     def describe(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "path": display_name(self.path),
-            "field": self.field,
-            **self.reader.describe(),
-        }
+        return {**super().describe(), "field": self.field}
