@@ -120,11 +120,21 @@ def _machine() -> dict:
     }
 
 
+def _cpu_seconds(pid: int | None) -> float:
+    """User + system CPU time a process has used so far (Linux /proc)."""
+    if not pid:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run_enqueue(path: Path, svc: services.Services, job: str, shard_size: int, extra: list[str]) -> dict:
-    """Time one enqueue in a child process; returns wall time, peak RSS and Redis growth."""
+    """Time one enqueue in a child process; returns wall time, peak RSS, CPU and Redis growth."""
     env = {**os.environ, **svc.env(), "FEWSTEP_QUEUE_PREFIX": "bench" + uuid.uuid4().hex[:6]}
     client = redis.Redis.from_url(svc.broker_url)
     before = client.info("memory")["used_memory"]
+    services_cpu = _cpu_seconds(svc.weed_pid), _cpu_seconds(svc.redis_pid)
+    load = os.getloadavg()[0]
     command = [
         sys.executable, "-m", "producer", "enqueue", "diffusiondb", "--path", str(path),
         "--shard-size", str(shard_size), "--model", "tiny", "--job", job,
@@ -142,6 +152,10 @@ def run_enqueue(path: Path, svc: services.Services, job: str, shard_size: int, e
     if proc.returncode != 0:
         raise SystemExit(f"enqueue failed ({proc.returncode}):\n{stderr}")
     after = client.info("memory")["used_memory"]
+    weed_cpu, redis_cpu = (
+        _cpu_seconds(svc.weed_pid) - services_cpu[0],
+        _cpu_seconds(svc.redis_pid) - services_cpu[1],
+    )
     summary = json.loads(stdout)
     return {
         "wall_s": round(wall, 2),
@@ -149,6 +163,9 @@ def run_enqueue(path: Path, svc: services.Services, job: str, shard_size: int, e
         "redis_used_memory_growth_mb": round((after - before) / 2**20, 2),
         "cpu_user_s": round(usage.ru_utime, 2),
         "cpu_system_s": round(usage.ru_stime, 2),
+        "seaweedfs_cpu_s": round(weed_cpu, 2),
+        "redis_cpu_s": round(redis_cpu, 2),
+        "load_average_1min_before": round(load, 2),
         "prompts": summary.get("prompts"),
         "shards": summary.get("shards"),
         "enqueued": summary.get("enqueued"),

@@ -48,6 +48,7 @@ def test_metadata_table_keeps_seeds_and_carries_settings_as_source_fields(tmp_pa
     assert got.column("source_timestamp").to_pylist()[0] == dt.datetime(2022, 8, 7, 12, 0, tzinfo=dt.UTC)
     assert got.column("source_image_nsfw").to_pylist()[1] == 2.0
     assert "source_user_name" not in got.column_names  # only with --carry user_name
+    assert "source_seed" not in got.column_names  # the seed column is the source's
     assert got.column("source_image_name").to_pylist()[3] == "../../etc/passwd"  # data, never a key
 
 
@@ -57,6 +58,7 @@ def test_user_name_with_nulls_when_asked_and_derived_seeds(tmp_path):
     assert source.fields == {"source_user_name": "string", "source_prompt_nsfw": "float32"}
     got = table(source)
     assert "seed" not in got.column_names
+    assert DiffusionDB(path, seeds="derived").fields["source_seed"] == "int64"  # kept for pairing
     assert got.column("source_user_name").to_pylist() == ["a" * 64, None, None, "b" * 64, None]
     assert source.describe()["seeds"] == "derived"
 
@@ -82,8 +84,8 @@ def test_per_part_json_folder(tmp_path, nested):
     folder = write_diffusiondb_parts(tmp_path / "images", nested=nested)
     source = DiffusionDB(str(folder))
     assert source.fields == {
-        "source_image_name": "string", "source_part_id": "int64", "source_seed": "int64",
-        "source_step": "int64", "source_cfg": "float32", "source_sampler": "string",
+        "source_image_name": "string", "source_part_id": "int64", "source_step": "int64",
+        "source_cfg": "float32", "source_sampler": "string",
     }  # fmt: skip
     got = table(source).to_pylist()
     assert [r["prompt"] for r in got] == ["geodesic landscape, john chamberlain, 4 k, ", "a cat", "", "a dog"]
@@ -117,7 +119,7 @@ def test_bad_part_entries_are_counted_and_a_broken_part_names_itself(tmp_path):
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (lambda t: t.drop_columns(["seed", "cfg"]), r"missing column\(s\) seed, cfg"),
+        (lambda t: t.drop_columns(["seed", "cfg"]), r"missing column\(s\) cfg, seed"),
         (lambda t: t.set_column(3, "seed", pa.array(["x"] * t.num_rows)), "column 'seed' has type string"),
         (lambda t: t.set_column(1, "prompt", pa.array(range(t.num_rows))), "column 'prompt' has type int64"),
     ],

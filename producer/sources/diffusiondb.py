@@ -13,8 +13,8 @@ archives they come in, read without extracting the images), each
 ``{"<uuid>.png": {"p": prompt, "se": seed, "c": cfg, "st": steps, "sa": sampler}}``.
 
 Each prompt keeps the source's seed by default (``--seeds source``), so an output pairs
-with the original DiffusionDB image; the source's own settings are carried as
-``source_*`` fields. Generation uses the job's steps and guidance (the model preset's,
+with the original DiffusionDB image (with ``--seeds derived`` the source's seed is carried
+as ``source_seed``); the source's own settings are carried as ``source_*`` fields. Generation uses the job's steps and guidance (the model preset's,
 or the flags), never the source's.
 """
 
@@ -61,7 +61,8 @@ SAMPLERS += ["others"]
 # Code → name: index 0 and codes past 9 have no name.
 _SAMPLER_NAMES = pa.array([None, *SAMPLERS], pa.string())
 
-# Metadata columns carried, with their field types; user_name only when asked (--carry).
+# Metadata columns carried, with their field types; user_name only when asked (--carry), and
+# seed only with --seeds derived (otherwise the job's seed column is the source's seed).
 METADATA_FIELDS = {
     "image_name": "string",
     "part_id": "int64",
@@ -134,7 +135,7 @@ class DiffusionDB(PromptSource):
         self.layout = "metadata" if self.location.lower().endswith((".parquet", ".pq")) else "parts"
         available = list(METADATA_FIELDS if self.layout == "metadata" else PART_FIELDS)
         if carry is None:
-            carry = tuple(c for c in DEFAULT_CARRY if c in available)
+            carry = tuple(c for c in DEFAULT_CARRY if c in available and (c != "seed" or seeds == "derived"))
         self.carried = select_columns(available, tuple(c.removeprefix("source_") for c in carry), self.label)
         self.fields = {f"source_{c}": METADATA_FIELDS[c] for c in self.carried}
         self.columns: list[str] = []
