@@ -14,8 +14,9 @@ archives they come in, read without extracting the images), each
 
 Each prompt keeps the source's seed by default (``--seeds source``), so an output pairs
 with the original DiffusionDB image (with ``--seeds derived`` the source's seed is carried
-as ``source_seed``); the source's own settings are carried as ``source_*`` fields. Generation uses the job's steps and guidance (the model preset's,
-or the flags), never the source's.
+as ``source_seed``); the source's own settings are carried as ``source_*`` fields.
+Generation uses the job's steps and guidance (the model preset's, or the flags), never
+the source's.
 """
 
 from __future__ import annotations
@@ -128,11 +129,11 @@ class DiffusionDB(PromptSource):
         carry: tuple[str, ...] | None = None,
     ):
         super().__init__()
-        self.subset = subset
+        self.subset = None if path else subset  # with --path, the file says which subset it is
         self.location = path or default_location(subset)
         self.seeds = seeds
         self.label = base_name(self.location) or self.location
-        self.layout = "metadata" if self.location.lower().endswith((".parquet", ".pq")) else "parts"
+        self.layout = "metadata" if self.label.lower().endswith((".parquet", ".pq")) else "parts"
         available = list(METADATA_FIELDS if self.layout == "metadata" else PART_FIELDS)
         if carry is None:
             carry = tuple(c for c in DEFAULT_CARRY if c in available and (c != "seed" or seeds == "derived"))
@@ -284,7 +285,7 @@ class DiffusionDB(PromptSource):
     def describe(self) -> dict[str, Any]:
         return {
             "name": self.name,
-            "subset": self.subset,
+            **({"subset": self.subset} if self.subset else {}),
             "path": display_name(self.location),
             "layout": self.layout,
             "seeds": self.seeds,
