@@ -114,20 +114,27 @@ def parse_where(text: str, fields: dict[str, str]) -> Condition:
     return Condition(resolved, op, float(value), text=kind == "string")
 
 
-def prompt_keys(prompts: pa.Array) -> np.ndarray:
+def prompt_keys(prompts: pa.Array, chunk: int = 8192) -> np.ndarray:
     """A 64-bit key per prompt, equal for prompts equal after case folding and collapsing whitespace.
 
-    BLAKE2b, so keys are the same in every run and on every machine.
+    BLAKE2b, so keys are the same in every run and on every machine. Prompts become Python
+    strings a few thousand at a time, never a whole batch at once.
     """
     blake = hashlib.blake2b
-    return np.fromiter(
-        (
-            int.from_bytes(blake(" ".join(p.casefold().split()).encode(), digest_size=8).digest(), "little")
-            for p in prompts.to_pylist()
-        ),
-        dtype=np.uint64,
-        count=len(prompts),
-    )
+    keys = np.empty(len(prompts), dtype=np.uint64)
+    for lo in range(0, len(prompts), chunk):
+        texts = prompts.slice(lo, chunk).to_pylist()
+        keys[lo : lo + len(texts)] = np.fromiter(
+            (
+                int.from_bytes(
+                    blake(" ".join(p.casefold().split()).encode(), digest_size=8).digest(), "little"
+                )
+                for p in texts
+            ),
+            dtype=np.uint64,
+            count=len(texts),
+        )
+    return keys
 
 
 class SeenPrompts:

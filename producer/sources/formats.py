@@ -67,6 +67,8 @@ EXTENSIONS = {
 COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd"}
 ARCHIVES = {".tar": "r|", ".tgz": "r|gz", ".tar.gz": "r|gz", ".tar.bz2": "r|bz2", ".tar.xz": "r|xz"}
 BATCH_ROWS = 65_536
+# Each column chunk is read in pieces this large: memory stays flat whatever the row group size.
+PARQUET_PIECE = 2 << 20
 SAMPLE_RECORDS = 1_000
 _READ_ERRORS = (OSError, EOFError, tarfile.TarError, zlib.error)
 
@@ -493,9 +495,9 @@ def _kind(value: Any) -> str:
 
 def open_parquet(location: str, label: str) -> pq.ParquetFile:
     """A parquet file read in pieces (column chunks streamed, never the whole file in memory)."""
-    source = open_seekable(location, what=label) if is_remote(location) else location
+    source = open_seekable(location, what=label, buffered=False) if is_remote(location) else location
     try:
-        return pq.ParquetFile(source, buffer_size=PIECE, pre_buffer=False)
+        return pq.ParquetFile(source, buffer_size=PARQUET_PIECE, pre_buffer=False)
     except FileNotFoundError:
         raise UserError(f"{label}: file not found") from None
     except IsADirectoryError:

@@ -1,9 +1,9 @@
 """Where a source's bytes come from: a local path, ``s3://``, ``hf://`` or ``https://``.
 
 Every location opens as a binary file object. Local files, S3 objects, Hugging Face
-files and https servers that answer range requests are seekable, read in pieces of
-8 MiB (parquet reads only the column chunks it needs); an https server without range
-support is read as one stream. S3 uses the storage credentials (``AWS_*``, see
+files and https servers that answer range requests are seekable: streams are read in
+pieces of 8 MiB, parquet asks for exactly the column chunk pieces it needs (unbuffered);
+an https server without range support is read as one stream. S3 uses the storage credentials (``AWS_*``, see
 ``fewstep.storage``); the Hub is reached only through ``huggingface_hub``.
 """
 
@@ -83,8 +83,8 @@ class RangedFile(io.RawIOBase):
         return len(data)
 
 
-def _buffered(raw: io.RawIOBase) -> BinaryIO:
-    return io.BufferedReader(raw, buffer_size=PIECE)
+def _buffered(raw: io.RawIOBase, buffered: bool) -> BinaryIO:
+    return io.BufferedReader(raw, buffer_size=PIECE) if buffered else raw
 
 
 # --- local -------------------------------------------------------------------------
@@ -115,7 +115,7 @@ def _s3_parts(location: str) -> tuple[S3Store, str]:
     return S3Store(parts.netloc), key
 
 
-def _open_s3(location: str, what: str) -> BinaryIO:
+def _open_s3(location: str, what: str, buffered: bool) -> BinaryIO:
     store, key = _s3_parts(location)
     try:
         size = store.size(key)
@@ -123,7 +123,7 @@ def _open_s3(location: str, what: str) -> BinaryIO:
         raise UserError(f"{what} not found: {location}") from None
     except (StorageError, ValueError) as e:
         raise UserError(f"cannot read {what} {location}: {e}") from None
-    return _buffered(RangedFile(size, lambda start, n: store.get_range(key, start, n), location))
+    return _buffered(RangedFile(size, lambda start, n: store.get_range(key, start, n), location), buffered)
 
 
 # --- Hugging Face Hub ------------------------------------------------------------------
@@ -174,7 +174,7 @@ def _http_error(location: str, what: str, e: Exception) -> UserError:
     )
 
 
-def _open_https(location: str, what: str) -> BinaryIO:
+def _open_https(location: str, what: str, buffered: bool) -> BinaryIO:
     try:
         with urllib.request.urlopen(urllib.request.Request(location, method="HEAD"), timeout=_TIMEOUT) as r:
             size = r.headers.get("Content-Length")
@@ -195,7 +195,7 @@ def _open_https(location: str, what: str) -> BinaryIO:
             except (urllib.error.URLError, TimeoutError, OSError) as e:
                 raise _http_error(location, what, e) from None
 
-        return _buffered(RangedFile(int(size), fetch, redact_url(location)))
+        return _buffered(RangedFile(int(size), fetch, redact_url(location)), buffered)
     try:
         return urllib.request.urlopen(location, timeout=_TIMEOUT)
     except (urllib.error.URLError, TimeoutError, OSError) as e:
@@ -205,20 +205,23 @@ def _open_https(location: str, what: str) -> BinaryIO:
 # --- public ------------------------------------------------------------------------------
 
 
-def open_binary(location: str, *, what: str = "source") -> BinaryIO:
-    """A binary file object for a local path, ``s3://``, ``hf://`` or ``http(s)://`` location."""
+def open_binary(location: str, *, what: str = "source", buffered: bool = True) -> BinaryIO:
+    """A binary file object for a local path, ``s3://``, ``hf://`` or ``http(s)://`` location.
+
+    ``buffered=False``: each read of a remote file is one request for exactly those bytes.
+    """
     if is_url(location):
-        return _open_https(location, what)
+        return _open_https(location, what, buffered)
     if location.startswith("s3://"):
-        return _open_s3(location, what)
+        return _open_s3(location, what, buffered)
     if location.startswith("hf://"):
         return _open_hf(location, what)
     return _open_local(location, what)
 
 
-def open_seekable(location: str, *, what: str = "source") -> BinaryIO:
+def open_seekable(location: str, *, what: str = "source", buffered: bool = True) -> BinaryIO:
     """Like :func:`open_binary`, but always seekable: a one-way stream is spooled to a temporary file."""
-    stream = open_binary(location, what=what)
+    stream = open_binary(location, what=what, buffered=buffered)
     if stream.seekable():
         return stream
     spool = tempfile.TemporaryFile()  # noqa: SIM115 - returned to the caller
