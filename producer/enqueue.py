@@ -137,6 +137,7 @@ class EnqueueDisplay:
             yield batch
 
     def start_sending(self, total: int) -> None:
+        """Show the task-sending bar for ``total`` tasks."""
         if self.progress is not None:
             self.progress.update(self.sending, total=total, visible=True)
 

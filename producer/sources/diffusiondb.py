@@ -119,6 +119,8 @@ def sampler_names(codes: pa.Array) -> pa.Array:
 
 
 class DiffusionDB(PromptSource):
+    """DiffusionDB's metadata table or per-part JSON; the subset's table on the Hub by default."""
+
     name = "diffusiondb"
 
     def __init__(

@@ -17,7 +17,8 @@ archive (``.tar``, ``.tgz``, ``.tar.gz``, ``.tar.bz2``, ``.tar.xz``) is read mem
 member, without extracting anything to disk. Prompts are kept byte-exact. Every batch
 has ``source_row`` (the row's position in the file: the line for txt and jsonl, the
 item for json, the data row for csv, tsv and parquet), ``prompt`` and the fields.
-JSON fields are those seen in the first 1,000 records.
+JSON fields are those seen in the first 1,000 records. A JSON list is parsed whole (twice:
+once for its fields); large sets belong in JSON Lines, which streams.
 """
 
 from __future__ import annotations
@@ -353,7 +354,7 @@ class JsonReader(Reader):
         super().__init__(location, label, fmt)
         kinds: dict[str, str | None] = {}
         strings = 0
-        for _row, _where, value in self._sample():
+        for _row, _at, value in self._sample():
             if isinstance(value, dict):
                 for key, v in flatten(value).items():
                     kinds[key] = merge_kinds(kinds.get(key), json_kind(v))
@@ -371,7 +372,7 @@ class JsonReader(Reader):
         self.fields = declared(self.kinds)
         self._unknown: set[str] = set()
 
-    def _sample(self) -> Iterator[tuple[int, str, Any]]:
+    def _sample(self) -> Iterator[tuple[int, tuple, Any]]:
         records = self._records()
         try:
             for _ in range(SAMPLE_RECORDS):
@@ -381,8 +382,8 @@ class JsonReader(Reader):
         finally:
             records.close()
 
-    def _records(self) -> Iterator[tuple[int, str, Any]]:
-        """(source row, where, value) of every record."""
+    def _records(self) -> Iterator[tuple[int, tuple, Any]]:
+        """(source row, where it is, value) of every record; see :func:`_where`."""
         with _members(self.location, self.format, self.label) as members:
             if self.format == "json":
                 yield from self._list(members)
@@ -400,11 +401,11 @@ class JsonReader(Reader):
                             raise UserError(
                                 f"{label}: line {i + 1} is not valid JSON: {e.msg} (column {e.colno})"
                             ) from None
-                        yield offset + i, f"{label}: line {i + 1}", value
+                        yield offset + i, (label, "line", i + 1), value
                     count = first + len(lines)
                 offset += count
 
-    def _list(self, members) -> Iterator[tuple[int, str, Any]]:
+    def _list(self, members) -> Iterator[tuple[int, tuple, Any]]:
         for label, stream in members:
             chunks = []
             while chunk := _read(stream, label):
@@ -421,10 +422,10 @@ class JsonReader(Reader):
             if not isinstance(items, list):
                 raise UserError(f"{label}: expected a JSON list of strings or objects, found {_kind(items)}")
             for i, value in enumerate(items):
-                yield i, f"{label}: item {i + 1}", value
+                yield i, (label, "item", i + 1), value
 
     def batches(self) -> Iterator[pa.RecordBatch]:
-        chunk: list[tuple[int, str, Any]] = []
+        chunk: list[tuple[int, tuple, Any]] = []
         for record in self._records():
             chunk.append(record)
             if len(chunk) == BATCH_ROWS // 4:
@@ -433,7 +434,7 @@ class JsonReader(Reader):
         if chunk:
             yield self._batch(chunk)
 
-    def _batch(self, chunk: list[tuple[int, str, Any]]) -> pa.RecordBatch:
+    def _batch(self, chunk: list[tuple[int, tuple, Any]]) -> pa.RecordBatch:
         rows, prompts, records, where = [], [], [], []
         known = set(self.renames) | {self.column}
         for source_row, at, value in chunk:
@@ -446,10 +447,10 @@ class JsonReader(Reader):
                     self._note_unknown(record.keys() - known, at)
             else:
                 expected = "an object" if self.column is not None else "a string"
-                self.invalid.add(f"{at}: {_kind(value)}, expected {expected}")
+                self.invalid.add(f"{_where(at)}: {_kind(value)}, expected {expected}")
                 continue
             if prompt is not None and not isinstance(prompt, str):
-                self.invalid.add(f"{at}: {self.column} is {_kind(prompt)}, expected text")
+                self.invalid.add(f"{_where(at)}: {self.column} is {_kind(prompt)}, expected text")
                 continue
             rows.append(source_row)
             prompts.append(prompt)
@@ -460,22 +461,29 @@ class JsonReader(Reader):
             kind = self.kinds[name]
 
             def misfit(i: int, column=column, kind=kind) -> None:
-                self.misfits.add(f"{where[i]}: field {column!r} does not fit type {kind}; left null")
+                self.misfits.add(f"{_where(where[i])}: field {column!r} does not fit type {kind}; left null")
 
             columns.append(json_field([r.get(column) for r in records], kind, misfit))
         return pa.RecordBatch.from_arrays(columns, schema=self._schema())
 
-    def _note_unknown(self, keys: set[str], at: str) -> None:
+    def _note_unknown(self, keys: set[str], at: tuple) -> None:
         for key in keys - self._unknown:
             self._unknown.add(key)
             self.misfits.add(
-                f"{at}: field {key!r} first appears after the first {SAMPLE_RECORDS:,} records; not carried"
+                f"{_where(at)}: field {key!r} first appears after the first {SAMPLE_RECORDS:,} records; "
+                "not carried"
             )
 
     def _read_as(self) -> dict[str, Any]:
         json_fields = sorted(n for n, k in self.kinds.items() if k == JSON)
         extra = {"json_fields": json_fields} if json_fields else {}
         return {"column": self.column, **_renamed(self.renames), **extra, **super()._read_as()}
+
+
+def _where(at: tuple) -> str:
+    """``p.jsonl: line 3`` from (label, "line", 3): messages are built only when needed."""
+    label, unit, number = at
+    return f"{label}: {unit} {number}"
 
 
 def _kind(value: Any) -> str:

@@ -18,6 +18,8 @@ TEXT_FIELDS = {"prompt": "prompt", "caption": "Task2.Caption"}
 
 
 class JourneyDB(JsonReader):
+    """JourneyDB's annotation JSON Lines, generating from the prompt or the caption."""
+
     name = "journeydb"
 
     def __init__(self, path: str, field: str = "prompt", carry: tuple[str, ...] | None = None):

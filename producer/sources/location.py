@@ -14,6 +14,7 @@ import os
 import tempfile
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import urlsplit
@@ -27,10 +28,12 @@ _TIMEOUT = 30
 
 
 def is_url(location: str) -> bool:
+    """An ``http://`` or ``https://`` location."""
     return location.startswith(("http://", "https://"))
 
 
 def is_remote(location: str) -> bool:
+    """A location that is not a local path."""
     return is_url(location) or location.startswith(("s3://", "hf://"))
 
 
@@ -53,7 +56,7 @@ def base_name(location: str) -> str:
 class RangedFile(io.RawIOBase):
     """A read-only, seekable file over a ``fetch(start, length)`` function (S3, https ranges)."""
 
-    def __init__(self, size: int, fetch, name: str):
+    def __init__(self, size: int, fetch: Callable[[int, int], bytes], name: str):
         self.size = size
         self.name = name
         self._fetch = fetch
@@ -130,6 +133,7 @@ def _open_s3(location: str, what: str, buffered: bool) -> BinaryIO:
 
 
 def hub_offline_hint(location: str) -> str:
+    """The one line for a Hub location that cannot be reached: it names ``--path``."""
     return (
         f"cannot reach the Hugging Face Hub for {location} "
         f"({'HF_HUB_OFFLINE is set' if _hub_offline() else 'offline?'}): "
