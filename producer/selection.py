@@ -3,9 +3,11 @@
 Steps, in this order, each counted in the enqueue summary and the job spec:
 
 1. **empty** prompts (null, empty or only whitespace) are skipped → ``skipped_empty``;
-2. **unusable** prompts (a NUL character, longer than ``producer.max_prompt_chars`` in
-   ``config/defaults.toml``) are skipped → ``skipped_invalid`` (with the rows a source
-   could not read at all, such as a CSV row with too many cells);
+2. **unusable** prompts, longer than ``producer.max_prompt_chars`` in
+   ``config/defaults.toml`` (no prompt is that long; a file without line ends is), are
+   skipped → ``skipped_invalid`` (with the rows a source could not read at all, such as
+   a CSV row with too many cells). Any other text is a prompt, kept byte-exact: NUL,
+   newlines, ``../`` are data, and never reach a storage key;
 3. **filters**: ``--category``/``--challenge`` (PartiPrompts; surrounding spaces and
    case ignored), ``--where`` (numeric comparisons on source fields), ``--min-chars``/
    ``--max-chars`` → ``skipped_filtered``;
@@ -309,27 +311,22 @@ class Selector:
         return kept
 
     def _usable(self, batch: pa.RecordBatch) -> pa.RecordBatch:
-        # Cheap tests first (byte lengths from the offsets, one pass over the bytes for NUL):
-        # at DiffusionDB scale trimming or searching every prompt would dominate the enqueue.
+        # Cheap tests first (byte lengths from the offsets; whitespace stops at the first
+        # other character): at DiffusionDB scale, trimming every prompt would dominate.
         prompt = batch.column("prompt")
         size = pc.binary_length(prompt)
         blank = pc.fill_null(pc.or_(pc.equal(size, 0), pc.utf8_is_space(prompt)), True)
         if pc.any(blank).as_py():
             batch = self._keep(batch, pc.invert(blank), "skipped_empty")
             prompt, size = batch.column("prompt"), pc.binary_length(batch.column("prompt"))
-        too_long = pc.greater(size, self.max_prompt_chars)  # bytes ≥ characters
-        if pc.any(too_long).as_py():
-            too_long = pc.greater(pc.utf8_length(prompt), self.max_prompt_chars)
-        nul = pc.match_substring(prompt, "\x00") if _has_nul(prompt) else pa.repeat(False, len(prompt))
-        bad = pc.or_(too_long, nul)
-        if not pc.any(bad).as_py():
+        if not pc.any(pc.greater(size, self.max_prompt_chars)).as_py():  # bytes ≥ characters
             return batch
-        rows = batch.column("source_row").filter(bad)
-        for row, long in zip(rows[:5].to_pylist(), too_long.filter(bad)[:5].to_pylist(), strict=True):
-            reason = f"has over {self.max_prompt_chars:,} characters" if long else "contains a NUL character"
-            self.invalid.add(f"source row {row}: prompt {reason}")
+        too_long = pc.greater(pc.utf8_length(prompt), self.max_prompt_chars)
+        rows = batch.column("source_row").filter(too_long)
+        for row in rows[:5].to_pylist():
+            self.invalid.add(f"source row {row}: prompt has over {self.max_prompt_chars:,} characters")
         self.counts["skipped_invalid"] += len(rows)
-        return batch.filter(pc.invert(bad))
+        return batch.filter(pc.invert(too_long))
 
     def _filter_mask(self, batch: pa.RecordBatch) -> pa.Array | None:
         s = self.selection
@@ -378,16 +375,6 @@ class Selector:
                 raise UserError(
                     f"--{name} {', '.join(map(repr, missing))} matches no row (the source has: {have})"
                 )
-
-
-def _has_nul(strings: pa.Array) -> bool:
-    """Whether any string holds a NUL byte: one vectorised pass over the data buffer."""
-    if strings.type != pa.string() or len(strings) == 0:
-        return len(strings) > 0 and pc.any(pc.match_substring(strings, "\x00")).as_py()
-    start = strings.offset
-    offsets = np.frombuffer(strings.buffers()[1], np.int32)[start : start + len(strings) + 1]
-    data = np.frombuffer(strings.buffers()[2] or b"", np.uint8)[offsets[0] : offsets[-1]]
-    return not data.all()
 
 
 def _norm(value: str) -> str:

@@ -80,7 +80,7 @@ def test_diffusiondb_job_keeps_source_seeds_and_records_its_selection(env, outpu
     assert [r["row_id"] for r in rows] == [0, 1, 2, 3]
     spec = json.loads(open_store(summary["job_url"]).get("job.json"))
     assert spec["source"]["name"] == "diffusiondb" and spec["source"]["seeds"] == "source"
-    assert spec["source"]["selection"] == {"max_prompt_chars": 10000}
+    assert spec["source"]["selection"] == {"max_prompt_chars": 100_000}
     assert spec["generation"]["steps"] == 1  # the preset's, not DiffusionDB's 50
     assert spec["counts"]["rows_read"] == len(DIFFUSIONDB_ROWS)
     derived = enqueue_json(
@@ -127,15 +127,17 @@ def test_a_failing_enqueue_leaves_no_tasks_no_spec_and_no_manifests(env, output,
 
 def test_unusable_rows_are_skipped_and_reported_json_stays_clean(env, output, tmp_path):
     path = tmp_path / "p.csv"
-    huge = "y" * 100_000
-    path.write_text(f'prompt,tag\nfine,../../x\n"{huge}",a\n"nul\x00here",b\n"two\nlines",c\nbad,row,cells\n')
+    long, too_long = "y" * 100_000, "z" * 100_001
+    path.write_text(
+        f'prompt,tag\nfine,../../x\n"{too_long}",a\n"{long}",b\n"nul\x00here",c\n"two\nlines",d\nbad,row,cells\n'
+    )
     result = enqueue(env, output, "odd", ["file", str(path)], "--json")
     summary = json.loads(result.stdout)
-    assert (summary["prompts"], summary["skipped_invalid"]) == (2, 3)
-    assert "prompt has over 10,000 characters" in result.stderr and "NUL" in result.stderr
+    assert (summary["prompts"], summary["skipped_invalid"]) == (4, 2)
+    assert "source row 1: prompt has over 100,000 characters" in result.stderr
     assert "3 fields, expected 2" in result.stderr
     rows = manifests(summary["job_url"])
-    assert [r["prompt"] for r in rows] == ["fine", "two\nlines"]
+    assert [r["prompt"] for r in rows] == ["fine", long, "nul\x00here", "two\nlines"]  # byte-exact
     assert rows[0]["tag"] == "../../x"  # carried as data; keys come from ids only
     assert {k for k, _ in open_store(summary["job_url"]).list()} == {
         "job.json", "manifests/part-000001.parquet",

@@ -41,16 +41,13 @@ def prompts_of(rows: list[dict]) -> list[str]:
     return [r["prompt"] for r in rows]
 
 
-def test_empty_and_unusable_prompts_are_skipped_and_counted():
-    data = batches(["a", "", None, " \t\u3000", "b\x00c", "x" * 101, "ok"])
+def test_empty_and_overlong_prompts_are_skipped_and_counted_other_text_kept():
+    data = batches(["a", "", None, " \t\u3000", "b\x00c", "x" * 101, "é" * 100, "two\nlines", "ok"])
     rows, selector = select(Selection(), data)
-    assert prompts_of(rows) == ["a", "ok"]
+    assert prompts_of(rows) == ["a", "b\x00c", "é" * 100, "two\nlines", "ok"]  # byte-exact
     assert selector.counts["skipped_empty"] == 3
-    assert selector.counts["skipped_invalid"] == 2
-    assert selector.invalid.examples == [
-        "source row 4: prompt contains a NUL character",
-        "source row 5: prompt has over 100 characters",
-    ]
+    assert selector.counts["skipped_invalid"] == 1
+    assert selector.invalid.examples == ["source row 5: prompt has over 100 characters"]
 
 
 def test_where_compares_numbers_with_or_without_the_source_prefix():

@@ -11,6 +11,7 @@ txt, csv, tsv, json, jsonl or parquet file, read by ``formats``), all reading th
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import cached_property
 from typing import Any
 
 import pyarrow as pa
@@ -30,10 +31,16 @@ class PromptSource:
 
     def __init__(self) -> None:
         self.fields = {}
-        #: Rows the source could not use (counted as skipped_invalid), with example reasons.
-        self.invalid = Skips()
-        #: Field values left null because they did not fit the field's type.
-        self.misfits = Skips()
+
+    @cached_property
+    def invalid(self) -> Skips:
+        """Rows the source could not use (counted as skipped_invalid), with example reasons."""
+        return Skips()
+
+    @cached_property
+    def misfits(self) -> Skips:
+        """Field values left null because they did not fit the field's type."""
+        return Skips()
 
     def batches(self) -> Iterator[pa.RecordBatch]:
         """The prompts, in source order, as record batches."""
