@@ -10,6 +10,7 @@ name and ids only, never from dataset fields)::
     failed/part-000001.json                   shard 1 gave up after too many attempts
     stats/part-000001.json                    shard 1's timings (generate / encode / upload)
     workers/<worker-id>.json                  a worker's heartbeat while it works on this job
+    duplicates.parquet                        with --dedupe: each dropped row and the row kept for it
 
 What ``producer finalize`` and ``producer gallery`` add to a job::
 
@@ -50,6 +51,7 @@ FINALIZED_KEY = "finalized.json"
 DATASET_CARD_KEY = "README.md"
 WEBDATASET = "webdataset"
 GALLERY = "gallery"
+DUPLICATES_KEY = "duplicates.parquet"
 
 _JOB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 _PART = re.compile(r"part-(\d{6,})\.(parquet|json)$")
@@ -160,20 +162,23 @@ class ShardMessage:
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
-def derive_seeds(job_seed: int, source_rows: np.ndarray | list[int]) -> np.ndarray:
-    """uint32 seeds from (job seed, source row): the same spec always gives the same seeds.
+def mix64(seed: int, values: np.ndarray | list[int]) -> np.ndarray:
+    """uint64 SplitMix64 of ``seed * golden + value``: a bijection of ``value`` for a fixed seed.
 
-    SplitMix64 over ``job_seed * golden + source_row``; vectorised so 14M rows take
-    well under a second.
+    Vectorised, so 14M values take well under a second.
     """
-    rows = np.asarray(source_rows, dtype=np.uint64)
+    x = np.asarray(values, dtype=np.uint64)
     with np.errstate(over="ignore"):
-        x = np.uint64(job_seed & 0xFFFFFFFFFFFFFFFF) * _GOLDEN + rows
+        x = np.uint64(seed & 0xFFFFFFFFFFFFFFFF) * _GOLDEN + x
         x = x + _GOLDEN
         x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        x = x ^ (x >> np.uint64(31))
-    return (x & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+        return x ^ (x >> np.uint64(31))
+
+
+def derive_seeds(job_seed: int, source_rows: np.ndarray | list[int]) -> np.ndarray:
+    """uint32 seeds from (job seed, source row): the same spec always gives the same seeds."""
+    return (mix64(job_seed, source_rows) & np.uint64(0xFFFFFFFF)).astype(np.uint32)
 
 
 # --- parquet schemas ---------------------------------------------------------

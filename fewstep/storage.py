@@ -195,6 +195,24 @@ class S3Store(Store):
                     raise KeyMissing(self.url_of(key)) from None
                 raise
 
+    def size(self, key: str) -> int:
+        """The object's size in bytes (:class:`KeyMissing` if absent)."""
+        with self._errors(f"looking up {key}"):
+            try:
+                return int(self._client.head_object(Bucket=self.bucket, Key=self._key(key))["ContentLength"])
+            except bex.ClientError as e:
+                if _status(e) == 404:
+                    raise KeyMissing(self.url_of(key)) from None
+                raise
+
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        """``length`` bytes of the object from offset ``start``: reading large sources in pieces."""
+        with self._errors(f"reading {key}"):
+            body = self._client.get_object(
+                Bucket=self.bucket, Key=self._key(key), Range=f"bytes={start}-{start + length - 1}"
+            )["Body"]
+            return body.read()
+
     def exists(self, key: str) -> bool:
         with self._errors(f"looking up {key}"):
             try:

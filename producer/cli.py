@@ -8,20 +8,23 @@ import json
 import click
 
 from fewstep import console
+from fewstep.settings import load_config
 from producer import finalize, gallery, jobs, status_view
 from producer.enqueue import JobOptions, enqueue
 from producer.options import JSON, OUTPUT
+from producer.selection import Selection
+from producer.sources.diffusiondb import DiffusionDB
+from producer.sources.formats import FORMATS, open_file
+from producer.sources.journeydb import TEXT_FIELDS, JourneyDB
 from producer.sources.partiprompts import PartiPrompts
 
 
-def job_options(command):
-    """The options every ``enqueue`` source shares."""
-    options = [
+def _job_option_list(image_format_flags: tuple[str, ...]) -> list:
+    return [
         click.option("--model", required=True, help="Preset name, hub id or local directory."),
         click.option("--job", required=True, help="Job name (letters, digits, . _ -)."),
         OUTPUT,
         click.option("--shard-size", type=click.IntRange(min=1), help="Prompts per shard [256]."),
-        click.option("--limit", type=click.IntRange(min=0), help="Enqueue at most N prompts."),
         click.option("--seed", type=int, help="Job seed; per-prompt seeds derive from it [0]."),
         click.option("--steps", type=click.IntRange(min=1), help="Override the preset's steps."),
         click.option("--guidance", type=float, help="Override the preset's guidance scale."),
@@ -29,7 +32,10 @@ def job_options(command):
         click.option("--height", type=click.IntRange(min=8), help="Override the preset's height."),
         click.option("--sampler", help="One of the preset's samplers (see `worker models`) [its default]."),
         click.option(
-            "--format", "image_format", type=click.Choice(["png", "jpeg", "webp"]), help="Image format [png]."
+            *image_format_flags,
+            "image_format",
+            type=click.Choice(["png", "jpeg", "webp"]),
+            help="Image format [png].",
         ),
         click.option("--quality", type=click.IntRange(1, 100), help="JPEG/WebP quality [90]."),
         click.option("--png-level", type=click.IntRange(0, 9), help="PNG compression level [6]."),
@@ -37,29 +43,77 @@ def job_options(command):
             "--dry-run", is_flag=True, help="Count prompts and shards; touch neither Redis nor storage."
         ),
         JSON,
+        # Selection (producer/selection.py), applied in this order.
+        click.option(
+            "--where",
+            multiple=True,
+            metavar="FIELD<OP>NUMBER",
+            help="Keep rows whose source field compares so, e.g. 'prompt_nsfw<0.2' (repeatable; all hold).",
+        ),
+        click.option("--min-chars", type=click.IntRange(min=0), help="Skip prompts of fewer characters."),
+        click.option("--max-chars", type=click.IntRange(min=1), help="Skip prompts of more characters."),
+        click.option(
+            "--dedupe",
+            is_flag=True,
+            help="Keep the first of prompts equal after case folding and whitespace collapsing.",
+        ),
+        click.option("--sample", type=click.IntRange(min=1), metavar="N", help="A fixed sample of N."),
+        click.option("--sample-seed", type=int, default=0, show_default=True, help="Which sample to draw."),
+        click.option("--limit", type=click.IntRange(min=0), help="Enqueue at most N prompts (the first)."),
     ]
-    for option in reversed(options):
-        command = option(command)
-    return command
 
 
-def run_enqueue(source, *, dry_run: bool, as_json: bool, **flags) -> None:
-    """Enqueue ``source`` with the shared job options and print the summary."""
-    summary = enqueue(source, JobOptions(**flags), dry_run=dry_run)
+def _job_options(image_format_flags: tuple[str, ...]):
+    def decorate(command):
+        for option in reversed(_job_option_list(image_format_flags)):
+            command = option(command)
+        return command
+
+    return decorate
+
+
+#: The options every ``enqueue`` source shares: job, generation and selection.
+job_options = _job_options(("--format", "--image-format"))
+
+
+CARRY = click.option(
+    "--carry",
+    multiple=True,
+    metavar="COLUMN",
+    help="Carry only these source columns into the metadata (repeatable; default: all).",
+)
+
+_SELECTION = ("limit", "sample", "sample_seed", "dedupe", "where", "min_chars", "max_chars")
+
+
+def run_enqueue(source, *, dry_run: bool, as_json: bool, match: dict | None = None, **flags) -> None:
+    """Enqueue ``source`` with the shared job and selection options and print the summary."""
+    selection = Selection(
+        **{k: flags.pop(k) for k in _SELECTION},
+        match={k: tuple(v) for k, v in (match or {}).items() if v},
+    )
+    summary = enqueue(source, JobOptions(**flags), selection, dry_run=dry_run)
+    for note in summary.pop("problems", []):
+        click.echo(f"warning: {note}", err=True)
     if as_json:
         click.echo(json.dumps(summary))
         return
+    skipped = (
+        f"{summary['rows_read']:,} rows read; skipped {summary['skipped_empty']:,} empty, "
+        f"{summary['skipped_invalid']:,} unusable, {summary['skipped_filtered']:,} filtered, "
+        f"{summary['duplicates']:,} duplicates, {summary['not_selected']:,} not selected"
+    )
     if summary.get("dry_run"):
-        click.echo(
-            f"dry run: {summary['prompts']} prompts in {summary['shards']} shards "
-            f"({summary['skipped_empty']} empty skipped); nothing written"
-        )
+        click.echo(f"dry run: {summary['prompts']:,} prompts in {summary['shards']:,} shards (no writes)")
+        click.echo(skipped)
         return
     verb = "resumed" if summary["resumed"] else "enqueued"
     click.echo(
-        f"{verb} job {summary['job']}: {summary['prompts']} prompts in {summary['shards']} shards, "
-        f"{summary['enqueued']} tasks sent to queue {summary['queue']}"
+        f"{verb} job {summary['job']}: {summary['prompts']:,} prompts in {summary['shards']:,} shards, "
+        f"{summary['enqueued']:,} tasks sent to queue {summary['queue']}"
     )
+    if not summary["resumed"]:
+        click.echo(skipped)
     click.echo(f"job spec: {summary['job_url']}/job.json")
 
 
@@ -76,10 +130,75 @@ def enqueue_group() -> None:
 
 @enqueue_group.command("partiprompts")
 @click.option("--path", metavar="PATH_OR_URL", help="PartiPrompts.tsv (default: the public URL).")
+@click.option("--category", multiple=True, help="Only this category (repeatable; spaces and case ignored).")
+@click.option("--challenge", multiple=True, help="Only this challenge (repeatable; spaces and case ignored).")
 @job_options
-def enqueue_partiprompts(path: str | None, **flags) -> None:
+def enqueue_partiprompts(
+    path: str | None, category: tuple[str, ...], challenge: tuple[str, ...], **flags
+) -> None:
     """PartiPrompts (1,632 prompts, TSV with Prompt, Category, Challenge, Note)."""
-    run_enqueue(PartiPrompts(path), **flags)
+    run_enqueue(PartiPrompts(path), match={"category": category, "challenge": challenge}, **flags)
+
+
+@enqueue_group.command("diffusiondb")
+@click.option(
+    "--subset",
+    type=click.Choice(sorted(load_config("datasets")["diffusiondb"]["subsets"])),
+    default="2m",
+    show_default=True,
+    help="2m: metadata.parquet (2M rows); large: metadata-large.parquet (14M rows).",
+)
+@click.option(
+    "--path",
+    metavar="PATH_OR_URL",
+    help="The metadata parquet, or a folder of part-XXXXXX.json/.zip "
+    "(default: the subset's table on the Hugging Face Hub).",
+)
+@click.option(
+    "--seeds",
+    type=click.Choice(["source", "derived"]),
+    default="source",
+    show_default=True,
+    help="source: each prompt keeps DiffusionDB's seed; derived: seeds from --seed and the row.",
+)
+@CARRY
+@job_options
+def enqueue_diffusiondb(subset: str, path: str | None, seeds: str, carry: tuple[str, ...], **flags) -> None:
+    """DiffusionDB 2M or Large; its own settings become source_* fields, generation uses the job's."""
+    run_enqueue(DiffusionDB(path, subset=subset, seeds=seeds, carry=carry or None), **flags)
+
+
+@enqueue_group.command("journeydb")
+@click.option(
+    "--path", required=True, metavar="PATH_OR_URL", help="Annotation JSON Lines, plain or in a .tgz."
+)
+@click.option(
+    "--field",
+    type=click.Choice(sorted(TEXT_FIELDS)),
+    default="prompt",
+    show_default=True,
+    help="Generate from the Midjourney prompt or from the caption (Task2.Caption).",
+)
+@CARRY
+@job_options
+def enqueue_journeydb(path: str, field: str, carry: tuple[str, ...], **flags) -> None:
+    """JourneyDB annotations; the other fields (img_path, Task1.*, ...) are carried."""
+    run_enqueue(JourneyDB(path, field=field, carry=carry or None), **flags)
+
+
+@enqueue_group.command("file")
+@click.argument("path", metavar="PATH_OR_URL")
+@click.option(
+    "--format", "input_format", type=click.Choice(FORMATS), help="Input format [from the file name]."
+)
+@click.option("--column", metavar="NAME", help="The prompt column; a dot path in JSON (Task2.Caption).")
+@CARRY
+@_job_options(("--image-format",))  # here --format is the input's format
+def enqueue_file(
+    path: str, input_format: str | None, column: str | None, carry: tuple[str, ...], **flags
+) -> None:
+    """Any prompt file: txt, csv, tsv, json, jsonl or parquet (compressed or in a tar archive too)."""
+    run_enqueue(open_file(path, input_format, column=column, carry=carry or None), **flags)
 
 
 cli.add_command(status_view.status_command)

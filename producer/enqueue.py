@@ -1,20 +1,30 @@
 """Enqueue a job: the job spec and shard manifests to storage, one task per shard to Redis.
 
-Order matters: manifests first, then ``job.json``, then the tasks. A failing enqueue
-therefore never leaves tasks for a job whose spec was not written, and an enqueue that
+Order matters: manifests first (and ``duplicates.parquet`` with ``--dedupe``), then
+``job.json``, then the tasks. A failing enqueue therefore never leaves tasks for a job
+whose spec was not written (and it removes the manifests it wrote), and an enqueue that
 is re-run with the same spec resumes: it sends only shards that are neither committed
-nor already queued.
+nor already queued. The selection is part of the spec, so a changed selection under the
+same job name is refused.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import sys
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import pyarrow as pa
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
 from fewstep import UserError, __version__
 from fewstep.contract import (
+    DUPLICATES_KEY,
     FORMAT_VERSION,
     JOB_SPEC_KEY,
     ShardMessage,
@@ -28,7 +38,8 @@ from fewstep.queue import celery_app, check_broker, pending_messages, redis_clie
 from fewstep.settings import defaults, queue_prefix
 from fewstep.storage import Store, open_store
 from producer.progress import read_progress
-from producer.sharding import ShardWriter, drop_empty, limit_batches
+from producer.selection import Selection, Selector
+from producer.sharding import ShardWriter
 from producer.sources import PromptSource
 
 
@@ -41,7 +52,6 @@ class JobOptions:
     model: str
     shard_size: int | None = None
     seed: int | None = None
-    limit: int | None = None
     steps: int | None = None
     guidance: float | None = None
     width: int | None = None
@@ -56,7 +66,7 @@ def _pick(flag, fallback):
     return fallback if flag is None else flag
 
 
-def build_spec(source: PromptSource, opts: JobOptions) -> dict[str, Any]:
+def build_spec(source: PromptSource, opts: JobOptions, selector: Selector) -> dict[str, Any]:
     """The job spec without counts: everything that defines what the job produces."""
     check_job_name(opts.job)
     preset = resolve_model(opts.model)
@@ -78,11 +88,10 @@ def build_spec(source: PromptSource, opts: JobOptions) -> dict[str, Any]:
         generation["png_level"] = int(_pick(opts.png_level, out["png_level"]))
     else:
         generation["quality"] = int(_pick(opts.quality, out["quality"]))
-    selection = {"limit": opts.limit} if opts.limit is not None else {}
     return {
         "format_version": FORMAT_VERSION,
         "job": opts.job,
-        "source": {**source.describe(), "selection": selection},
+        "source": {**source.describe(), "selection": selector.describe()},
         "model": {
             "name": preset["name"],
             "kind": preset["kind"],
@@ -95,43 +104,137 @@ def build_spec(source: PromptSource, opts: JobOptions) -> dict[str, Any]:
     }
 
 
-def _selected_batches(source: PromptSource, limit: int | None, counts: dict[str, int]):
-    def non_empty():
-        for batch in source.batches():
-            kept, dropped = drop_empty(batch)
-            counts["skipped_empty"] += dropped
-            yield kept
+class EnqueueDisplay:
+    """Progress on stderr while a prompt set is read and its tasks are sent; silent when off."""
 
-    yield from limit_batches(non_empty(), limit)
+    def __init__(self, enabled: bool, total_rows: int | None):
+        self.progress = None
+        if enabled:
+            self.progress = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[note]}"),
+                TimeElapsedColumn(),
+                console=Console(stderr=True),
+            )
+            self.reading = self.progress.add_task("reading rows", total=total_rows, note="")
+            self.sending = self.progress.add_task("sending tasks", total=None, visible=False, note="")
+
+    def __enter__(self) -> EnqueueDisplay:
+        if self.progress is not None:
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+    def rows(self, batches: Iterable[pa.RecordBatch], writer: ShardWriter) -> Iterator[pa.RecordBatch]:
+        """Pass batches through, counting rows read and shards cut."""
+        for batch in batches:
+            if self.progress is not None:
+                note = f"{writer.prompts:,} prompts, {writer.shards:,} shards"
+                self.progress.update(self.reading, advance=batch.num_rows, note=note)
+            yield batch
+
+    def start_sending(self, total: int) -> None:
+        """Show the task-sending bar for ``total`` tasks."""
+        if self.progress is not None:
+            self.progress.update(self.sending, total=total, visible=True)
+
+    def messages(self, messages: Iterable[ShardMessage]) -> Iterator[ShardMessage]:
+        """Pass messages through, counting them (from any thread)."""
+        for message in messages:
+            yield message
+            if self.progress is not None:
+                self.progress.advance(self.sending)
 
 
 def write_shards(
-    source: PromptSource, spec: dict[str, Any], limit: int | None, store: Store | None
+    source: PromptSource,
+    spec: dict[str, Any],
+    selector: Selector,
+    store: Store | None,
+    display: EnqueueDisplay,
 ) -> dict[str, int]:
-    """Stream the source into shard manifests (or only count them when ``store`` is None)."""
-    counts = {"skipped_empty": 0}
+    """Stream the source through the selection into shard manifests (only count when ``store`` is None).
+
+    Returns the counts; on an error, the manifests written so far are removed.
+    """
     writer = ShardWriter(
         fields=spec["source"]["fields"],
         shard_size=spec["shard_size"],
         job_seed=spec["seed"],
         store=store,
     )
-    for batch in _selected_batches(source, limit, counts):
-        writer.add(batch)
-    writer.close()
-    return {"prompts": writer.prompts, "shards": writer.shards, **counts}
+    try:
+        for batch in display.rows(selector.select(source.batches()), writer):
+            writer.add(batch)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        if store is not None:
+            _remove_manifests(store, writer.shards)
+        raise
+    counts = {"prompts": writer.prompts, "shards": writer.shards, **selector.counts}
+    counts["skipped_invalid"] += source.invalid.count
+    counts["rows_read"] += source.invalid.count
+    return counts
+
+
+def _remove_manifests(store: Store, shards: int) -> None:
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda s: store.delete(manifest_key(s)), range(1, shards + 1)))
+
+
+def problems(source: PromptSource, selector: Selector) -> list[str]:
+    """Examples of rows skipped as unusable and of values left null, for the report."""
+    notes = [*source.invalid.examples, *selector.invalid.examples]
+    notes += source.misfits.examples
+    if source.misfits.count > len(source.misfits.examples):
+        notes.append(
+            f"... {source.misfits.count:,} field values in all did not fit their type and were left null"
+        )
+    return notes
 
 
 def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
-def enqueue(source: PromptSource, opts: JobOptions, *, dry_run: bool = False) -> dict[str, Any]:
-    """Enqueue a job (or resume it); returns a summary for the CLI."""
-    spec = build_spec(source, opts)
+def _nothing_selected(counts: dict[str, int]) -> UserError:
+    return UserError(
+        f"no prompts to enqueue: {counts['rows_read']:,} rows read; {counts['skipped_empty']:,} empty, "
+        f"{counts['skipped_invalid']:,} unusable, {counts['skipped_filtered']:,} filtered out, "
+        f"{counts['duplicates']:,} duplicates"
+    )
+
+
+def enqueue(
+    source: PromptSource,
+    opts: JobOptions,
+    selection: Selection | None = None,
+    *,
+    dry_run: bool = False,
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    """Enqueue a job (or resume it); returns a summary for the CLI.
+
+    ``progress``: show a progress display on stderr (default: when stderr is a terminal).
+    """
+    selector = Selector(
+        selection or Selection(),
+        source.fields,
+        max_prompt_chars=int(defaults()["producer"]["max_prompt_chars"]),
+        log_duplicates=not dry_run,
+    )
+    spec = build_spec(source, opts, selector)
+    display = EnqueueDisplay(sys.stderr.isatty() if progress is None else progress, source.total_rows)
     if dry_run:
-        counts = write_shards(source, spec, opts.limit, store=None)
-        return {"job": opts.job, "dry_run": True, **counts}
+        with display:
+            counts = write_shards(source, spec, selector, store=None, display=display)
+        return {"job": opts.job, "dry_run": True, **counts, "problems": problems(source, selector)}
 
     root = open_store(opts.output)
     root.check()
@@ -143,17 +246,26 @@ def enqueue(source: PromptSource, opts: JobOptions, *, dry_run: bool = False) ->
     if job_store.exists(JOB_SPEC_KEY):
         return _resume(job_store, spec, queue)
 
-    counts = write_shards(source, spec, opts.limit, store=job_store)
-    if counts["prompts"] == 0:
-        raise UserError(f"no prompts to enqueue ({counts['skipped_empty']} empty prompts skipped)")
-    spec.update(
-        queue=queue,
-        counts=counts,
-        created_at=_now(),
-        tool={"name": "fewstep", "version": __version__},
-    )
-    job_store.put(JOB_SPEC_KEY, json.dumps(spec, indent=2, ensure_ascii=False).encode())
-    sent = _send(spec, range(1, counts["shards"] + 1))
+    with display:
+        counts = write_shards(source, spec, selector, store=job_store, display=display)
+        try:
+            if counts["prompts"] == 0:
+                raise _nothing_selected(counts)
+            if selector.duplicate_log is not None:
+                job_store.put(DUPLICATES_KEY, selector.duplicate_log.close())
+        except BaseException:
+            _remove_manifests(job_store, counts["shards"])
+            raise
+        spec.update(
+            queue=queue,
+            counts=counts,
+            created_at=_now(),
+            tool={"name": "fewstep", "version": __version__},
+        )
+        body = json.dumps(spec, indent=2, ensure_ascii=False).encode()
+        if not job_store.put(JOB_SPEC_KEY, body, if_absent=True):
+            return _created_meanwhile(job_store, spec, queue)
+        sent = _send(spec, range(1, counts["shards"] + 1), display=display)
     return {
         "job": opts.job,
         "job_url": job_store.url,
@@ -161,15 +273,43 @@ def enqueue(source: PromptSource, opts: JobOptions, *, dry_run: bool = False) ->
         **counts,
         "enqueued": sent,
         "resumed": False,
+        "problems": problems(source, selector),
     }
 
 
+def _created_meanwhile(job_store: Store, spec: dict[str, Any], queue: str) -> dict[str, Any]:
+    """Another enqueue wrote job.json first: the same job (resume it) or a clash (say so)."""
+    existing = read_progress(job_store).spec
+    if spec_identity(existing) == spec_identity(spec) and existing.get("counts") == spec["counts"]:
+        return _resume(job_store, spec, queue)
+    raise UserError(
+        f"job {spec['job']!r} was created at {job_store.url} by another enqueue while this one ran, "
+        "with another spec; its manifests may have been overwritten: delete it and use a new --job name"
+    )
+
+
+def _differences(mine: dict[str, Any], theirs: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(mine) | set(theirs), key=str):
+        a, b = mine.get(key), theirs.get(key)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif isinstance(a, dict | list) or isinstance(b, dict | list):
+            out.append(f"{prefix}{key}")
+        else:
+            out.append(f"{prefix}{key} ({b!r} there, {a!r} now)")
+    return out
+
+
 def _resume(job_store: Store, spec: dict[str, Any], queue: str) -> dict[str, Any]:
+    """Re-send the shards of an existing job (same spec) that are neither committed nor queued."""
     progress = read_progress(job_store)
     existing = progress.spec
     mine, theirs = spec_identity(spec), spec_identity(existing)
     if mine != theirs:
-        differ = ", ".join(k for k in mine if mine[k] != theirs[k])
+        differ = ", ".join(_differences(mine, theirs))
         raise UserError(
             f"job {spec['job']!r} already exists at {job_store.url} with a different spec "
             f"(differs in: {differ}); use a new --job name"
@@ -195,6 +335,26 @@ def queued_shards(spec: dict[str, Any]) -> set[int]:
     return {m.shard for m in pending_messages(client, spec["queue"]) if m.job_url == spec["job_url"]}
 
 
-def _send(spec: dict[str, Any], shards, attempt: int = 1) -> int:
-    messages = (ShardMessage(spec["job_url"], s, manifest_key(s), attempt) for s in shards)
-    return send_shards(celery_app(), messages, spec["queue"])
+SEND_THREADS = 4
+SEND_CHUNK = 64
+
+
+def _send(
+    spec: dict[str, Any], shards: Iterable[int], attempt: int = 1, display: EnqueueDisplay | None = None
+) -> int:
+    """Send one task per shard. A few connections send chunks in parallel, in shard order
+    roughly: each message is a round trip to Redis, and 14,000 of them one by one take long."""
+    shards = list(shards)
+    app = celery_app()
+    if display is not None:
+        display.start_sending(len(shards))
+
+    def send(chunk: list[int]) -> int:
+        messages = (ShardMessage(spec["job_url"], s, manifest_key(s), attempt) for s in chunk)
+        return send_shards(app, display.messages(messages) if display else messages, spec["queue"])
+
+    chunks = [shards[i : i + SEND_CHUNK] for i in range(0, len(shards), SEND_CHUNK)]
+    if len(chunks) <= 1:
+        return sum(map(send, chunks))
+    with ThreadPoolExecutor(SEND_THREADS, thread_name_prefix="send") as pool:
+        return sum(pool.map(send, chunks))

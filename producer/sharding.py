@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import io
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -16,36 +16,56 @@ from fewstep.storage import Store
 
 
 def manifest_bytes(table: pa.Table) -> bytes:
+    """A shard's manifest as parquet bytes (one row group).
+
+    Snappy, no dictionaries, no statistics: a manifest is read once, whole, by a worker,
+    and encoding thousands of them is a large part of an enqueue's CPU time.
+    """
     buffer = io.BytesIO()
-    pq.write_table(table, buffer, compression="zstd")
+    pq.write_table(
+        table,
+        buffer,
+        compression="snappy",
+        use_dictionary=False,
+        write_statistics=False,
+        row_group_size=max(table.num_rows, 1),
+    )
     return buffer.getvalue()
 
 
-@dataclass
 class ShardWriter:
-    """Cuts a stream of source batches into shards of ``shard_size`` rows.
+    """Cuts a stream of selected source batches into shards of ``shard_size`` rows.
 
     Each row gets its global ``row_id`` (0-based, in order) and a seed: the source's own
-    when the batch has a ``seed`` column, else derived from (job seed, source row).
-    Manifests are uploaded in parallel; with no store it only counts (dry runs).
+    when the batch has a ``seed`` column (null seeds are derived), else derived from (job
+    seed, source row). Slicing is zero-copy; manifests are encoded and uploaded by a
+    thread pool, at most ``4 × threads`` at a time, so memory stays flat. With no store
+    it only counts (dry runs).
     """
 
-    fields: dict[str, str]
-    shard_size: int
-    job_seed: int
-    store: Store | None = None
-    threads: int = 16
-    prompts: int = 0
-    shards: int = 0
-    _pending: list[pa.RecordBatch] = field(default_factory=list)
-    _pending_rows: int = 0
-    _futures: list[Future] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.schema = manifest_schema(self.fields)
-        self._pool = ThreadPoolExecutor(self.threads) if self.store is not None else None
+    def __init__(
+        self,
+        fields: dict[str, str],
+        shard_size: int,
+        job_seed: int,
+        store: Store | None = None,
+        threads: int = 16,
+    ):
+        self.fields = fields
+        self.shard_size = shard_size
+        self.job_seed = job_seed
+        self.store = store
+        self.schema = manifest_schema(fields)
+        self.prompts = 0
+        self.shards = 0
+        self._pending: deque[pa.RecordBatch] = deque()
+        self._pending_rows = 0
+        self._futures: deque[Future] = deque()
+        self._limit = 4 * threads
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="manifest") if store is not None else None
 
     def add(self, batch: pa.RecordBatch) -> None:
+        """Append rows; every full shard is cut and sent to storage."""
         if batch.num_rows == 0:
             return
         self._pending.append(self._conform(batch))
@@ -58,33 +78,43 @@ class ShardWriter:
         row_id = pa.array(np.arange(self.prompts, self.prompts + n, dtype=np.int64))
         self.prompts += n
         source_row = batch.column("source_row").cast(pa.int64())
-        if "seed" in batch.schema.names:
+        names = batch.schema.names
+        if "seed" in names and batch.column("seed").null_count == 0:
             seed = batch.column("seed").cast(pa.uint32())
         else:
-            seed = pa.array(derive_seeds(self.job_seed, source_row.to_numpy(zero_copy_only=False)))
-        columns = {"row_id": row_id, "source_row": source_row, "prompt": batch.column("prompt"), "seed": seed}
-        for name in self.fields:
-            columns[name] = batch.column(name)
-        return pa.RecordBatch.from_pydict(columns, schema=self.schema)
+            derived = pa.array(derive_seeds(self.job_seed, source_row.to_numpy()))
+            seed = (
+                pc.coalesce(batch.column("seed").cast(pa.uint32()), derived) if "seed" in names else derived
+            )
+        columns = [row_id, source_row, batch.column("prompt"), seed]
+        columns += [batch.column(name) for name in self.fields]
+        return pa.RecordBatch.from_arrays(columns, schema=self.schema)
 
     def _cut(self, rows: int) -> None:
-        table = pa.Table.from_batches(self._pending, schema=self.schema)
-        shard, rest = table.slice(0, rows), table.slice(rows)
-        self._pending = rest.combine_chunks().to_batches() if rest.num_rows else []
-        self._pending_rows = rest.num_rows
+        pieces = []
+        while rows:
+            head = self._pending[0]
+            if head.num_rows <= rows:
+                pieces.append(self._pending.popleft())
+                rows -= head.num_rows
+            else:
+                pieces.append(head.slice(0, rows))
+                self._pending[0] = head.slice(rows)
+                rows = 0
+        table = pa.Table.from_batches(pieces, schema=self.schema)
+        self._pending_rows -= table.num_rows
         self.shards += 1
         if self._pool is not None:
-            self._futures.append(self._pool.submit(self._write, self.shards, shard))
-            self._drain(limit=4 * self.threads)
+            self._futures.append(self._pool.submit(self._write, self.shards, table))
+            self._drain(self._limit)
 
     def _write(self, shard: int, table: pa.Table) -> None:
         assert self.store is not None
-        self.store.put(manifest_key(shard), manifest_bytes(table.combine_chunks()))
+        self.store.put(manifest_key(shard), manifest_bytes(table))
 
     def _drain(self, limit: int = 0) -> None:
-        # Bounded: at most `limit` manifests in flight, so memory stays flat.
         while len(self._futures) > limit:
-            self._futures.pop(0).result()
+            self._futures.popleft().result()
 
     def close(self) -> None:
         """Write the last, partial shard and wait for every upload."""
@@ -96,26 +126,7 @@ class ShardWriter:
             if self._pool is not None:
                 self._pool.shutdown(wait=True, cancel_futures=True)
 
-
-def limit_batches(batches, limit: int | None):
-    """At most ``limit`` rows from a stream of batches."""
-    if limit is None:
-        yield from batches
-        return
-    left = limit
-    for batch in batches:
-        if left <= 0:
-            return
-        if batch.num_rows > left:
-            batch = batch.slice(0, left)
-        left -= batch.num_rows
-        yield batch
-
-
-def drop_empty(batch: pa.RecordBatch) -> tuple[pa.RecordBatch, int]:
-    """The batch without rows whose prompt is null, empty or only whitespace, and how many."""
-    prompt = batch.column("prompt")
-    keep = pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(prompt)), 0)
-    keep = pc.fill_null(keep, False)
-    kept = batch.filter(keep)
-    return kept, batch.num_rows - kept.num_rows
+    def abort(self) -> None:
+        """Stop uploading (after an error): queued manifests are dropped, running ones finish."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)

@@ -69,6 +69,9 @@ def test_dry_run_touches_neither_redis_nor_storage(env, output):
         "producer", "enqueue", "partiprompts", "--path", str(SAMPLE), "--model", "tiny", "--job", "dry",
         "--output", output, "--shard-size", "10", "--dry-run", env=env,
     )  # fmt: skip
-    assert summary == {"job": "dry", "dry_run": True, "prompts": 32, "shards": 4, "skipped_empty": 0}
+    assert summary == {
+        "job": "dry", "dry_run": True, "prompts": 32, "shards": 4, "rows_read": 32, "skipped_empty": 0,
+        "skipped_invalid": 0, "skipped_filtered": 0, "duplicates": 0, "not_selected": 0,
+    }  # fmt: skip
     status = cli("producer", "status", "dry", "--output", output, env=env, check=False)
     assert status.returncode != 0 and "no job at" in status.stderr

@@ -37,7 +37,8 @@ def test_worker_exits_when_idle(env):
 def test_producer_never_imports_torch(env):
     code = (
         "import sys; from producer import cli, enqueue, progress, sharding; "
-        "from producer.sources import partiprompts; "
+        "from producer import selection; "
+        "from producer.sources import diffusiondb, formats, journeydb, location, partiprompts; "
         "assert 'torch' not in sys.modules and 'diffusers' not in sys.modules, 'GPU stack imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, env=env)

@@ -1,14 +1,22 @@
-"""Prompt sets. Each source yields Arrow record batches with the columns
-``source_row`` (int64, the row's position in the source), ``prompt`` (string) and the
-source's own fields, declared in :attr:`PromptSource.fields`.
+"""Prompt sets. Each source yields Arrow record batches with the columns ``source_row``
+(int64, the row's position in the source), ``prompt`` (string), the source's own fields
+declared in :attr:`PromptSource.fields`, and, when the source's own seeds are kept, a
+``seed`` column (uint32; null where the source has none).
+
+One module per source: ``partiprompts``, ``diffusiondb``, ``journeydb`` and ``file`` (any
+txt, csv, tsv, json, jsonl or parquet file, read by ``formats``), all reading through
+``location`` (local paths, ``s3://``, ``hf://``, ``https://``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import cached_property
 from typing import Any
 
 import pyarrow as pa
+
+from producer.sources.fields import Skips
 
 
 class PromptSource:
@@ -17,7 +25,22 @@ class PromptSource:
     #: Registered name, used in the CLI (``producer enqueue NAME``) and the metadata.
     name: str = ""
     #: Source fields carried into the metadata: column name → type name (contract.FIELD_TYPES).
-    fields: dict[str, str] = {}  # noqa: RUF012 - overridden per instance
+    fields: dict[str, str]
+    #: Rows known up front (parquet metadata), for the progress display; None when unknown.
+    total_rows: int | None = None
+
+    def __init__(self) -> None:
+        self.fields = {}
+
+    @cached_property
+    def invalid(self) -> Skips:
+        """Rows the source could not use (counted as skipped_invalid), with example reasons."""
+        return Skips()
+
+    @cached_property
+    def misfits(self) -> Skips:
+        """Field values left null because they did not fit the field's type."""
+        return Skips()
 
     def batches(self) -> Iterator[pa.RecordBatch]:
         """The prompts, in source order, as record batches."""

@@ -62,6 +62,7 @@ class PartiPrompts(PromptSource):
     name = "partiprompts"
 
     def __init__(self, path: str | None = None):
+        super().__init__()
         self.location = path or load_config("datasets")["partiprompts"]["url"]
         self.fields = {"category": "string", "challenge": "string", "note": "string"}
 
