@@ -10,17 +10,12 @@ import click
 from fewstep import console
 from fewstep.storage import open_store
 from producer.enqueue import JobOptions, enqueue
+from producer.options import JSON, OUTPUT
 from producer.progress import read_progress
+from producer.reconcile import reconcile_command
+from producer.retry import retry_command
 from producer.sources.partiprompts import PartiPrompts
-
-OUTPUT = click.option(
-    "--output",
-    envvar="FEWSTEP_OUTPUT",
-    required=True,
-    metavar="URL",
-    help="Where jobs live: s3://BUCKET/PREFIX or a local directory (env FEWSTEP_OUTPUT).",
-)
-JSON = click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+from producer.verify import verify_command
 
 
 def job_options(command):
@@ -108,5 +103,9 @@ def status(job: str, output: str, as_json: bool) -> None:
         f"images {summary['images_done']}/{summary['images_total']}"
     )
 
+
+cli.add_command(reconcile_command)
+cli.add_command(retry_command)
+cli.add_command(verify_command)
 
 main = functools.partial(console.run, cli)

@@ -16,7 +16,7 @@ from fewstep import UserError, console
 from fewstep.contract import queue_name
 from fewstep.presets import presets
 from fewstep.queue import check_broker, queue_length, redis_client
-from fewstep.settings import broker_url, defaults, queue_prefix, redact_url
+from fewstep.settings import broker_url, defaults, queue_prefix, redact_url, visibility_timeout
 
 log = logging.getLogger("fewstep.worker")
 
@@ -59,7 +59,12 @@ class IdleExit:
 
 
 def start_worker(
-    model_name: str, device: str, batch_size: int | None, exit_when_idle: float | None, loglevel: str
+    model_name: str,
+    device: str,
+    batch_size: int | None,
+    exit_when_idle: float | None,
+    loglevel: str,
+    shutdown_grace: float | None = None,
 ) -> int:
     """Load the model, then run a Celery worker on the model's queue until it stops."""
     # Import-time notices of transformers (e.g. about torchvision) are noise in a worker log.
@@ -71,6 +76,9 @@ def start_worker(
     from worker.shard import ShardRunner
 
     logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Their debug logs print request headers (the access key id) and bodies: never at our debug level.
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     check_broker()
     queue = queue_name(queue_prefix(), model_name)
     model = load_model(model_name, device)
@@ -86,12 +94,16 @@ def start_worker(
         upload_threads=int(cfg["upload_threads"]),
         max_batches_in_flight=int(cfg["max_batches_in_flight"]),
     )
+    if shutdown_grace is not None:
+        worker_app.shutdown_grace = shutdown_grace
     log.info(
-        "worker for %s on queue %s, broker %s, batch size %d",
+        "worker for %s on queue %s, broker %s, batch size %d, visibility timeout %ds, shutdown grace %ds",
         model_name,
         queue,
         redact_url(broker_url()),
         batch_size,
+        visibility_timeout(),
+        worker_app.shutdown_grace,
     )
     if exit_when_idle is not None:
         idle = IdleExit(queue, exit_when_idle)
@@ -124,17 +136,23 @@ def start_worker(
     help="Exit once the queue has been empty this long.",
 )
 @click.option(
+    "--shutdown-grace",
+    type=click.FloatRange(min=0),
+    metavar="SECONDS",
+    help="After SIGTERM, how long the shard in progress may run before it goes back to the queue [480].",
+)
+@click.option(
     "--loglevel", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"])
 )
 @click.version_option(package_name="fewstep")
 @click.pass_context
-def cli(ctx, model, device, batch_size, exit_when_idle, loglevel) -> None:
+def cli(ctx, model, device, batch_size, exit_when_idle, shutdown_grace, loglevel) -> None:
     """Hold one pinned model and turn the shards on its queue into images + parquet."""
     if ctx.invoked_subcommand is not None:
         return
     if not model:
         raise UserError("--model is required (a preset from `worker models`, a hub id or a local directory)")
-    ctx.exit(start_worker(model, device, batch_size, exit_when_idle, loglevel))
+    ctx.exit(start_worker(model, device, batch_size, exit_when_idle, loglevel, shutdown_grace))
 
 
 @cli.command("models")
