@@ -53,6 +53,8 @@ app = celery_app()
 runner: ShardRunner | None = None
 #: Seconds the shard in progress may still run after SIGTERM (set at start-up).
 shutdown_grace: float = float(defaults()["worker"]["shutdown_grace"])
+#: The shard this worker is running, for the shutdown message.
+_in_progress: str | None = None
 
 
 @signals.worker_shutting_down.connect
@@ -61,9 +63,8 @@ def _on_shutting_down(how: str = "Warm", **_: Any) -> None:
     # the shard loop checks it between batches.
     grace = 0.0 if how == "Cold" else shutdown_grace
     commit.shutdown.request(grace)
-    log.warning(
-        "shutting down: the shard in progress has %.0fs to finish, then goes back to the queue", grace
-    )
+    if _in_progress:
+        log.warning("shutting down: %s has %.0fs to finish, then goes back to the queue", _in_progress, grace)
 
 
 def _backoff(first: float, retries: int) -> int:
@@ -76,10 +77,12 @@ def generate_shard(self, job_url: str, shard: int, manifest_key: str, attempt: i
     """Generate, upload and commit one shard. Arguments are references only."""
     if runner is None:
         raise RuntimeError("worker started without a model")
+    global _in_progress
     message = ShardMessage(job_url, shard, manifest_key, attempt)
     cfg = defaults()["worker"]
     part = part_name(shard)
     try:
+        _in_progress = f"{part} of {job_url}"
         store = open_store(job_url)
         commit.flush_unwritten()
         return _run(self, store, message, int(cfg["max_attempts"]), float(cfg["error_retry_delay"]))
@@ -95,6 +98,8 @@ def generate_shard(self, job_url: str, shard: int, manifest_key: str, attempt: i
         countdown = _backoff(float(cfg["storage_retry_delay"]), self.request.retries)
         log.warning("%s of %s: storage unavailable (%s); retrying in %ds", part, job_url, e, countdown)
         raise self.retry(exc=e, countdown=countdown) from None
+    finally:
+        _in_progress = None
 
 
 def _run(task, store: Store, message: ShardMessage, max_attempts: int, retry_delay: float) -> dict:

@@ -192,7 +192,7 @@ def mark_failed(store: Store, shard: int, failures: list[dict[str, Any]], round_
     }
     store.put(failed_key(shard), json.dumps(marker, indent=2).encode())
     log.error(
-        "%s failed %d times (last: %s); marked failed, retry with `producer retry JOB --failed`",
+        "%s marked failed after %d failed attempts (last: %s); `producer retry JOB --failed` sends it again",
         part_name(shard),
         len(failures),
         last_error,
