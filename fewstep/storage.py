@@ -390,9 +390,11 @@ class LocalStore(Store):
         return self._path(key).is_file()
 
     def list(self, prefix: str = "") -> Iterator[tuple[str, int]]:
-        if not self.root.is_dir():
+        # Walk only the folder the prefix names (a shard's images, not the whole job).
+        top = self.root / _check_key(prefix.rsplit("/", 1)[0]) if "/" in prefix else self.root
+        if not top.is_dir():
             return
-        for dirpath, _dirs, files in os.walk(self.root):
+        for dirpath, _dirs, files in os.walk(top):
             for name in sorted(files):
                 if name.startswith(".tmp-"):
                     continue

@@ -45,8 +45,23 @@ PER_RUN = {"worker", "created_at", "gen_ms", "attempt"}
 def assert_each_prompt_once(job_url: str, rows: int = len(PROMPTS)) -> pa.Table:
     """The committed metadata holds rows 0..rows-1 once each, with their prompts byte-exact."""
     table = committed_metadata(job_url)
-    assert table.column("row_id").to_pylist() == list(range(rows))
+    row_ids = table.column("row_id").to_pylist()
+    lost, duplicates = sorted(set(range(rows)) - set(row_ids)), len(row_ids) - len(set(row_ids))
+    assert (lost, duplicates) == ([], 0), f"prompts lost: {lost}, duplicates: {duplicates}"
+    assert row_ids == list(range(rows))
     assert table.column("prompt").to_pylist() == PROMPTS[:rows]
+    return table
+
+
+def finish(job: str, output: str, env: dict[str, str], tmp_path, rows: int) -> pa.Table:
+    """A fresh worker completes the job; then every prompt is there once and verify passes."""
+    worker = start_worker(env, log_path=tmp_path / "finish.log")
+    try:
+        status = wait_done(job, output, env, timeout=420)
+    finally:
+        stop_worker(worker)
+    table = assert_each_prompt_once(status["job_url"], rows)
+    verify_job(job, output, env)
     return table
 
 
@@ -91,13 +106,7 @@ def test_a_worker_killed_mid_shard_its_shard_is_redelivered_and_committed_once(e
     finally:
         a.kill()
     assert not open_store(url).exists(metadata_key(shard))
-    b = start_worker(env, log_path=tmp_path / "b.log")
-    try:
-        wait_done("killed", output, env, timeout=420)
-    finally:
-        stop_worker(b)
-    assert_each_prompt_once(url, 16)
-    verify_job("killed", output, env)
+    finish("killed", output, env, tmp_path, 16)
     records = attempt_records(url, shard)
     # A's record never got an outcome (its worker died); the redelivered message committed.
     assert [r["state"] for r in records] == ["running", "committed"]
@@ -168,13 +177,7 @@ def test_c_sigterm_finishes_the_shard_in_progress_and_takes_no_other(env, output
     assert queue_length(redis_client(), job["queue"]) == 1  # the other one was never taken
     (first,) = keys_under(url, "attempts/")
     assert json.loads(open_store(url).get(first))["state"] == "committed"
-    b = start_worker(env, log_path=tmp_path / "b.log")
-    try:
-        wait_done("drain", output, env, timeout=300)
-    finally:
-        stop_worker(b)
-    assert_each_prompt_once(url, 16)
-    verify_job("drain", output, env)
+    finish("drain", output, env, tmp_path, 16)
 
 
 def test_c_sigterm_past_the_grace_period_returns_the_shard_to_the_queue(env, output, tmp_path):
@@ -191,15 +194,9 @@ def test_c_sigterm_past_the_grace_period_returns_the_shard_to_the_queue(env, out
     assert not store.exists(metadata_key(1))
     assert queue_length(redis_client(), job["queue"]) == 1  # rejected back onto the queue
     assert [r["state"] for r in attempt_records(url, 1)] == ["interrupted"]
-    b = start_worker(env, log_path=tmp_path / "b.log")
-    try:
-        wait_done("requeue", output, env, timeout=300)
-    finally:
-        stop_worker(b)
+    finish("requeue", output, env, tmp_path, 16)
     assert [r["state"] for r in attempt_records(url, 1)] == ["interrupted", "committed"]
     assert not store.exists(failed_key(1))
-    assert_each_prompt_once(url, 16)
-    verify_job("requeue", output, env)
 
 
 # --- (d) Redis lost -------------------------------------------------------------------------------
@@ -336,17 +333,11 @@ def test_g_crash_after_image_uploads_before_commit_redoes_only_that_shard(env, o
     assert store.exists(metadata_key(1)) and not store.exists(metadata_key(2))
     assert len(keys_under(url, "images/part-000002/")) == 8  # every image written, no commit
     first = store.get(metadata_key(1))
-    b = start_worker(env, log_path=tmp_path / "b.log")
-    try:
-        wait_done("precommit", output, env, timeout=300)
-    finally:
-        stop_worker(b)
+    finish("precommit", output, env, tmp_path, 24)
     assert store.get(metadata_key(1)) == first  # shard 1 was not redone
     assert [r["state"] for r in attempt_records(url, 1)] == ["committed"]
     assert [r["state"] for r in attempt_records(url, 2)] == ["running", "committed"]
     assert [r["state"] for r in attempt_records(url, 3)] == ["committed"]
-    assert_each_prompt_once(url, 24)
-    verify_job("precommit", output, env)
 
 
 # --- failed shards ----------------------------------------------------------------------------------
@@ -439,10 +430,11 @@ def _shard_table(store, rows: int, worker: str) -> pa.Table:
     return pa.Table.from_pydict(columns, schema=METADATA_CORE)
 
 
-def test_commit_is_conditional_and_refuses_a_partial_shard(env, output):
+@pytest.mark.parametrize("kind", ["s3", "local"])
+def test_commit_is_conditional_and_refuses_a_partial_shard(env, output, tmp_path, kind):
     from worker.commit import IncompleteShard, commit
 
-    store = open_store(f"{output}/commit")
+    store = open_store(f"{output}/commit" if kind == "s3" else str(tmp_path / "out"))
     first, second = _shard_table(store, 3, "first"), _shard_table(store, 3, "second")
     store.delete("images/part-000001/000000000002.png")
     with pytest.raises(IncompleteShard, match="1 of 3 images missing"):
@@ -469,6 +461,16 @@ def test_reconcile_aborts_abandoned_multipart_uploads(env, output):
     assert summary["aborted_uploads"] == 1 and summary["enqueued"] == 0
     uploads = client.list_multipart_uploads(Bucket=store.bucket, Prefix=store.prefix).get("Uploads", [])
     assert started["UploadId"] not in {u["UploadId"] for u in uploads}
+
+
+def test_abandoned_temporary_files_of_a_local_output_are_removed(tmp_path):
+    store = open_store(str(tmp_path / "out"))
+    store.put("images/part-000001/000000000000.png", b"x")
+    left = tmp_path / "out" / "images" / "part-000001" / ".tmp-abandoned"
+    left.write_bytes(b"half an image")
+    assert store.abort_abandoned_uploads(3600) == 0  # too recent: maybe a live writer
+    assert store.abort_abandoned_uploads(0) == 1
+    assert not left.exists() and store.exists("images/part-000001/000000000000.png")
 
 
 def test_verify_reports_a_damaged_image_and_exits_non_zero(env, output, tmp_path):
