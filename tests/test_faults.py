@@ -96,7 +96,7 @@ def log_text(path) -> str:
 
 def test_a_worker_killed_mid_shard_its_shard_is_redelivered_and_committed_once(env, output, tmp_path):
     env = {**env, "FEWSTEP_VISIBILITY_TIMEOUT": "8"}
-    job = enqueue(SAMPLE, "killed", output, env, "--shard-size", "8", "--limit", "16", "--steps", "8")
+    job = enqueue(SAMPLE, "killed", output, env, "--shard-size", "8", "--limit", "16", "--steps", "16")
     url = job["job_url"]
     a = start_worker(env, log_path=tmp_path / "a.log")
     try:
@@ -118,10 +118,10 @@ def test_a_worker_killed_mid_shard_its_shard_is_redelivered_and_committed_once(e
 
 
 def test_b_shard_outliving_the_visibility_timeout_commits_once_and_equals_a_clean_run(env, output, tmp_path):
-    # Two idle workers; one takes the shard, and once the shard is older than the 4 s
+    # Two idle workers; one takes the shard, and once the shard is older than the 2 s
     # visibility timeout Redis hands it to the other while the first still runs it.
-    short = {**env, "FEWSTEP_VISIBILITY_TIMEOUT": "4"}
-    args = ("--shard-size", "8", "--limit", "8", "--steps", "12")
+    short = {**env, "FEWSTEP_VISIBILITY_TIMEOUT": "2"}
+    args = ("--shard-size", "8", "--limit", "8", "--steps", "24")
     logs = [tmp_path / "a.log", tmp_path / "b.log"]
     workers = [start_worker(short, "--batch-size", "2", log_path=path) for path in logs]
     try:
@@ -164,7 +164,7 @@ def test_b_shard_outliving_the_visibility_timeout_commits_once_and_equals_a_clea
 
 
 def test_c_sigterm_finishes_the_shard_in_progress_and_takes_no_other(env, output, tmp_path):
-    job = enqueue(SAMPLE, "drain", output, env, "--shard-size", "8", "--limit", "16", "--steps", "8")
+    job = enqueue(SAMPLE, "drain", output, env, "--shard-size", "8", "--limit", "16", "--steps", "16")
     url = job["job_url"]
     a = start_worker(env, "--shutdown-grace", "300", log_path=tmp_path / "a.log")
     try:
