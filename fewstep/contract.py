@@ -8,6 +8,7 @@ name and ids only, never from dataset fields)::
     images/part-000001/000000000042.png       one image, named by its global row id
     metadata/part-000001.parquet              shard 1's metadata: the commit marker, written last
     failed/part-000001.json                   shard 1 gave up after too many attempts
+    attempts/part-000001/<attempt-id>.json    one record per delivery of shard 1 (worker, outcome)
     stats/part-000001.json                    shard 1's timings (generate / encode / upload)
     workers/<worker-id>.json                  a worker's heartbeat while it works on this job
     duplicates.parquet                        with --dedupe: each dropped row and the row kept for it
@@ -28,7 +29,9 @@ carries references only (:class:`ShardMessage`), never prompts or credentials.
 
 from __future__ import annotations
 
+import datetime as dt
 import re
+import secrets
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -52,9 +55,11 @@ DATASET_CARD_KEY = "README.md"
 WEBDATASET = "webdataset"
 GALLERY = "gallery"
 DUPLICATES_KEY = "duplicates.parquet"
+ATTEMPTS = "attempts"
 
 _JOB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 _PART = re.compile(r"part-(\d{6,})\.(parquet|json)$")
+_ATTEMPT_ID = re.compile(r"[0-9A-Za-z][0-9A-Za-z._-]{0,99}")
 
 
 def check_job_name(name: str) -> str:
@@ -90,10 +95,31 @@ def stats_key(shard: int) -> str:
     return f"{STATS}/{part_name(shard)}.json"
 
 
+def attempts_prefix(shard: int) -> str:
+    """Where the attempt records of a shard live: one object per delivery."""
+    return f"{ATTEMPTS}/{part_name(shard)}/"
+
+
+def new_attempt_id() -> str:
+    """A unique attempt id that sorts by time: ``20250102T030405.123456Z-1a2b3c4d``."""
+    now = dt.datetime.now(dt.UTC)
+    return f"{now:%Y%m%dT%H%M%S.%f}Z-{secrets.token_hex(4)}"
+
+
+def attempt_key(shard: int, attempt_id: str) -> str:
+    if not _ATTEMPT_ID.fullmatch(attempt_id) or ".." in attempt_id:
+        raise ValueError(f"invalid attempt id {attempt_id!r}")
+    return f"{attempts_prefix(shard)}{attempt_id}.json"
+
+
 def heartbeat_key(worker_id: str) -> str:
     """A worker's heartbeat object; the id is reduced to characters safe in keys."""
     safe = re.sub(r"[^A-Za-z0-9_.-]", "-", worker_id).strip(".-")[:200] or "worker"
     return f"{WORKERS}/{safe}.json"
+
+
+#: File extension of each image format, as it appears in image keys.
+IMAGE_EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 
 
 def image_name(row_id: int, ext: str) -> str:
@@ -117,6 +143,19 @@ def json_part_key(shard: int) -> str:
 
 def webdataset_key(shard: int) -> str:
     return f"{WEBDATASET}/{part_name(shard)}.tar"
+
+
+# The state of an attempt record. A worker writes "running" when a delivery starts and
+# overwrites it with the outcome; a record still "running" when the shard comes back was
+# abandoned (its worker was killed or lost). `producer retry` writes "retry_requested",
+# after which earlier failures no longer count.
+ATTEMPT_RUNNING = "running"
+ATTEMPT_COMMITTED = "committed"
+ATTEMPT_SUPERSEDED = "superseded"  # another attempt committed first; this one stopped
+ATTEMPT_INTERRUPTED = "interrupted"  # the worker shut down; the shard went back to the queue
+ATTEMPT_STORAGE_UNAVAILABLE = "storage_unavailable"  # tried again later, not counted as a failure
+ATTEMPT_ERROR = "error"
+ATTEMPT_RETRY_REQUESTED = "retry_requested"
 
 
 def shard_of_key(key: str) -> int | None:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import base64
 import json
+import ssl
 from collections.abc import Iterable, Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import redis
 from celery import Celery
@@ -17,6 +19,29 @@ from celery import Celery
 from fewstep import UserError
 from fewstep.contract import TASK_NAME, ShardMessage
 from fewstep.settings import broker_url, redact_url, visibility_timeout
+
+
+def broker_tls(url: str) -> dict[str, Any] | None:
+    """TLS options for a ``rediss://`` broker URL: verify the server's certificate.
+
+    kombu alone connects to a bare ``rediss://`` URL without verifying it (``CERT_NONE``).
+    ``ssl_*`` parameters in the URL's query (``?ssl_ca_certs=/path/ca.pem``) take precedence,
+    as in kombu and redis-py.
+    """
+    return {"ssl_cert_reqs": ssl.CERT_REQUIRED} if urlsplit(url).scheme == "rediss" else None
+
+
+def transport_options(vt: int) -> dict[str, Any]:
+    """kombu's Redis options for a visibility timeout of ``vt`` seconds."""
+    # kombu returns a delivered, unacknowledged message to its queue once it is older than
+    # the visibility timeout, but looks only every interval × throttle seconds (10 × 10 by
+    # default). Look often enough that a shard whose worker was killed comes back soon
+    # after the timeout, not minutes later; one sorted-set query per look.
+    return {
+        "visibility_timeout": vt,
+        "unacked_restore_interval": max(1, min(60, vt // 10)),
+        "unacked_restore_throttle": 1,
+    }
 
 
 def celery_app(url: str | None = None) -> Celery:
@@ -39,9 +64,10 @@ def celery_app(url: str | None = None) -> Celery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         # The three Redis visibility timeouts must agree (the shortest wins).
-        broker_transport_options={"visibility_timeout": vt},
+        broker_transport_options=transport_options(vt),
         result_backend_transport_options={"visibility_timeout": vt},
         visibility_timeout=vt,
+        broker_use_ssl=broker_tls(url),
         # Without this a broker reconnect re-runs late-acked tasks while they still run.
         worker_cancel_long_running_tasks_on_connection_loss=True,
         broker_connection_retry_on_startup=True,

@@ -10,12 +10,17 @@ messages name the endpoint and bucket, never the credentials.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
+import logging
 import os
+import random
 import tempfile
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from functools import cache
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 import boto3
@@ -25,13 +30,33 @@ from botocore.config import Config
 from fewstep import UserError
 from fewstep.settings import defaults
 
+log = logging.getLogger("fewstep.storage")
+
+T = TypeVar("T")
+
+# Error codes S3-compatible servers use to say "slow down": retried like 5xx.
+_THROTTLING = frozenset(
+    {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "RequestTimeout"}
+)
+# Backoff between whole-call retries (botocore's own retries come first, within each call).
+_FIRST_WAIT = 0.5
+_MAX_WAIT = 8.0
+
 
 class KeyMissing(KeyError):
     """The object does not exist."""
 
 
 class StorageError(RuntimeError):
-    """Storage failed after bounded retries (unreachable, 5xx, timeouts)."""
+    """Storage refused or failed an operation."""
+
+
+class StorageUnavailable(StorageError):
+    """Storage stayed unreachable, failing (5xx), throttling or timing out through bounded retries."""
+
+
+class StorageAccessError(UserError):
+    """Storage refuses this client: no or wrong credentials, or TLS failure. A configuration error."""
 
 
 def _check_key(key: str) -> str:
@@ -78,6 +103,14 @@ class Store:
 
     def folders(self) -> Iterator[str]:
         """Names of the folders directly under the root (one listing level, not every key)."""
+        raise NotImplementedError
+
+    def abort_abandoned_uploads(self, older_than: float) -> int:
+        """Abort partial uploads under the root started more than ``older_than`` seconds ago.
+
+        fewstep writes every object with one PUT, so only a writer killed mid-upload (or
+        another tool) leaves these behind. Returns how many were aborted.
+        """
         raise NotImplementedError
 
     def check(self) -> None:
@@ -130,18 +163,33 @@ def _status(e: bex.ClientError) -> int | None:
 
 
 class S3Store(Store):
-    def __init__(self, bucket: str, prefix: str = "", *, max_attempts: int | None = None):
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        max_attempts: int | None = None,
+        retry_seconds: float | None = None,
+    ):
         if len(bucket) < 3:
             raise UserError(f"invalid bucket name {bucket!r}: bucket names have 3 or more characters")
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
         self._max_attempts = max_attempts
+        self._retry_seconds = (
+            float(defaults()["storage"]["retry_seconds"]) if retry_seconds is None else retry_seconds
+        )
         self._client = s3_client(max_attempts)
         self.endpoint = self._client.meta.endpoint_url
 
     def child(self, name: str) -> S3Store:
-        return S3Store(self.bucket, join(self.prefix, name), max_attempts=self._max_attempts)
+        return S3Store(
+            self.bucket,
+            join(self.prefix, name),
+            max_attempts=self._max_attempts,
+            retry_seconds=self._retry_seconds,
+        )
 
     def _key(self, key: str) -> str:
         return join(self.prefix, _check_key(key))
@@ -152,89 +200,167 @@ class S3Store(Store):
         try:
             yield
         except bex.NoCredentialsError:
-            raise UserError(
+            raise StorageAccessError(
                 f"no S3 credentials for {where}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
             ) from None
+        except bex.SSLError as e:
+            raise StorageAccessError(f"TLS to S3 at {self.endpoint} failed while {what}: {e}") from None
         except (bex.EndpointConnectionError, bex.ConnectTimeoutError) as e:
-            raise StorageError(f"cannot reach S3 at {self.endpoint} while {what}: {e}") from None
+            raise StorageUnavailable(f"cannot reach S3 at {self.endpoint} while {what}: {e}") from None
         except (bex.ReadTimeoutError, bex.ConnectionClosedError) as e:
-            raise StorageError(f"S3 at {self.endpoint} timed out while {what}: {e}") from None
+            raise StorageUnavailable(f"S3 at {self.endpoint} timed out while {what}: {e}") from None
+        except (bex.ConnectionError, bex.HTTPClientError, bex.IncompleteReadError) as e:
+            # Resets and truncated bodies, also while streaming a body (outside botocore's retries).
+            raise StorageUnavailable(
+                f"S3 at {self.endpoint} dropped the connection while {what}: {e}"
+            ) from None
         except bex.ClientError as e:
             code = e.response.get("Error", {}).get("Code", "")
-            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            status = _status(e)
             if code in ("NoSuchBucket",) or (status == 404 and what == "checking the bucket"):
                 raise UserError(f"bucket {self.bucket!r} does not exist at {self.endpoint}") from None
             if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403"):
-                raise UserError(
+                raise StorageAccessError(
                     f"S3 at {self.endpoint} rejected the credentials for bucket "
                     f"{self.bucket!r} ({code or status})"
                 ) from None
-            if status and status >= 500:
-                raise StorageError(f"S3 at {where} failed while {what}: {code} ({status})") from None
+            if (status and status >= 500) or status == 429 or code in _THROTTLING:
+                raise StorageUnavailable(f"S3 at {where} failed while {what}: {code} ({status})") from None
             raise StorageError(f"S3 at {where} refused {what}: {code} ({status})") from None
+
+    def _call(self, what: str, operation: Callable[[], T]) -> T:
+        """``operation`` with bounded retries while storage is unavailable.
+
+        botocore's standard mode retries 5xx, throttling, timeouts and resets, but within
+        about a second (50 ms base backoff) and not while a response body streams; a
+        restarting server or a short outage needs longer. Past ``retry_seconds`` the
+        :class:`StorageUnavailable` propagates: the worker then retries the task later.
+        """
+        deadline = time.monotonic() + self._retry_seconds
+        wait = _FIRST_WAIT
+        while True:
+            try:
+                with self._errors(what):
+                    return operation()
+            except StorageUnavailable as e:
+                if time.monotonic() + wait > deadline:
+                    raise
+                log.info("%s; retrying in %.1fs", e, wait)
+                time.sleep(wait * (0.5 + random.random() / 2))
+                wait = min(wait * 2, _MAX_WAIT)
 
     def put(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
         kwargs = {"IfNoneMatch": "*"} if if_absent else {}
-        with self._errors(f"writing {key}"):
+        full = self._key(key)
+
+        def write() -> bool:
             try:
-                self._client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, **kwargs)
+                self._client.put_object(Bucket=self.bucket, Key=full, Body=data, **kwargs)
             except bex.ClientError as e:
-                # 412: the key exists. 409: a concurrent conditional write to the same key
-                # is in progress; either way another writer owns this key.
-                if if_absent and _status(e) in (409, 412):
-                    return False
+                if if_absent and _status(e) == 412:
+                    return False  # the key exists: another writer owns it
+                if if_absent and _status(e) == 409:
+                    # A concurrent conditional write to this key is in progress; it may yet
+                    # fail, so this is not an answer: ask again.
+                    raise StorageUnavailable(f"conditional write of {key} in progress elsewhere") from None
                 raise
-        return True
+            return True
+
+        return self._call(f"writing {key}", write)
 
     def get(self, key: str) -> bytes:
-        with self._errors(f"reading {key}"):
+        full = self._key(key)
+
+        def read() -> bytes:
             try:
-                return self._client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+                return self._client.get_object(Bucket=self.bucket, Key=full)["Body"].read()
             except bex.ClientError as e:
                 if _status(e) == 404:
                     raise KeyMissing(self.url_of(key)) from None
                 raise
+
+        return self._call(f"reading {key}", read)
 
     def size(self, key: str) -> int:
         """The object's size in bytes (:class:`KeyMissing` if absent)."""
-        with self._errors(f"looking up {key}"):
+        full = self._key(key)
+
+        def head() -> int:
             try:
-                return int(self._client.head_object(Bucket=self.bucket, Key=self._key(key))["ContentLength"])
+                return int(self._client.head_object(Bucket=self.bucket, Key=full)["ContentLength"])
             except bex.ClientError as e:
                 if _status(e) == 404:
                     raise KeyMissing(self.url_of(key)) from None
                 raise
 
+        return self._call(f"looking up {key}", head)
+
     def get_range(self, key: str, start: int, length: int) -> bytes:
         """``length`` bytes of the object from offset ``start``: reading large sources in pieces."""
-        with self._errors(f"reading {key}"):
-            body = self._client.get_object(
-                Bucket=self.bucket, Key=self._key(key), Range=f"bytes={start}-{start + length - 1}"
-            )["Body"]
-            return body.read()
+        full, span = self._key(key), f"bytes={start}-{start + length - 1}"
+        return self._call(
+            f"reading {key}",
+            lambda: self._client.get_object(Bucket=self.bucket, Key=full, Range=span)["Body"].read(),
+        )
 
     def exists(self, key: str) -> bool:
-        with self._errors(f"looking up {key}"):
+        full = self._key(key)
+
+        def head() -> bool:
             try:
-                self._client.head_object(Bucket=self.bucket, Key=self._key(key))
+                self._client.head_object(Bucket=self.bucket, Key=full)
             except bex.ClientError as e:
                 if _status(e) == 404:
                     return False
                 raise
-        return True
+            return True
+
+        return self._call(f"looking up {key}", head)
 
     def list(self, prefix: str = "") -> Iterator[tuple[str, int]]:
         root = f"{self.prefix}/" if self.prefix else ""
         full = root + prefix if prefix else root
-        paginator = self._client.get_paginator("list_objects_v2")
-        with self._errors(f"listing {prefix or '/'}"):
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
-                for obj in page.get("Contents", []):
-                    yield obj["Key"][len(root) :], int(obj["Size"])
+        token: str | None = None
+        while True:
+            page_args = {
+                "Bucket": self.bucket,
+                "Prefix": full,
+                **({"ContinuationToken": token} if token else {}),
+            }
+            page = self._call(
+                f"listing {prefix or '/'}", lambda a=page_args: self._client.list_objects_v2(**a)
+            )
+            for obj in page.get("Contents", []):
+                yield obj["Key"][len(root) :], int(obj["Size"])
+            token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated") or not token:
+                return
 
     def delete(self, key: str) -> None:
-        with self._errors(f"deleting {key}"):
-            self._client.delete_object(Bucket=self.bucket, Key=self._key(key))
+        full = self._key(key)
+        self._call(f"deleting {key}", lambda: self._client.delete_object(Bucket=self.bucket, Key=full))
+
+    def abort_abandoned_uploads(self, older_than: float) -> int:
+        root = f"{self.prefix}/" if self.prefix else ""
+        ceiling = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=older_than)
+        aborted = 0
+        markers: dict[str, str] = {}
+        while True:
+            args = {"Bucket": self.bucket, "Prefix": root, **markers}
+            page = self._call(
+                "listing multipart uploads", lambda a=args: self._client.list_multipart_uploads(**a)
+            )
+            for upload in page.get("Uploads", []):
+                if upload["Initiated"] <= ceiling:
+                    target = {"Bucket": self.bucket, "Key": upload["Key"], "UploadId": upload["UploadId"]}
+                    self._call(
+                        f"aborting the upload of {upload['Key']}",
+                        lambda t=target: self._client.abort_multipart_upload(**t),
+                    )
+                    aborted += 1
+            if not page.get("IsTruncated"):
+                return aborted
+            markers = {"KeyMarker": page["NextKeyMarker"], "UploadIdMarker": page["NextUploadIdMarker"]}
 
     def folders(self) -> Iterator[str]:
         root = f"{self.prefix}/" if self.prefix else ""
@@ -298,9 +424,11 @@ class LocalStore(Store):
         return self._path(key).is_file()
 
     def list(self, prefix: str = "") -> Iterator[tuple[str, int]]:
-        if not self.root.is_dir():
+        # Walk only the folder the prefix names (a shard's images, not the whole job).
+        top = self.root / _check_key(prefix.rsplit("/", 1)[0]) if "/" in prefix else self.root
+        if not top.is_dir():
             return
-        for dirpath, _dirs, files in os.walk(self.root):
+        for dirpath, _dirs, files in os.walk(top):
             for name in sorted(files):
                 if name.startswith(".tmp-"):
                     continue
@@ -316,6 +444,19 @@ class LocalStore(Store):
         if self.root.is_dir():
             yield from sorted(e.name for e in os.scandir(self.root) if e.is_dir())
 
+    def abort_abandoned_uploads(self, older_than: float) -> int:
+        # A writer killed between writing its temporary file and renaming it leaves the file.
+        if not self.root.is_dir():
+            return 0
+        ceiling = time.time() - older_than
+        aborted = 0
+        for path in self.root.rglob(".tmp-*"):
+            with contextlib.suppress(FileNotFoundError):
+                if path.stat().st_mtime <= ceiling:
+                    path.unlink()
+                    aborted += 1
+        return aborted
+
     def check(self) -> None:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -325,13 +466,13 @@ class LocalStore(Store):
             raise UserError(f"output directory {self.root} is not writable")
 
 
-def open_store(url: str, *, max_attempts: int | None = None) -> Store:
+def open_store(url: str, *, max_attempts: int | None = None, retry_seconds: float | None = None) -> Store:
     """The store for ``s3://bucket/prefix``, ``file:///path`` or a plain local path."""
     parts = urlsplit(url)
     if parts.scheme == "s3":
         if not parts.netloc:
             raise UserError(f"invalid S3 URL {url!r}: expected s3://BUCKET/PREFIX")
-        return S3Store(parts.netloc, parts.path, max_attempts=max_attempts)
+        return S3Store(parts.netloc, parts.path, max_attempts=max_attempts, retry_seconds=retry_seconds)
     if parts.scheme == "file":
         return LocalStore(parts.path)
     if parts.scheme in ("", None) or len(parts.scheme) == 1:  # a path (or a Windows drive)

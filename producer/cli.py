@@ -12,11 +12,14 @@ from fewstep.settings import load_config
 from producer import finalize, gallery, jobs, status_view
 from producer.enqueue import JobOptions, enqueue
 from producer.options import JSON, OUTPUT
+from producer.reconcile import reconcile_command
+from producer.retry import retry_command
 from producer.selection import Selection
 from producer.sources.diffusiondb import DiffusionDB
 from producer.sources.formats import FORMATS, open_file
 from producer.sources.journeydb import TEXT_FIELDS, JourneyDB
 from producer.sources.partiprompts import PartiPrompts
+from producer.verify import verify_command
 
 
 def _job_option_list(image_format_flags: tuple[str, ...]) -> list:
@@ -205,6 +208,8 @@ cli.add_command(status_view.status_command)
 cli.add_command(jobs.jobs_command)
 cli.add_command(finalize.finalize_command)
 cli.add_command(gallery.gallery_command)
-
+cli.add_command(reconcile_command)
+cli.add_command(retry_command)
+cli.add_command(verify_command)
 
 main = functools.partial(console.run, cli)

@@ -1,4 +1,4 @@
-"""Command-line pieces the producer's commands share: options, a progress bar."""
+"""Command-line pieces the producer's commands share: options, the job's store, a progress bar."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from fewstep.storage import Store, open_store
+
 OUTPUT = click.option(
     "--output",
     envvar="FEWSTEP_OUTPUT",
@@ -17,6 +19,13 @@ OUTPUT = click.option(
     help="Where jobs live: s3://BUCKET/PREFIX or a local directory (env FEWSTEP_OUTPUT).",
 )
 JSON = click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+
+
+def job_store(output: str, job: str) -> Store:
+    """The store of ``job`` under ``output``, after checking that the output is reachable."""
+    root = open_store(output)
+    root.check()
+    return root.child(job)
 
 
 @contextlib.contextmanager

@@ -79,3 +79,63 @@ def run_worker_until_idle(env: dict[str, str], log_path: Path, *args: str) -> No
         assert worker.wait(timeout=300) == 0, log_path.read_text()[-3000:]
     finally:
         worker.kill()
+
+
+# --- fault tests -----------------------------------------------------------------
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.25):
+    """Poll ``predicate`` until it returns something truthy; fail naming ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def stop_worker(worker: subprocess.Popen, timeout: float = 120) -> int:
+    """SIGTERM a worker (Celery's warm shutdown) and wait; SIGKILL it if it hangs."""
+    if worker.poll() is None:
+        worker.terminate()
+    try:
+        return worker.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        worker.kill()
+        worker.wait()
+        raise AssertionError(f"worker {worker.pid} did not stop within {timeout}s") from None
+
+
+def attempt_records(job_url: str, shard: int) -> list[dict]:
+    """The attempt records of one shard, oldest first."""
+    store = open_store(job_url)
+    prefix = f"attempts/part-{shard:06d}/"
+    return [json.loads(store.get(key)) for key, _ in sorted(store.list(prefix))]
+
+
+def config_dir(tmp_path: Path, **sections: dict) -> str:
+    """A copy of ``config/`` with some ``defaults.toml`` values changed, for ``FEWSTEP_CONFIG_DIR``."""
+    source = Path(__file__).resolve().parent.parent / "config"
+    target = tmp_path / "config"
+    target.mkdir(exist_ok=True)
+    for path in source.glob("*.toml"):
+        (target / path.name).write_text(path.read_text())
+    lines, section = [], ""
+    for line in (source / "defaults.toml").read_text().splitlines():
+        if line.startswith("["):
+            section = line.strip("[]")
+        key = line.split("=", 1)[0].strip()
+        if key in sections.get(section, {}) and "=" in line:
+            line = f"{key} = {json.dumps(sections[section][key])}"
+        lines.append(line)
+    (target / "defaults.toml").write_text("\n".join(lines) + "\n")
+    return str(target)
+
+
+def verify_job(job: str, output: str, env: dict[str, str]) -> dict:
+    """``producer verify --json``; fails the test on any mismatch."""
+    result = cli("producer", "verify", job, "--output", output, "--json", env=env, check=False)
+    summary = json.loads(result.stdout)
+    assert result.returncode == 0 and summary["ok"], summary
+    return summary

@@ -16,7 +16,7 @@ from fewstep import UserError, console
 from fewstep.contract import queue_name
 from fewstep.presets import presets, samplers
 from fewstep.queue import check_broker, queue_length, redis_client
-from fewstep.settings import broker_url, defaults, queue_prefix, redact_url
+from fewstep.settings import broker_url, defaults, queue_prefix, redact_url, visibility_timeout
 
 log = logging.getLogger("fewstep.worker")
 
@@ -66,6 +66,7 @@ def start_worker(
     loglevel: str,
     metrics_port: int | None = None,
     metrics_address: str = "127.0.0.1",
+    shutdown_grace: float | None = None,
 ) -> int:
     """Load the model, then run a Celery worker on the model's queue until it stops."""
     # Import-time notices of transformers (e.g. about torchvision) are noise in a worker log.
@@ -79,6 +80,9 @@ def start_worker(
     from worker.shard import ShardRunner
 
     logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Their debug logs print request headers (the access key id) and bodies: never at our debug level.
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     check_broker()
     queue = queue_name(queue_prefix(), model_name)
     if device == "claim":
@@ -96,12 +100,16 @@ def start_worker(
         upload_threads=int(cfg["upload_threads"]),
         max_batches_in_flight=int(cfg["max_batches_in_flight"]),
     )
+    if shutdown_grace is not None:
+        worker_app.shutdown_grace = shutdown_grace
     log.info(
-        "worker for %s on queue %s, broker %s, batch size %d",
+        "worker for %s on queue %s, broker %s, batch size %d, visibility timeout %ds, shutdown grace %ds",
         model_name,
         queue,
         redact_url(broker_url()),
         batch_size,
+        visibility_timeout(),
+        worker_app.shutdown_grace,
     )
     activity = Activity(worker_app.runner.worker_id, model_name, model.device)
     Heartbeat(activity, float(cfg["heartbeat_seconds"])).connect(signals).start()
@@ -158,17 +166,36 @@ def start_worker(
     help="Address the metrics endpoint binds (env FEWSTEP_METRICS_ADDRESS).",
 )
 @click.option(
+    "--shutdown-grace",
+    type=click.FloatRange(min=0),
+    metavar="SECONDS",
+    help="After SIGTERM, how long the shard in progress may run before it goes back to the queue [480].",
+)
+@click.option(
     "--loglevel", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"])
 )
 @click.version_option(package_name="fewstep")
 @click.pass_context
-def cli(ctx, model, device, batch_size, exit_when_idle, metrics_port, metrics_address, loglevel) -> None:
+def cli(
+    ctx, model, device, batch_size, exit_when_idle, metrics_port, metrics_address, shutdown_grace, loglevel
+) -> None:
     """Hold one pinned model and turn the shards on its queue into images + parquet."""
     if ctx.invoked_subcommand is not None:
         return
     if not model:
         raise UserError("--model is required (a preset from `worker models`, a hub id or a local directory)")
-    ctx.exit(start_worker(model, device, batch_size, exit_when_idle, loglevel, metrics_port, metrics_address))
+    ctx.exit(
+        start_worker(
+            model,
+            device,
+            batch_size,
+            exit_when_idle,
+            loglevel,
+            metrics_port=metrics_port,
+            metrics_address=metrics_address,
+            shutdown_grace=shutdown_grace,
+        )
+    )
 
 
 @cli.command("models")

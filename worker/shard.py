@@ -36,6 +36,7 @@ from fewstep.contract import (
     part_name,
 )
 from fewstep.storage import Store, open_store
+from worker.commit import ShardGuard, commit
 from worker.encode import encode, extension
 from worker.model import Model
 
@@ -79,7 +80,8 @@ class ShardRunner:
             self._specs[job_url] = json.loads(store.get(JOB_SPEC_KEY))
         return self._specs[job_url]
 
-    def run(self, message: ShardMessage) -> ShardResult:
+    def run(self, message: ShardMessage, guard: ShardGuard | None = None) -> ShardResult:
+        """Generate, upload and commit one shard; ``guard`` may stop it between batches."""
         start = time.perf_counter()
         store = open_store(message.job_url)
         spec = self.job_spec(store, message.job_url)
@@ -120,6 +122,8 @@ class ShardRunner:
                 height=gen["height"],
             )
             generate_seconds += batch.seconds
+            if guard is not None:
+                guard.batch_done(hi, uploads)
             now = dt.datetime.now(dt.UTC)
             nsfw += batch.nsfw
             gen_ms += [1000 * batch.seconds / (hi - lo)] * (hi - lo)
@@ -135,9 +139,7 @@ class ShardRunner:
         digests = [f.result() for f in uploads]
 
         table = self._metadata(spec, message, rows, keys, digests, nsfw, tokens, limit, gen_ms, created)
-        buffer = io.BytesIO()
-        pq.write_table(table, buffer, compression="zstd")
-        committed = store.put(marker, buffer.getvalue(), if_absent=True)
+        committed = commit(store, shard, table, n)
         seconds = time.perf_counter() - start
         if committed:
             log.info(

@@ -1,0 +1,56 @@
+"""``producer reconcile JOB``: send again every shard that is neither committed, failed nor queued.
+
+Storage is the record of what is done; Redis only holds what is still to do, and it can
+forget (flushed, restarted without persistence, a message lost between delivery and
+``unacked``). Reconciling compares the two and re-sends what is missing, exactly as
+``enqueue`` does when it is run again on an existing job. It also aborts partial uploads
+left under the job by writers that died mid-upload.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+from fewstep.queue import check_broker
+from fewstep.storage import Store
+from producer.enqueue import _resume
+from producer.options import JSON, OUTPUT, job_store
+from producer.progress import read_spec
+
+
+def reconcile(store: Store, abandoned_after: float) -> dict[str, Any]:
+    """Re-send the job's open, unqueued shards; abort its abandoned partial uploads."""
+    spec = read_spec(store)
+    check_broker()
+    summary = _resume(store, spec, spec["queue"])
+    summary.pop("resumed", None)
+    summary["aborted_uploads"] = store.abort_abandoned_uploads(abandoned_after)
+    return summary
+
+
+@click.command("reconcile")
+@click.argument("job")
+@OUTPUT
+@click.option(
+    "--abandoned-after",
+    type=click.FloatRange(min=0),
+    default=3600,
+    show_default=True,
+    metavar="SECONDS",
+    help="Abort partial uploads under the job that started longer ago than this.",
+)
+@JSON
+def reconcile_command(job: str, output: str, abandoned_after: float, as_json: bool) -> None:
+    """Re-enqueue every shard of JOB with no commit marker that is not queued (after a Redis loss)."""
+    summary = reconcile(job_store(output, job), abandoned_after)
+    if as_json:
+        click.echo(json.dumps(summary))
+        return
+    click.echo(
+        f"{summary['job']}: {summary['enqueued']} shards sent again to {summary['queue']} "
+        f"({summary['already_done']} committed, {summary['already_queued']} already queued, "
+        f"{summary['aborted_uploads']} abandoned uploads aborted)"
+    )

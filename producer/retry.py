@@ -1,0 +1,79 @@
+"""``producer retry JOB --failed``: give failed shards another round of attempts.
+
+For each shard marked failed (and not committed) it records a ``retry_requested``
+attempt (keeping the failure for the record; earlier failures stop counting), removes
+``failed/part-N.json`` and sends the shard again with the next attempt round.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections import defaultdict
+from typing import Any
+
+import click
+
+from fewstep import UserError
+from fewstep.contract import ATTEMPT_RETRY_REQUESTED, attempt_key, failed_key, new_attempt_id
+from fewstep.queue import check_broker
+from fewstep.storage import KeyMissing, Store
+from producer.enqueue import _send, queued_shards
+from producer.options import JSON, OUTPUT, job_store
+from producer.progress import read_progress
+
+
+def retry_failed(store: Store) -> dict[str, Any]:
+    """Re-send every failed shard of the job; returns what was done."""
+    check_broker()
+    progress = read_progress(store)
+    spec = progress.spec
+    queued = queued_shards(spec)
+    rounds: dict[int, list[int]] = defaultdict(list)
+    retried = []
+    for shard in sorted(progress.failed):
+        try:
+            marker = json.loads(store.get(failed_key(shard)))
+        except KeyMissing:
+            continue  # retried by someone else meanwhile
+        round_ = int(marker.get("round", 1)) + 1
+        attempt_id = new_attempt_id()
+        record = {
+            "id": attempt_id,
+            "shard": shard,
+            "round": round_,
+            "state": ATTEMPT_RETRY_REQUESTED,
+            "requested_at": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
+            "failed": marker,
+        }
+        store.put(attempt_key(shard, attempt_id), json.dumps(record).encode())
+        store.delete(failed_key(shard))
+        retried.append(shard)
+        if shard not in queued:
+            rounds[round_].append(shard)
+    sent = sum(_send(spec, shards, attempt=round_) for round_, shards in rounds.items())
+    return {
+        "job": spec["job"],
+        "queue": spec["queue"],
+        "retried": retried,
+        "enqueued": sent,
+    }
+
+
+@click.command("retry")
+@click.argument("job")
+@OUTPUT
+@click.option("--failed", "failed", is_flag=True, help="Re-send the shards marked failed.")
+@JSON
+def retry_command(job: str, output: str, failed: bool, as_json: bool) -> None:
+    """Give the failed shards of JOB another round of attempts."""
+    if not failed:
+        raise UserError("say what to retry: --failed (the shards marked failed)")
+    summary = retry_failed(job_store(output, job))
+    if as_json:
+        click.echo(json.dumps(summary))
+        return
+    if not summary["retried"]:
+        click.echo(f"{summary['job']}: no failed shards")
+        return
+    click.echo(f"{summary['job']}: {len(summary['retried'])} failed shards sent again to {summary['queue']}")

@@ -1,0 +1,331 @@
+"""The commit protocol: attempt records, failed markers and the conditional commit.
+
+A shard is done when its metadata parquet exists. It is written last, only if absent
+(``If-None-Match: *``) and only for a complete shard, so of two attempts exactly one
+commits and a reader never sees half a shard. Every delivery of a shard is one attempt
+with its own record under ``attempts/part-N/``: brokers keep no delivery counter, and
+Redis may forget everything, so storage is where attempts are counted. A shard that
+failed ``max_attempts`` times gets ``failed/part-N.json`` and stops coming back.
+
+Between batches a :class:`ShardGuard` stops an attempt that has become pointless
+(another attempt committed) or must end (the worker's shutdown grace ran out), and
+warns when a shard may outlive the broker's visibility timeout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import io
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from fewstep.contract import (
+    ATTEMPT_ERROR,
+    ATTEMPT_RETRY_REQUESTED,
+    ATTEMPT_RUNNING,
+    IMAGES,
+    ShardMessage,
+    attempt_key,
+    attempts_prefix,
+    failed_key,
+    metadata_key,
+    new_attempt_id,
+    part_name,
+)
+from fewstep.storage import StorageError, Store
+
+log = logging.getLogger("fewstep.worker")
+
+#: Attempt states that count towards ``max_attempts``. "running" is a record whose worker
+#: never wrote an outcome: killed, out of memory, or still running past the visibility
+#: timeout (a redelivery loop, which must end too).
+FAILURE_STATES = frozenset({ATTEMPT_ERROR, ATTEMPT_RUNNING})
+
+
+class Superseded(Exception):
+    """Another attempt committed this shard; this one stops without touching it."""
+
+
+class ShutdownRequested(Exception):
+    """The worker is shutting down and the grace period is over: the shard goes back to the queue."""
+
+
+class IncompleteShard(RuntimeError):
+    """The shard is not complete in storage: no commit marker may be written."""
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
+
+
+def redact(text: str) -> str:
+    """``text`` without the credentials of this process's environment (for records and logs)."""
+    secrets = [os.environ.get("AWS_SECRET_ACCESS_KEY"), os.environ.get("AWS_SESSION_TOKEN")]
+    broker = os.environ.get("CELERY_BROKER_URL")
+    if broker:
+        with contextlib.suppress(ValueError):
+            secrets.append(urlsplit(broker).password)
+    for secret in secrets:
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, "***")
+    return text
+
+
+def describe_error(error: BaseException) -> str:
+    """One line naming an error, without credentials, at most 2,000 characters."""
+    text = " ".join(f"{type(error).__name__}: {error}".split()) if str(error) else type(error).__name__
+    return redact(text)[:2000]
+
+
+# --- attempt records -----------------------------------------------------------
+
+
+# Outcomes that could not be written while storage was down, written at the next chance,
+# so an outage does not leave records that look like crashed attempts.
+_unwritten: list[tuple[Store, str, dict[str, Any]]] = []
+_unwritten_lock = threading.Lock()
+
+
+def flush_unwritten() -> None:
+    """Write attempt outcomes held back during a storage outage (raises if still down)."""
+    with _unwritten_lock:
+        while _unwritten:
+            store, key, record = _unwritten[0]
+            store.put(key, json.dumps(record).encode())
+            _unwritten.pop(0)
+
+
+@dataclass
+class Attempt:
+    """One delivery of a shard, recorded in storage from its start to its outcome."""
+
+    store: Store
+    shard: int
+    id: str
+    record: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return attempt_key(self.shard, self.id)
+
+    @classmethod
+    def start(cls, store: Store, message: ShardMessage, worker: str, delivery: dict[str, Any]) -> Attempt:
+        """Record that ``worker`` starts a delivery of the shard (before any image is written)."""
+        attempt = cls(store, message.shard, new_attempt_id())
+        attempt.record = {
+            "id": attempt.id,
+            "shard": message.shard,
+            "round": message.attempt,
+            "worker": worker,
+            "state": ATTEMPT_RUNNING,
+            "started_at": _now(),
+            **delivery,
+        }
+        store.put(attempt.key, json.dumps(attempt.record).encode())
+        return attempt
+
+    def finish(self, state: str, error: BaseException | None = None, **details: Any) -> None:
+        """Overwrite the record with the outcome; kept for later when storage is down."""
+        self.record.update(state=state, ended_at=_now(), **details)
+        if error is not None:
+            self.record["error"] = describe_error(error)
+        try:
+            self.store.put(self.key, json.dumps(self.record).encode())
+        except StorageError:
+            with _unwritten_lock:
+                _unwritten.append((self.store, self.key, dict(self.record)))
+
+
+def history(store: Store, shard: int) -> list[dict[str, Any]]:
+    """Every attempt record of a shard, oldest first (ids sort by time)."""
+    records = []
+    for key, _size in sorted(store.list(attempts_prefix(shard))):
+        if not key.endswith(".json"):
+            continue
+        try:
+            records.append(json.loads(store.get(key)))
+        except ValueError:
+            log.warning("unreadable attempt record %s ignored", key)
+    return records
+
+
+def failures_since_retry(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The failed or abandoned attempts since the last ``producer retry`` of the shard."""
+    failures: list[dict[str, Any]] = []
+    for record in records:
+        if record.get("state") == ATTEMPT_RETRY_REQUESTED:
+            failures = []
+        elif record.get("state") in FAILURE_STATES:
+            failures.append(record)
+    return failures
+
+
+def mark_failed(store: Store, shard: int, failures: list[dict[str, Any]], round_: int) -> None:
+    """Write ``failed/part-N.json``: the shard stops coming back until ``producer retry``."""
+    errors = [r["error"] for r in failures if r.get("error")]
+    lost = sum(1 for r in failures if r.get("state") == ATTEMPT_RUNNING)
+    if errors:
+        last_error = errors[-1]
+    else:
+        last_error = "worker lost mid-shard (killed, out of memory, or past the visibility timeout)"
+    marker = {
+        "shard": shard,
+        "part": part_name(shard),
+        "round": round_,
+        "failed_at": _now(),
+        "attempts": len(failures),
+        "workers_lost": lost,
+        "last_error": last_error,
+        "attempt_ids": [r.get("id") for r in failures],
+    }
+    store.put(failed_key(shard), json.dumps(marker, indent=2).encode())
+    log.error(
+        "%s marked failed after %d failed attempts (last: %s); `producer retry JOB --failed` sends it again",
+        part_name(shard),
+        len(failures),
+        last_error,
+    )
+
+
+# --- shutdown and the guard ------------------------------------------------------
+
+
+class Shutdown:
+    """When the worker was asked to stop, and until when the shard in progress may run."""
+
+    def __init__(self) -> None:
+        self.deadline: float | None = None
+
+    def request(self, grace: float) -> None:
+        deadline = time.monotonic() + grace
+        if self.deadline is None or deadline < self.deadline:  # a second signal never extends it
+            self.deadline = deadline
+
+    @property
+    def requested(self) -> bool:
+        return self.deadline is not None
+
+    def expired(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+
+shutdown = Shutdown()
+
+# Jobs this worker already checked against the visibility timeout (one warning per job).
+_timed_jobs: set[str] = set()
+
+
+class ShardGuard:
+    """Called by the shard loop after each generated batch, before its images are uploaded."""
+
+    def __init__(self, store: Store, message: ShardMessage, rows: int, visibility_timeout: float):
+        self.store = store
+        self.message = message
+        self.rows = rows
+        self.visibility_timeout = visibility_timeout
+        self.started = time.monotonic()
+        self._late = False
+
+    def batch_done(self, rows_done: int, uploads: list[Future]) -> None:
+        """Raise :class:`ShutdownRequested` or :class:`Superseded` when the attempt must stop.
+
+        Stopping cancels the uploads of earlier batches that have not started yet.
+        """
+        self._check_time(rows_done)
+        try:
+            if shutdown.expired():
+                raise ShutdownRequested(f"{part_name(self.message.shard)}: shutdown grace period over")
+            # Before this batch's images are written: a committed shard is never touched.
+            if self.store.exists(metadata_key(self.message.shard)):
+                raise Superseded(f"{part_name(self.message.shard)} was committed by another attempt")
+        except (ShutdownRequested, Superseded):
+            for upload in uploads:
+                upload.cancel()
+            raise
+
+    def _check_time(self, rows_done: int) -> None:
+        elapsed = time.monotonic() - self.started
+        job = self.message.job_url
+        if job not in _timed_jobs and rows_done:
+            _timed_jobs.add(job)
+            estimate = elapsed / rows_done * self.rows
+            if estimate > self.visibility_timeout / 2:
+                log.warning(
+                    "!!! a shard of %s takes about %.0fs at the measured %.2f images/s, more than half "
+                    "the broker's visibility timeout (%.0fs): Redis will hand shards to a second "
+                    "worker while the first still runs them. Use a smaller --shard-size or raise "
+                    "FEWSTEP_VISIBILITY_TIMEOUT on every worker.",
+                    job,
+                    estimate,
+                    rows_done / elapsed if elapsed else 0.0,
+                    self.visibility_timeout,
+                )
+        if not self._late and elapsed > self.visibility_timeout:
+            self._late = True
+            log.error(
+                "%s has run %.0fs, past the visibility timeout (%.0fs): another worker may be running it "
+                "too; the first to commit wins",
+                part_name(self.message.shard),
+                elapsed,
+                self.visibility_timeout,
+            )
+
+
+# --- the commit -------------------------------------------------------------------
+
+
+def _failpoint(name: str, shard: int) -> None:
+    # Fault tests crash a real worker at an exact point: FEWSTEP_FAILPOINT=before-commit:part-000002.
+    if os.environ.get("FEWSTEP_FAILPOINT") == f"{name}:{part_name(shard)}":
+        log.warning("failpoint %s reached for %s: killing this worker", name, part_name(shard))
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def check_complete(store: Store, shard: int, table: pa.Table, rows: int) -> None:
+    """Raise :class:`IncompleteShard` unless every row has its image in storage, of its size."""
+    if table.num_rows != rows:
+        raise IncompleteShard(f"{part_name(shard)}: metadata has {table.num_rows} rows, manifest {rows}")
+    for column in ("image_key", "sha256", "bytes"):
+        if table.column(column).null_count:
+            raise IncompleteShard(f"{part_name(shard)}: {column} missing for some rows")
+    keys = table.column("image_key").to_pylist()
+    if len(set(keys)) != len(keys):
+        raise IncompleteShard(f"{part_name(shard)}: an image key appears twice")
+    stored = dict(store.list(f"{IMAGES}/{part_name(shard)}/"))
+    wrong = [
+        k for k, size in zip(keys, table.column("bytes").to_pylist(), strict=True) if stored.get(k) != size
+    ]
+    if wrong:
+        raise IncompleteShard(
+            f"{part_name(shard)}: {len(wrong)} of {rows} images missing or of another size in storage "
+            f"(first: {wrong[0]})"
+        )
+
+
+def commit(store: Store, shard: int, table: pa.Table, rows: int) -> bool:
+    """Write the shard's metadata parquet, the commit marker, if absent and the shard is complete.
+
+    Returns False when another attempt committed first (this attempt is discarded).
+    """
+    check_complete(store, shard, table, rows)
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd")
+    data = buffer.getvalue()
+    _failpoint("before-commit", shard)
+    if store.put(metadata_key(shard), data, if_absent=True):
+        return True
+    # 412. A PUT retried after a lost response also gets 412 for its own first write: the
+    # marker is ours exactly when it holds our bytes (worker id and timestamps differ).
+    return store.get(metadata_key(shard)) == data
