@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 
@@ -17,6 +18,9 @@ from fewstep.contract import queue_name
 from fewstep.presets import presets
 from fewstep.queue import check_broker, queue_length, redis_client
 from fewstep.settings import broker_url, defaults, queue_prefix, redact_url
+from worker.encode import JPEG_ENCODERS
+from worker.model import DTYPES
+from worker.speed import COMPILE_MODES, VAES
 
 log = logging.getLogger("fewstep.worker")
 
@@ -58,40 +62,93 @@ class IdleExit:
                 return
 
 
+class BatchSize(click.ParamType):
+    """A positive integer, or ``auto``: measured at start-up."""
+
+    name = "N|auto"
+
+    def convert(self, value, param, ctx):
+        if value is None or value == "auto" or isinstance(value, int):
+            return value
+        try:
+            number = int(value)
+        except ValueError:
+            number = 0
+        if number < 1:
+            self.fail(f"{value!r} is neither a positive integer nor 'auto'", param, ctx)
+        return number
+
+
+def _batch_size(model, runner, asked: int | str | None, cfg: dict) -> int:
+    """The flag's size, else the preset's, else measured on CUDA (or with ``auto``), else the CPU default."""
+    from worker import speed
+
+    if isinstance(asked, int):
+        return asked
+    if asked is None and model.preset.get("batch_size"):
+        return int(model.preset["batch_size"])
+    if asked == "auto" or model.device.startswith("cuda"):
+        return runner.on_device(speed.auto_batch_size, model, int(cfg["auto_batch_max"]))
+    return int(cfg["batch_size_cpu"])
+
+
 def start_worker(
-    model_name: str, device: str, batch_size: int | None, exit_when_idle: float | None, loglevel: str
+    model_name: str,
+    device: str,
+    batch_size: int | str | None,
+    exit_when_idle: float | None,
+    loglevel: str,
+    speed_options=None,
+    jpeg_encoder: str = "auto",
+    encode_threads: int | None = None,
 ) -> int:
-    """Load the model, then run a Celery worker on the model's queue until it stops."""
+    """Load the model, tune it, then run a Celery worker on the model's queue until it stops."""
     # Import-time notices of transformers (e.g. about torchvision) are noise in a worker log.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from celery import signals
 
     from worker import app as worker_app
+    from worker import speed
+    from worker.encode import choose_jpeg_encoder
     from worker.model import load_model
     from worker.shard import ShardRunner
 
-    logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    tag = f" {os.environ['FEWSTEP_WORKER_TAG']}" if os.environ.get("FEWSTEP_WORKER_TAG") else ""
+    logging.basicConfig(
+        level=loglevel.upper(), format=f"%(asctime)s{tag} %(levelname)s %(name)s: %(message)s"
+    )
     check_broker()
     queue = queue_name(queue_prefix(), model_name)
     model = load_model(model_name, device)
+    applied = speed.apply(model, speed_options or speed.SpeedOptions())
     cfg = defaults()["worker"]
-    if batch_size is None:
-        batch_size = int(
-            model.preset.get("batch_size")
-            or cfg["batch_size_cuda" if model.device.startswith("cuda") else "batch_size_cpu"]
-        )
-    worker_app.runner = ShardRunner(
+    runner = ShardRunner(
         model,
-        batch_size=batch_size,
+        batch_size=1,
         upload_threads=int(cfg["upload_threads"]),
         max_batches_in_flight=int(cfg["max_batches_in_flight"]),
+        encode_threads=encode_threads or int(cfg["encode_threads"]) or None,
+        queue_name=queue,
+        gpu_jpeg=choose_jpeg_encoder(jpeg_encoder, model.device),
+        speed=applied,
+        progress_every=float(cfg["progress_every"]),
     )
+    runner.batch_size = _batch_size(model, runner, batch_size, cfg)
+    if model.pipeline is not None and (applied.get("compile") or model.device.startswith("cuda")):
+        seconds = runner.on_device(speed.warm_up, model, runner.batch_size, int(cfg["warmup_batches"]))
+        log.info(
+            "warm-up: %d batches in %.1fs (not counted in any rate)", int(cfg["warmup_batches"]), seconds
+        )
+    worker_app.runner = runner
     log.info(
-        "worker for %s on queue %s, broker %s, batch size %d",
+        "worker for %s on queue %s, broker %s, batch size %d, %d encode threads, JPEG on %s, %s",
         model_name,
         queue,
         redact_url(broker_url()),
-        batch_size,
+        runner.batch_size,
+        runner.encode_threads,
+        "the GPU" if runner.gpu_jpeg else "the CPU",
+        ", ".join(f"{k}={v}" for k, v in {"dtype": model.dtype, **applied}.items()),
     )
     if exit_when_idle is not None:
         idle = IdleExit(queue, exit_when_idle)
@@ -116,7 +173,52 @@ def start_worker(
 @click.group(invoke_without_command=True)
 @click.option("--model", help="Preset name, hub id or local directory (see `worker models`).")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
-@click.option("--batch-size", type=click.IntRange(min=1), help="Images per pipeline call.")
+@click.option(
+    "--gpus",
+    metavar="all|0,1,...",
+    help="One worker process per GPU, each pinned with CUDA_VISIBLE_DEVICES and loading its own model.",
+)
+@click.option(
+    "--batch-size",
+    type=BatchSize(),
+    help="Images per pipeline call, or 'auto': measured at start-up [CUDA: auto].",
+)
+@click.option(
+    "--dtype", type=click.Choice(DTYPES), help="Precision on CUDA (float16, bfloat16) [the preset's]."
+)
+@click.option(
+    "--vae",
+    type=click.Choice(VAES),
+    default="default",
+    show_default=True,
+    help="'tiny': decode with AutoencoderTiny (taesd for SD1/SD2, taesdxl for SDXL).",
+)
+@click.option(
+    "--compile",
+    "compile_mode",
+    type=click.Choice(COMPILE_MODES),
+    default="off",
+    show_default=True,
+    help="torch.compile the denoiser; its warm-up runs before the first shard.",
+)
+@click.option(
+    "--channels-last/--no-channels-last", default=None, help="channels_last memory format [on CUDA]."
+)
+@click.option(
+    "--attention",
+    type=click.Choice(["sdpa", "default"]),
+    default="sdpa",
+    show_default=True,
+    help="Attention kernels.",
+)
+@click.option(
+    "--jpeg-encoder",
+    type=click.Choice(JPEG_ENCODERS),
+    default="auto",
+    show_default=True,
+    help="Where JPEG is encoded: 'auto' uses nvJPEG on CUDA when torchvision is installed.",
+)
+@click.option("--encode-threads", type=click.IntRange(min=1), help="Image encoding threads [one per core].")
 @click.option(
     "--exit-when-idle",
     type=click.FloatRange(min=0),
@@ -128,13 +230,42 @@ def start_worker(
 )
 @click.version_option(package_name="fewstep")
 @click.pass_context
-def cli(ctx, model, device, batch_size, exit_when_idle, loglevel) -> None:
+def cli(
+    ctx,
+    model,
+    device,
+    gpus,
+    batch_size,
+    dtype,
+    vae,
+    compile_mode,
+    channels_last,
+    attention,
+    jpeg_encoder,
+    encode_threads,
+    exit_when_idle,
+    loglevel,
+) -> None:
     """Hold one pinned model and turn the shards on its queue into images + parquet."""
     if ctx.invoked_subcommand is not None:
         return
     if not model:
         raise UserError("--model is required (a preset from `worker models`, a hub id or a local directory)")
-    ctx.exit(start_worker(model, device, batch_size, exit_when_idle, loglevel))
+    if gpus:
+        from worker.launcher import launch
+
+        logging.basicConfig(level=loglevel.upper(), format="%(asctime)s launcher %(levelname)s: %(message)s")
+        ctx.exit(launch(gpus, sys.argv[1:], device))
+    from worker.speed import SpeedOptions
+
+    options = SpeedOptions(
+        dtype=dtype, channels_last=channels_last, attention=attention, compile=compile_mode, vae=vae
+    )
+    ctx.exit(
+        start_worker(
+            model, device, batch_size, exit_when_idle, loglevel, options, jpeg_encoder, encode_threads
+        )
+    )
 
 
 @cli.command("models")

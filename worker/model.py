@@ -28,7 +28,7 @@ DTYPES = ("float32", "float16", "bfloat16")
 class Batch:
     """What one pipeline call produced."""
 
-    images: np.ndarray  # (N, H, W, 3) uint8
+    images: np.ndarray  # (N, H, W, 3) uint8 (a device tensor with keep_on_device)
     nsfw: list[bool | None]
     seconds: float
 
@@ -48,9 +48,21 @@ class Model:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def generate(
-        self, prompts: list[str], seeds: list[int], *, steps: int, guidance: float, width: int, height: int
+        self,
+        prompts: list[str],
+        seeds: list[int],
+        *,
+        steps: int,
+        guidance: float,
+        width: int,
+        height: int,
+        keep_on_device: bool = False,
     ) -> Batch:
-        """Images for ``prompts``, image i from ``seeds[i]`` (CPU generators: device-independent noise)."""
+        """Images for ``prompts``, image i from ``seeds[i]`` (CPU generators: device-independent noise).
+
+        With ``keep_on_device`` the images stay a uint8 tensor on the model's device, so the
+        encode stage can copy them asynchronously or encode them there.
+        """
         import torch
 
         generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
@@ -68,7 +80,11 @@ class Model:
             pixels = out.images
             if pixels.ndim == 4 and pixels.shape[1] in (1, 3):
                 pixels = pixels.permute(0, 2, 3, 1)
-            images = (pixels.float() * 255).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
+            images = (pixels.float() * 255).round().clamp(0, 255).to(torch.uint8)
+            if self.device.startswith("cuda"):
+                torch.cuda.synchronize(self.device)  # so `seconds` is the device's time, not launch time
+            if not keep_on_device:
+                images = images.cpu().numpy()
         seconds = time.perf_counter() - start
         flags = getattr(out, "nsfw_content_detected", None)
         nsfw = [bool(f) for f in flags] if flags is not None else [None] * len(prompts)
@@ -167,6 +183,10 @@ def load_model(name: str, device: str = "auto") -> Model:
     import diffusers
 
     preset = resolve_model(name)
+    if preset.get("repo") == "builtin:synthetic":  # benchmarks only: no weights, no device
+        from worker import synthetic
+
+        return synthetic.load(name, preset, "cpu")
     device = resolve_device(device)
     torch_dtype, dtype = _torch_dtype(preset.get("dtype", "float32"), device)
     start = time.perf_counter()
