@@ -289,7 +289,7 @@ class ShardStats:
     images_per_s: float
     max_batches_in_flight: int
     peak_batches_in_flight: int
-    first_batch_ahead: bool  # generated while the previous shard committed
+    batches_ahead: int  # generated while the previous shard finished, before this one was delivered
     format: dict[str, Any]
     encoder: str
     speed: dict[str, Any]

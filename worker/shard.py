@@ -23,12 +23,13 @@
 
 **The next shard.** The worker runs Celery's solo pool with late acks and prefetch 1: the
 next message is delivered only after this one is acknowledged, which is after its commit.
-Acking earlier could lose a shard, so instead the runner reads ahead. When the device
-starts a shard's last batch, it peeks (read only) at the next message in its queue and
-fetches that shard's manifest; when the last batch is done, it generates the next shard's
-first batch while this shard's last uploads and its commit finish. Nothing of the next
-shard is uploaded before its message is delivered to this worker; if another worker takes
-it, the batch is dropped. Seeds make it the very batch the task would have generated.
+Acking earlier could lose a shard, so instead the runner reads ahead. A few batches before
+the end of a shard, it peeks (read only) at the next message in its queue and fetches that
+shard's manifest; when the last batch is done, the device goes on with the next shard's
+first batches (as many as there are free slots) while this shard's last uploads, its
+commit, the ack and the next delivery happen. Nothing of the next shard is uploaded before
+its message is delivered to this worker; if another worker takes it, those batches are
+dropped. Seeds make them the very batches the task would have generated.
 """
 
 from __future__ import annotations
@@ -122,13 +123,20 @@ class OpenShard:
 
 
 @dataclass
-class AheadBatch:
-    """A batch generated before its shard's message was delivered (it holds a slot)."""
+class Generated:
+    """A generated batch: the images, when the device ran it, when it was made."""
 
-    shard: OpenShard
     batch: Batch
     busy: tuple[float, float]
     created: dt.datetime
+
+
+@dataclass
+class Ahead:
+    """The first batches of a shard, generated before its message was delivered (each holds a slot)."""
+
+    shard: OpenShard
+    batches: list[Generated]
 
 
 class ShardRun:
@@ -144,7 +152,7 @@ class ShardRun:
         self.created: list[dt.datetime | None] = [None] * n
         self.generate_s = self.encode_s = self.encode_cpu_s = self.upload_s = self.wait_s = 0.0
         self.uploaded = 0
-        self.first_batch_ahead = False
+        self.batches_ahead = 0
         self.error: BaseException | None = None
         self.done = threading.Event()
         self._lock = threading.Lock()
@@ -316,7 +324,7 @@ class ShardRunner:
         self._device_calls: queue.Queue = queue.Queue()
         self._busy: deque[tuple[float, float]] = deque()  # device busy intervals (perf_counter)
         self._busy_lock = threading.Lock()
-        self._ahead: AheadBatch | None = None  # touched by the device thread only
+        self._ahead: Ahead | None = None  # touched by the device thread only
         self._current: ShardRun | None = None
         self._keep_on_device = model.device.startswith("cuda")
         self._device = threading.Thread(target=self._device_loop, name="generate", daemon=True)
@@ -341,7 +349,7 @@ class ShardRunner:
             except BaseException as e:
                 future.set_exception(e)
 
-    def _generate(self, shard: OpenShard, lo: int, hi: int) -> tuple[Batch, tuple[float, float]]:
+    def _generate(self, shard: OpenShard, lo: int, hi: int) -> Generated:
         gen = shard.spec["generation"]
         start = time.perf_counter()
         batch = self.model.generate(
@@ -356,65 +364,74 @@ class ShardRunner:
         busy = (start, time.perf_counter())
         with self._busy_lock:
             self._busy.append(busy)
-        return batch, busy
+        return Generated(batch, busy, _now())
 
     def _generate_shard(self, run: ShardRun) -> None:
         """The generate stage for one shard (device thread)."""
+        ahead = self._claim_ahead(run.shard)
+        run.batches_ahead = len(ahead)
         try:
             for index, (lo, hi) in enumerate(run.batches):
                 if run.error is not None:
                     break
-                if index == len(run.batches) - 1:
+                if index == max(0, len(run.batches) - 3):  # early enough to be ready at the end
                     self.lookahead.start(run.shard.message)
-                ahead = self._claim_ahead(run.shard) if index == 0 else None
-                if ahead is not None:
-                    batch, busy, created = ahead.batch, ahead.busy, ahead.created
-                    run.first_batch_ahead = True
+                if ahead:
+                    generated = ahead.pop(0)
                 else:
                     run.add("wait_s", self.slots.take())
                     try:
-                        batch, busy = self._generate(run.shard, lo, hi)
+                        generated = self._generate(run.shard, lo, hi)
                     except BaseException:
                         self.slots.free()
                         raise
-                    created = _now()
-                run.add("generate_s", busy[1] - busy[0])
-                self._sink(run, lo, hi, batch, created)
+                run.add("generate_s", generated.busy[1] - generated.busy[0])
+                self._sink(run, lo, hi, generated)
         except BaseException as e:
             run.fail(e)
         finally:
+            for _ in ahead:  # left over after a failure
+                self.slots.free()
             run.generation_finished()
-        if run.error is None and self._device_calls.empty():
+        if run.error is None:
             self._generate_ahead()
 
-    def _claim_ahead(self, shard: OpenShard) -> AheadBatch | None:
+    def _claim_ahead(self, shard: OpenShard) -> list[Generated]:
         ahead, self._ahead = self._ahead, None
         if ahead is None:
-            return None
+            return []
         if ahead.shard.is_for(shard.message):
-            return ahead
-        self.slots.free()  # another worker got that shard: drop the batch
-        return None
+            return ahead.batches
+        for _ in ahead.batches:  # another worker got that shard: drop its batches
+            self.slots.free()
+        return []
 
     def _generate_ahead(self) -> None:
-        """Generate the next shard's first batch while this one finishes (device thread)."""
+        """Generate the next shard's first batches while this one finishes (device thread).
+
+        Stops as soon as a task arrives, or when every slot is taken.
+        """
         shard = self.lookahead.result(timeout=5.0)
-        if shard is None or not shard.keys:
+        if shard is None:
             return
-        self.slots.take()
-        try:
-            batch, busy = self._generate(shard, 0, min(self.batch_size, len(shard.keys)))
-        except Exception as e:
-            self.slots.free()
-            log.debug("generating ahead failed: %s", e)  # the task will generate it again
-            return
-        self._ahead = AheadBatch(shard, batch, busy, _now())
+        self._ahead = Ahead(shard, [])
+        n = len(shard.keys)
+        for lo in range(0, n, self.batch_size)[: self.slots.limit]:
+            if not self._device_calls.empty():
+                return
+            self.slots.take()
+            try:
+                self._ahead.batches.append(self._generate(shard, lo, min(lo + self.batch_size, n)))
+            except Exception as e:
+                self.slots.free()
+                log.debug("generating ahead failed: %s", e)  # the task will generate it again
+                return
 
     # -- the encode and upload stages --
 
-    def _sink(self, run: ShardRun, lo: int, hi: int, batch: Batch, created: dt.datetime) -> None:
+    def _sink(self, run: ShardRun, lo: int, hi: int, generated: Generated) -> None:
         """Hand a generated batch to the encode and upload stages (device thread)."""
-        n = hi - lo
+        n, batch, created = hi - lo, generated.batch, generated.created
         run.nsfw[lo:hi] = batch.nsfw
         run.gen_ms[lo:hi] = [1000 * batch.seconds / n] * n
         run.created[lo:hi] = [created] * n
@@ -500,17 +517,14 @@ class ShardRunner:
     def run(self, message: ShardMessage) -> ShardResult:
         """Generate, upload and commit one shard; the entry point of the Celery task."""
         start, started_at = time.perf_counter(), _now()
-        store = open_store(message.job_url)
-        spec = self.job_spec(store, message.job_url)
-        if spec["model"]["name"] != self.model.name:
-            raise WrongModel(
-                f"shard of job {spec['job']} needs model {spec['model']['name']}, "
-                f"this worker runs {self.model.name}"
-            )
-        if store.exists(metadata_key(message.shard)):
-            log.info("%s %s already committed, skipping", spec["job"], part_name(message.shard))
-            return ShardResult(message.shard, 0, False, 0.0, 0.0)
-        shard = self.lookahead.take(message) or self.open_shard(message, store)
+        shard = self.lookahead.take(message)  # read ahead, checked not committed moments ago
+        if shard is None:
+            store = open_store(message.job_url)
+            if store.exists(metadata_key(message.shard)):
+                spec = self.job_spec(store, message.job_url)
+                log.info("%s %s already committed, skipping", spec["job"], part_name(message.shard))
+                return ShardResult(message.shard, 0, False, 0.0, 0.0)
+            shard = self.open_shard(message, store)
 
         run = ShardRun(shard, self.batch_size)
         self.slots.reset_peak()
@@ -525,11 +539,12 @@ class ShardRunner:
         table = self._metadata(run)
         buffer = io.BytesIO()
         pq.write_table(table, buffer, compression="zstd")
-        committed = store.put(metadata_key(message.shard), buffer.getvalue(), if_absent=True)
+        committed = shard.store.put(metadata_key(message.shard), buffer.getvalue(), if_absent=True)
         end = time.perf_counter()
         stats = self._stats(run, start, end, end - commit_start, started_at)
         if committed:
-            self._write_stats(store, stats)
+            # The shard is done; its timings are informative and need not hold up the next one.
+            self.upload_pool.submit(self._write_stats, shard.store, stats)
             log.info(
                 "%s committed: %d images in %.2fs, %.1f img/s; generate %.2fs, encode %.2fs, "
                 "upload %.2fs (thread-seconds), waited %.2fs for slots, GPU idle %.1f%%%s",
@@ -542,7 +557,7 @@ class ShardRunner:
                 stats.upload_s,
                 stats.wait_s,
                 100 * stats.gpu_idle_fraction,
-                ", first batch generated ahead" if run.first_batch_ahead else "",
+                f", {run.batches_ahead} batches generated ahead" if run.batches_ahead else "",
             )
         else:
             log.warning("%s was committed by another attempt first; this attempt is discarded", shard.label)
@@ -607,7 +622,7 @@ class ShardRunner:
             images_per_s=round(images / seconds, 3) if seconds else 0.0,
             max_batches_in_flight=self.slots.limit,
             peak_batches_in_flight=self.slots.peak,
-            first_batch_ahead=run.first_batch_ahead,
+            batches_ahead=run.batches_ahead,
             format={"name": f.name, "quality": f.quality, "png_level": f.png_level},
             encoder=self._encoder(f),
             speed={"device": self.model.device, "dtype": self.model.dtype, **self.speed},
@@ -618,7 +633,7 @@ class ShardRunner:
     def _write_stats(self, store: Store, stats: ShardStats) -> None:
         try:
             store.put(stats_key(stats.shard), json.dumps(stats.to_json(), indent=1).encode())
-        except StorageError as e:  # the shard is committed; its timings are only informative
+        except (StorageError, UserError) as e:  # the shard is committed; stats are only informative
             log.warning("%s %s: stats not written: %s", stats.job, part_name(stats.shard), e)
 
     def _encoder(self, image_format: ImageFormat) -> str:

@@ -1,0 +1,168 @@
+"""What the end-to-end benchmarks share: real services, a real job, a real worker process.
+
+A job is enqueued with the real ``producer`` command and run by a real ``worker`` process
+against a local Redis and SeaweedFS (``fewstep.services``). Its end-to-end rate comes from
+the per-shard stats objects the worker writes: images over the span from the first shard's
+start to the last shard's commit (model loading and warm-up are not in it). The worker
+process's CPU time over that span is sampled from ``/proc``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from fewstep import services  # noqa: E402
+from fewstep.contract import STATS, ShardStats  # noqa: E402
+from fewstep.storage import open_store  # noqa: E402
+
+BUCKET = "fewstep-bench"
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def machine() -> str:
+    """One line about the machine and how busy it is."""
+    cpu = "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    cores = len(os.sched_getaffinity(0))
+    return (
+        f"{platform.node()}: {cores} cores ({cpu}), Python {platform.python_version()}, "
+        f"load average {load} at {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC"
+    )
+
+
+@contextlib.contextmanager
+def local_services():
+    """Redis + SeaweedFS on 127.0.0.1 for the duration; yields the environment for commands."""
+    with tempfile.TemporaryDirectory(prefix="fewstep-bench-") as directory:
+        svc = services.start(directory, [BUCKET])
+        try:
+            env = {**os.environ, **svc.env(), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+            os.environ.update(svc.env())
+            yield env
+        finally:
+            svc.stop()
+
+
+def write_prompts(path: Path, count: int) -> Path:
+    """A PartiPrompts-style TSV with ``count`` distinct prompts."""
+    lines = ["Prompt\tCategory\tChallenge\tNote"]
+    lines += [f"a synthetic benchmark prompt number {i}\tBench\tBasic\t" for i in range(count)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
+
+
+class CpuSampler:
+    """Samples a process's CPU seconds every ``every`` seconds (wall time, CPU seconds)."""
+
+    def __init__(self, pid: int, every: float = 0.05):
+        self.pid, self.every = pid, every
+        self.samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            cpu = _cpu_seconds(self.pid)
+            if cpu is None:
+                return
+            self.samples.append((time.time(), cpu))
+            time.sleep(self.every)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def between(self, start: float, end: float) -> float:
+        """CPU seconds used between two wall-clock times (nearest samples inside)."""
+        inside = [s for s in self.samples if start <= s[0] <= end]
+        return inside[-1][1] - inside[0][1] if len(inside) >= 2 else float("nan")
+
+
+@dataclass
+class JobRun:
+    images: int
+    seconds: float
+    cpu_seconds: float
+    stats: list[ShardStats]
+
+    @property
+    def rate(self) -> float:
+        return self.images / self.seconds
+
+    def total(self, name: str) -> float:
+        return sum(getattr(s, name) for s in self.stats)
+
+
+def run_job(
+    env: dict[str, str],
+    prompts: Path,
+    *,
+    model: str,
+    images: int,
+    shard_size: int,
+    job_args: list[str],
+    worker_args: list[str],
+    worker_env: dict[str, str] | None = None,
+    log_path: Path | None = None,
+) -> JobRun:
+    """Enqueue ``images`` prompts for ``model``, run one worker until idle, read the stats."""
+    env = {**env, "FEWSTEP_QUEUE_PREFIX": "b" + uuid.uuid4().hex[:10], **(worker_env or {})}
+    job = "bench-" + uuid.uuid4().hex[:8]
+    output = f"s3://{BUCKET}/bench"
+    enqueue = subprocess.run(
+        [sys.executable, "-m", "producer", "enqueue", "partiprompts", "--path", str(prompts),
+         "--model", model, "--job", job, "--output", output, "--limit", str(images),
+         "--shard-size", str(shard_size), "--json", *job_args],
+        env=env, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if enqueue.returncode != 0:
+        raise SystemExit(f"enqueue failed: {enqueue.stderr}")
+    job_url = json.loads(enqueue.stdout)["job_url"]
+    out = open(log_path, "wb") if log_path else subprocess.DEVNULL  # noqa: SIM115
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "worker", "--model", model, "--exit-when-idle", "1", *worker_args],
+        env=env,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+    )
+    sampler = CpuSampler(worker.pid)
+    code = worker.wait()
+    sampler.stop()
+    if code != 0:
+        raise SystemExit(f"worker exited with {code}" + (f", see {log_path}" if log_path else ""))
+    store = open_store(job_url)
+    stats = [ShardStats.from_json(json.loads(store.get(k))) for k, _ in store.list(f"{STATS}/")]
+    if sum(s.images for s in stats) != images:
+        raise SystemExit(f"job {job}: stats cover {sum(s.images for s in stats)} images, expected {images}")
+    start = min(dt.datetime.fromisoformat(s.started_at).timestamp() for s in stats)
+    end = max(dt.datetime.fromisoformat(s.finished_at).timestamp() for s in stats)
+    return JobRun(images, end - start, sampler.between(start, end), stats)
