@@ -6,17 +6,21 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
+import time
 import tracemalloc
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
+from fewstep import UserError
 from fewstep.contract import ShardMessage, ShardStats, manifest_key, metadata_key, stats_key
 from fewstep.queue import pending_messages, queue_length, redis_client
 from fewstep.storage import open_store
 from tests.support import cli_json, committed_metadata, start_worker, wait_done
 from tests.test_end_to_end import SAMPLE
+from worker.encode import choose_jpeg_encoder
 from worker.model import load_model
 from worker.shard import ShardRunner
 
@@ -165,3 +169,23 @@ def test_formats_decode_and_record_their_settings(
         assert image.format == pil_format and image.size == (128, 128)
         assert (row["format"], row["format_quality"], row["png_level"]) == (flags[1], quality, png_level)
         assert row["encoder"].startswith("pillow-") and row["dtype"] == "float32" and row["vae"] == "default"
+
+
+def test_synthetic_model_holds_its_latency_with_the_gil_released():
+    model = synthetic(0.3)
+    start, cpu = time.perf_counter(), time.thread_time()
+    batch = model.generate(["a", "b"], [1, 17], steps=1, guidance=0.0, width=512, height=512)
+    # The wall time passes in a sleep (the GIL released, no CPU used), as on a device.
+    assert time.perf_counter() - start >= 0.3 and batch.seconds >= 0.3
+    assert time.thread_time() - cpu < 0.15
+    assert batch.images.shape == (2, 512, 512, 3) and batch.images.dtype == np.uint8
+    assert np.array_equal(batch.images[0], batch.images[1])  # seeds 1 and 17 pick the same picture
+    other = model.generate(["c"], [2], steps=1, guidance=0.0, width=512, height=512)
+    assert not np.array_equal(batch.images[0], other.images[0])
+
+
+def test_jpeg_goes_to_the_gpu_only_on_cuda_with_torchvision():
+    assert choose_jpeg_encoder("auto", "cpu") is None
+    assert choose_jpeg_encoder("cpu", "cuda") is None
+    with pytest.raises(UserError, match="--jpeg-encoder gpu"):
+        choose_jpeg_encoder("gpu", "cpu")
