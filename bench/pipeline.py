@@ -113,8 +113,7 @@ def report(label: str, rate: float, alone: float, run: JobRun, bare: float) -> f
     )
     encode_cpu = run.total("encode_cpu_s") / run.images
     print(
-        f"    CPU per image: encode stage {1000 * encode_cpu:.2f} ms ({encode_cpu / bare:.2f}x the bare call),"
-        " "
+        f"    CPU per image: encode stage {1000 * encode_cpu:.2f} ms ({encode_cpu / bare:.2f}x bare call), "
         f"whole worker process {1000 * run.cpu_seconds / run.images:.2f} ms "
         f"({run.cpu_seconds / run.images / bare:.2f}x)"
     )

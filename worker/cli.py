@@ -134,7 +134,7 @@ def start_worker(
         progress_every=float(cfg["progress_every"]),
     )
     runner.batch_size = _batch_size(model, runner, batch_size, cfg)
-    if model.pipeline is not None and (applied.get("compile") or model.device.startswith("cuda")):
+    if model.pipeline is not None:  # first calls pay for lazy set-up (and compiling): not in any rate
         seconds = runner.on_device(speed.warm_up, model, runner.batch_size, int(cfg["warmup_batches"]))
         log.info(
             "warm-up: %d batches in %.1fs (not counted in any rate)", int(cfg["warmup_batches"]), seconds
