@@ -31,23 +31,14 @@ from harness import REPO, local_services, machine, run_job, write_prompts
 from worker import speed
 from worker.model import load_model
 
-PROMPT = "a photograph of a lighthouse on a cliff at sunset, detailed"
-
 
 def model_only(model, batch_size: int, images: int) -> float:
     """Images/s of the tuned model alone (its warm-up done before)."""
-    preset = model.preset
+    batches = images // batch_size
     start = time.perf_counter()
-    for _ in range(images // batch_size):
-        model.generate(
-            [PROMPT] * batch_size,
-            list(range(batch_size)),
-            steps=int(preset["steps"]),
-            guidance=float(preset["guidance"]),
-            width=int(preset["width"]),
-            height=int(preset["height"]),
-        )
-    return images // batch_size * batch_size / (time.perf_counter() - start)
+    for _ in range(batches):
+        speed.run_batch(model, batch_size)
+    return batches * batch_size / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -86,7 +77,7 @@ def main() -> None:
 
         torch.cuda.empty_cache()
 
-    with local_services() as env, tempfile.TemporaryDirectory() as scratch:
+    with local_services() as (svc, env), tempfile.TemporaryDirectory() as scratch:
         prompts = write_prompts(Path(scratch) / "prompts.tsv", args.images)
         logs = REPO / ".fewstep" / "bench-logs"
         logs.mkdir(parents=True, exist_ok=True)
@@ -103,6 +94,7 @@ def main() -> None:
                 job_args=job_args,
                 worker_args=[*flags, "--batch-size", str(batch_size), "--jpeg-encoder", jpeg_encoder],
                 log_path=logs / f"gpu-{label.split()[0].lower()}.log",
+                storage_pid=svc.weed_pid,
             )
             idle = sum(s.gpu_idle_fraction * s.seconds for s in run.stats) / sum(s.seconds for s in run.stats)
             print(f"{label}: end-to-end {run.rate:.1f} img/s, {run.rate / alone:.3f} x model-only, "

@@ -52,13 +52,13 @@ def machine() -> str:
 
 @contextlib.contextmanager
 def local_services():
-    """Redis + SeaweedFS on 127.0.0.1 for the duration; yields the environment for commands."""
+    """Redis + SeaweedFS on 127.0.0.1 for the duration; yields them and the commands' environment."""
     with tempfile.TemporaryDirectory(prefix="fewstep-bench-") as directory:
         svc = services.start(directory, [BUCKET])
         try:
             env = {**os.environ, **svc.env(), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
             os.environ.update(svc.env())
-            yield env
+            yield svc, env
         finally:
             svc.stop()
 
@@ -107,16 +107,32 @@ class CpuSampler:
         return inside[-1][1] - inside[0][1] if len(inside) >= 2 else float("nan")
 
 
+def _span(stats: list[ShardStats]) -> tuple[float, float]:
+    start = min(dt.datetime.fromisoformat(s.started_at).timestamp() for s in stats)
+    return start, max(dt.datetime.fromisoformat(s.finished_at).timestamp() for s in stats)
+
+
 @dataclass
 class JobRun:
     images: int
     seconds: float
-    cpu_seconds: float
+    cpu_seconds: float  # the worker process's, over the job's span
+    storage_cpu_seconds: float  # SeaweedFS's, over the same span
     stats: list[ShardStats]
 
     @property
     def rate(self) -> float:
+        """Images/s from the first shard's start to the last shard's commit."""
         return self.images / self.seconds
+
+    @property
+    def steady_rate(self) -> float:
+        """Images/s over the shards after the first (no cold start)."""
+        later = sorted(self.stats, key=lambda s: s.started_at)[1:]
+        if not later:
+            return self.rate
+        start, end = _span(later)
+        return sum(s.images for s in later) / (end - start)
 
     def total(self, name: str) -> float:
         return sum(getattr(s, name) for s in self.stats)
@@ -133,6 +149,7 @@ def run_job(
     worker_args: list[str],
     worker_env: dict[str, str] | None = None,
     log_path: Path | None = None,
+    storage_pid: int | None = None,
 ) -> JobRun:
     """Enqueue ``images`` prompts for ``model``, run one worker until idle, read the stats."""
     env = {**env, "FEWSTEP_QUEUE_PREFIX": "b" + uuid.uuid4().hex[:10], **(worker_env or {})}
@@ -155,14 +172,17 @@ def run_job(
         stderr=subprocess.STDOUT,
     )
     sampler = CpuSampler(worker.pid)
+    storage = CpuSampler(storage_pid) if storage_pid else None
     code = worker.wait()
     sampler.stop()
+    if storage:
+        storage.stop()
     if code != 0:
         raise SystemExit(f"worker exited with {code}" + (f", see {log_path}" if log_path else ""))
     store = open_store(job_url)
     stats = [ShardStats.from_json(json.loads(store.get(k))) for k, _ in store.list(f"{STATS}/")]
     if sum(s.images for s in stats) != images:
         raise SystemExit(f"job {job}: stats cover {sum(s.images for s in stats)} images, expected {images}")
-    start = min(dt.datetime.fromisoformat(s.started_at).timestamp() for s in stats)
-    end = max(dt.datetime.fromisoformat(s.finished_at).timestamp() for s in stats)
-    return JobRun(images, end - start, sampler.between(start, end), stats)
+    start, end = _span(stats)
+    storage_cpu = storage.between(start, end) if storage else float("nan")
+    return JobRun(images, end - start, sampler.between(start, end), storage_cpu, stats)

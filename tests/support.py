@@ -59,3 +59,17 @@ def committed_metadata(job_url: str) -> pa.Table:
     store = open_store(job_url)
     tables = [pq.read_table(io.BytesIO(store.get(key))) for key, _ in store.list("metadata/")]
     return pa.concat_tables(tables).sort_by("row_id")
+
+
+def run_worker_until_done(
+    env: dict[str, str], output: str, *jobs: str, args: tuple[str, ...] = (), model: str = "tiny",
+    log_path: Path | None = None,
+) -> None:  # fmt: skip
+    """Run a real worker (exiting when idle) until ``jobs`` are done and it has exited cleanly."""
+    worker = start_worker(env, "--exit-when-idle", "2", *args, log_path=log_path, model=model)
+    try:
+        for job in jobs:
+            wait_done(job, output, env)
+        assert worker.wait(timeout=60) == 0
+    finally:
+        worker.kill()

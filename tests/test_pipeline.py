@@ -18,7 +18,7 @@ from fewstep import UserError
 from fewstep.contract import ShardMessage, ShardStats, manifest_key, metadata_key, stats_key
 from fewstep.queue import pending_messages, queue_length, redis_client
 from fewstep.storage import open_store
-from tests.support import cli_json, committed_metadata, start_worker, wait_done
+from tests.support import cli_json, committed_metadata, run_worker_until_done
 from tests.test_end_to_end import SAMPLE
 from worker.encode import choose_jpeg_encoder
 from worker.model import load_model
@@ -120,13 +120,8 @@ def test_next_shard_is_read_ahead_and_every_message_acked_after_its_commit(env, 
     job = enqueue("ahead", output, env, "--format", "jpeg", "--shard-size", "32",
                   path=prompts(tmp_path, 128))  # fmt: skip
     worker_env = {**env, "FEWSTEP_SYNTHETIC_BATCH_MS": "50"}
-    worker = start_worker(worker_env, "--exit-when-idle", "2", "--batch-size", "8", model="synthetic",
+    run_worker_until_done(worker_env, output, "ahead", args=("--batch-size", "8"), model="synthetic",
                           log_path=tmp_path / "worker.log")  # fmt: skip
-    try:
-        wait_done("ahead", output, env)
-        assert worker.wait(timeout=60) == 0
-    finally:
-        worker.kill()
     store = open_store(job["job_url"])
     stats = {s: ShardStats.from_json(json.loads(store.get(stats_key(s)))) for s in range(1, 5)}
     assert stats[1].batches_ahead == 0  # nothing came before it
@@ -140,35 +135,31 @@ def test_next_shard_is_read_ahead_and_every_message_acked_after_its_commit(env, 
     assert not list(pending_messages(client, job["queue"]))  # acked, none left unacked
 
 
-@pytest.mark.parametrize(
-    ("flags", "pil_format", "quality", "png_level"),
-    [
-        (("--format", "jpeg", "--quality", "75"), "JPEG", 75, None),
-        (("--format", "webp", "--quality", "80"), "WEBP", 80, None),
-        (("--format", "png", "--png-level", "1"), "PNG", None, 1),
-    ],
-)
-def test_formats_decode_and_record_their_settings(
-    env, output, tmp_path, flags, pil_format, quality, png_level
-):
-    job = enqueue("formats", output, env, *flags, "--shard-size", "8", "--limit", "8", model="tiny")
-    worker = start_worker(env, "--exit-when-idle", "2", log_path=tmp_path / "worker.log")
-    try:
-        wait_done("formats", output, env)
-        assert worker.wait(timeout=60) == 0
-    finally:
-        worker.kill()
-    store = open_store(job["job_url"])
-    spec = json.loads(store.get("job.json"))["generation"]
-    assert (
-        spec["format"] == flags[1] and spec.get("quality") == quality and spec.get("png_level") == png_level
-    )
-    for row in committed_metadata(job["job_url"]).to_pylist():
-        image = Image.open(io.BytesIO(store.get(row["image_key"])))
-        image.load()
-        assert image.format == pil_format and image.size == (128, 128)
-        assert (row["format"], row["format_quality"], row["png_level"]) == (flags[1], quality, png_level)
-        assert row["encoder"].startswith("pillow-") and row["dtype"] == "float32" and row["vae"] == "default"
+FORMATS = {  # job → flags, Pillow's name, quality, PNG level
+    "as-jpeg": (("--format", "jpeg", "--quality", "75"), "JPEG", 75, None),
+    "as-webp": (("--format", "webp", "--quality", "80"), "WEBP", 80, None),
+    "as-png": (("--format", "png", "--png-level", "1"), "PNG", None, 1),
+}
+
+
+def test_formats_decode_and_record_their_settings(env, output, tmp_path):
+    urls = {
+        job: enqueue(job, output, env, *flags, "--shard-size", "8", "--limit", "8", model="tiny")["job_url"]
+        for job, (flags, *_) in FORMATS.items()
+    }
+    run_worker_until_done(env, output, *FORMATS, log_path=tmp_path / "worker.log")
+    for job, (flags, pil_format, quality, png_level) in FORMATS.items():
+        store = open_store(urls[job])
+        spec = json.loads(store.get("job.json"))["generation"]
+        assert (spec["format"], spec.get("quality"), spec.get("png_level")) == (flags[1], quality, png_level)
+        for row in committed_metadata(urls[job]).to_pylist():
+            image = Image.open(io.BytesIO(store.get(row["image_key"])))
+            image.load()
+            assert image.format == pil_format and image.size == (128, 128)
+            assert (row["format"], row["format_quality"], row["png_level"]) == (flags[1], quality, png_level)
+            assert (
+                row["encoder"].startswith("pillow-") and row["dtype"] == "float32" and row["vae"] == "default"
+            )
 
 
 def test_synthetic_model_holds_its_latency_with_the_gil_released():

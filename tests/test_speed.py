@@ -11,7 +11,7 @@ import torch
 
 from fewstep import UserError
 from fewstep.settings import config_dir
-from tests.support import committed_metadata, start_worker, wait_done
+from tests.support import committed_metadata, run_worker_until_done
 from tests.test_end_to_end import SAMPLE, enqueue
 from worker import speed
 from worker.model import load_model
@@ -63,12 +63,7 @@ def test_tiny_vae_is_picked_by_family_and_replaces_the_decoder(env, tiny_vae_con
 def test_worker_with_vae_tiny_records_it_in_the_metadata(env, output, tiny_vae_config, tmp_path):
     env = {**env, "FEWSTEP_CONFIG_DIR": str(tmp_path / "config")}
     job = enqueue(SAMPLE, "tiny-vae", output, env, "--shard-size", "4", "--limit", "4")
-    worker = start_worker(env, "--vae", "tiny", "--exit-when-idle", "2", log_path=tmp_path / "worker.log")
-    try:
-        wait_done("tiny-vae", output, env)
-        assert worker.wait(timeout=60) == 0
-    finally:
-        worker.kill()
+    run_worker_until_done(env, output, "tiny-vae", args=("--vae", "tiny"), log_path=tmp_path / "worker.log")
     table = committed_metadata(job["job_url"])
     assert set(table.column("vae").to_pylist()) == {f"tiny:{tiny_vae_config['sd']}"}
 

@@ -101,10 +101,13 @@ def choose_jpeg_encoder(choice: str, device: str) -> str | None:
 
 def encode_jpeg_on_device(images, quality: int) -> list[bytes]:
     """JPEG bytes of a (N, H, W, 3) uint8 CUDA tensor, encoded by nvJPEG; only the bytes cross to the host."""
+    import torch
     from torchvision.io import encode_jpeg
 
-    chw = list(images.permute(0, 3, 1, 2).contiguous().unbind(0))
-    return [bytes(data.cpu().numpy()) for data in encode_jpeg(chw, quality=quality)]
+    encoded = encode_jpeg(list(images.permute(0, 3, 1, 2).contiguous().unbind(0)), quality=quality)
+    flat = torch.cat(encoded).cpu().numpy()  # one copy to the host for the whole batch
+    ends = np.cumsum([data.numel() for data in encoded])
+    return [flat[end - data.numel() : end].tobytes() for data, end in zip(encoded, ends, strict=True)]
 
 
 class HostPixels:

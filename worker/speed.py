@@ -138,7 +138,8 @@ def _use_sdpa(denoiser) -> str:
     return "default"  # other architectures' processors (SD3, Flux, ...) already use SDPA
 
 
-def _probe(model: Model, batch_size: int) -> None:
+def run_batch(model: Model, batch_size: int) -> None:
+    """One batch of ``batch_size`` at the preset's size and steps (probes, warm-up, benchmarks)."""
     preset = model.preset
     model.generate(
         [PROBE_PROMPT] * batch_size,
@@ -154,7 +155,7 @@ def warm_up(model: Model, batch_size: int, batches: int) -> float:
     """Run ``batches`` batches so compilation and autotuning happen before the first shard."""
     start = time.perf_counter()
     for _ in range(batches):
-        _probe(model, batch_size)
+        run_batch(model, batch_size)
     return time.perf_counter() - start
 
 
@@ -191,9 +192,9 @@ def auto_batch_size(model: Model, limit: int) -> int:
 
     def measure(n: int) -> float:
         try:
-            _probe(model, n)  # the first call of a size pays for allocation and autotuning
+            run_batch(model, n)  # the first call of a size pays for allocation and autotuning
             start = time.perf_counter()
-            _probe(model, n)
+            run_batch(model, n)
             return time.perf_counter() - start
         except torch.OutOfMemoryError:
             if model.device.startswith("cuda"):
