@@ -70,11 +70,13 @@ def test_worker_with_vae_tiny_records_it_in_the_metadata(env, output, tiny_vae_c
 
 def test_channels_last_sdpa_and_compile_are_applied(env):
     model = load_model("tiny", "cpu")
-    applied = speed.apply(model, SpeedOptions(channels_last=True, compile="default", dtype="float16"))
+    applied = speed.apply(model, SpeedOptions(channels_last=True, dtype="float16"))
     unet = model.pipeline.unet
     conv = next(m for m in unet.modules() if isinstance(m, torch.nn.Conv2d))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
-    assert applied == {"channels_last": True, "attention": "sdpa", "compile": "default"}
+    assert applied == {"channels_last": True, "attention": "sdpa"}
+    assert not speed.compile_denoiser(model, "off") and unet._compiled_call_impl is None
+    assert speed.compile_denoiser(model, "default")
     assert unet._compiled_call_impl is not None  # compiled lazily, during the warm-up
     assert model.dtype == "float32"  # half precision is for CUDA; the CPU stays float32
 

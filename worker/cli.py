@@ -119,8 +119,9 @@ def start_worker(
     )
     check_broker()
     queue = queue_name(queue_prefix(), model_name)
+    options = speed_options or speed.SpeedOptions()
     model = load_model(model_name, device)
-    applied = speed.apply(model, speed_options or speed.SpeedOptions())
+    applied = speed.apply(model, options)
     cfg = defaults()["worker"]
     runner = ShardRunner(
         model,
@@ -134,6 +135,8 @@ def start_worker(
         progress_every=float(cfg["progress_every"]),
     )
     runner.batch_size = _batch_size(model, runner, batch_size, cfg)
+    if speed.compile_denoiser(model, options.compile):  # after choosing the size: no recompiles
+        runner.speed["compile"] = options.compile
     if model.pipeline is not None:  # first calls pay for lazy set-up (and compiling): not in any rate
         seconds = runner.on_device(speed.warm_up, model, runner.batch_size, int(cfg["warmup_batches"]))
         log.info(
@@ -148,7 +151,7 @@ def start_worker(
         runner.batch_size,
         runner.encode_threads,
         "the GPU" if runner.gpu_jpeg else "the CPU",
-        ", ".join(f"{k}={v}" for k, v in {"dtype": model.dtype, **applied}.items()),
+        ", ".join(f"{k}={v}" for k, v in {"dtype": model.dtype, **runner.speed}.items()),
     )
     if exit_when_idle is not None:
         idle = IdleExit(queue, exit_when_idle)

@@ -5,8 +5,8 @@
   tensor cores); on by default on CUDA.
 - **attention**: PyTorch's scaled-dot-product attention (flash / memory-efficient kernels)
   for UNets that still have the classic processors.
-- **torch.compile** (``--compile``, opt-in) of the denoiser. Compiling happens in the
-  warm-up, before the worker takes its first shard, so it never counts in reported rates.
+- **torch.compile** (``--compile``, opt-in) of the denoiser, once the batch size is chosen.
+  Compiling happens in the warm-up, before the first shard, so it counts in no reported rate.
 - **tiny VAE** (``--vae tiny``): decode with AutoencoderTiny — ``taesd`` for SD1/SD2,
   ``taesdxl`` for SDXL. Their latents are not interchangeable, so the family decides.
 - **batch size** (``--batch-size auto``, the default on CUDA): measured at start-up, see
@@ -118,10 +118,19 @@ def apply(model: Model, options: SpeedOptions) -> dict[str, Any]:
     applied["attention"] = _use_sdpa(denoiser) if options.attention == "sdpa" else "default"
     if options.compile not in COMPILE_MODES:
         raise UserError(f"unknown --compile mode {options.compile!r}: use {', '.join(COMPILE_MODES)}")
-    if options.compile != "off" and denoiser is not None:
-        denoiser.compile(mode=None if options.compile == "default" else options.compile)
-        applied["compile"] = options.compile
     return applied
+
+
+def compile_denoiser(model: Model, mode: str) -> bool:
+    """torch.compile the UNet or transformer (lazily: the warm-up compiles it); False if none.
+
+    Call it after the batch size is chosen, so probing other sizes does not recompile.
+    """
+    denoiser = _denoiser(model.pipeline) if model.pipeline is not None else None
+    if mode == "off" or denoiser is None:
+        return False
+    denoiser.compile(mode=None if mode == "default" else mode)
+    return True
 
 
 def _use_sdpa(denoiser) -> str:
