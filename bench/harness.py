@@ -125,14 +125,9 @@ class JobRun:
         """Images/s from the first shard's start to the last shard's commit."""
         return self.images / self.seconds
 
-    @property
-    def steady_rate(self) -> float:
-        """Images/s over the shards after the first (no cold start)."""
-        later = sorted(self.stats, key=lambda s: s.started_at)[1:]
-        if not later:
-            return self.rate
-        start, end = _span(later)
-        return sum(s.images for s in later) / (end - start)
+    def first_shard(self) -> ShardStats:
+        """The first shard a fresh worker ran: it pays the worker's one-time set-up."""
+        return min(self.stats, key=lambda s: s.started_at)
 
     def total(self, name: str) -> float:
         return sum(getattr(s, name) for s in self.stats)

@@ -107,8 +107,9 @@ def report(label: str, rate: float, alone: float, run: JobRun, bare: float) -> f
     idle = sum(s.gpu_idle_fraction * s.seconds for s in run.stats) / sum(s.seconds for s in run.stats)
     print(
         f"{label} {rate:4.0f} img/s asked: model-only {alone:6.1f}, end-to-end {run.rate:6.1f} img/s, "
-        f"ratio {ratio:.3f} {'ok' if ratio >= TARGET else 'BELOW TARGET'} (after the first shard "
-        f"{run.steady_rate / alone:.3f}); model idle {100 * idle:.1f}%, waited for slots "
+        f"ratio {ratio:.3f} {'ok' if ratio >= TARGET else 'BELOW TARGET'}; first shard "
+        f"{run.first_shard().seconds:.2f}s (model alone {run.first_shard().images / alone:.2f}s); "
+        f"model idle {100 * idle:.1f}%, waited for slots "
         f"{run.total('wait_s'):.2f}s, batches generated ahead in "
         f"{sum(s.batches_ahead > 0 for s in run.stats)}/{len(run.stats)} shards"
     )
