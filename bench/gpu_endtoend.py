@@ -85,7 +85,7 @@ def main() -> None:
             (f"JPEG q90 on the {'GPU' if encoder == 'gpu' else 'CPU'}", ["--format", "jpeg"], encoder),
             ("PNG level 1 on the CPU", ["--format", "png", "--png-level", "1"], "cpu"),
         ):
-            run = run_job(
+            run, first = run_job(
                 env,
                 prompts,
                 model=args.model,
@@ -98,7 +98,8 @@ def main() -> None:
             )
             idle = sum(s.gpu_idle_fraction * s.seconds for s in run.stats) / sum(s.seconds for s in run.stats)
             print(f"{label}: end-to-end {run.rate:.1f} img/s, {run.rate / alone:.3f} x model-only, "
-                  f"model idle {100 * idle:.1f}%, encoder {run.stats[0].encoder}")  # fmt: skip
+                  f"model idle {100 * idle:.1f}%, encoder {run.stats[0].encoder}; a fresh worker's first "
+                  f"shard {first.seconds:.2f}s")  # fmt: skip
     if args.smoke:
         print("smoke run on the CPU: these numbers check the script, they are not GPU figures")
 

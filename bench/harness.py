@@ -3,8 +3,8 @@
 A job is enqueued with the real ``producer`` command and run by a real ``worker`` process
 against a local Redis and SeaweedFS (``fewstep.services``). Its end-to-end rate comes from
 the per-shard stats objects the worker writes: images over the span from the first shard's
-start to the last shard's commit (model loading and warm-up are not in it). The worker
-process's CPU time over that span is sampled from ``/proc``.
+start to the last shard's commit (model loading, warm-up and a one-shard warm-up job are
+not in it). The worker's and SeaweedFS's CPU time over that span is sampled from ``/proc``.
 """
 
 from __future__ import annotations
@@ -125,12 +125,21 @@ class JobRun:
         """Images/s from the first shard's start to the last shard's commit."""
         return self.images / self.seconds
 
-    def first_shard(self) -> ShardStats:
-        """The first shard a fresh worker ran: it pays the worker's one-time set-up."""
-        return min(self.stats, key=lambda s: s.started_at)
-
     def total(self, name: str) -> float:
         return sum(getattr(s, name) for s in self.stats)
+
+
+def _enqueue(env, prompts: Path, model: str, images: int, shard_size: int, job_args: list[str]) -> str:
+    job = "bench-" + uuid.uuid4().hex[:8]
+    result = subprocess.run(
+        [sys.executable, "-m", "producer", "enqueue", "partiprompts", "--path", str(prompts),
+         "--model", model, "--job", job, "--output", f"s3://{BUCKET}/bench", "--limit", str(images),
+         "--shard-size", str(shard_size), "--json", *job_args],
+        env=env, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if result.returncode != 0:
+        raise SystemExit(f"enqueue failed: {result.stderr}")
+    return json.loads(result.stdout)["job_url"]
 
 
 def run_job(
@@ -145,20 +154,17 @@ def run_job(
     worker_env: dict[str, str] | None = None,
     log_path: Path | None = None,
     storage_pid: int | None = None,
-) -> JobRun:
-    """Enqueue ``images`` prompts for ``model``, run one worker until idle, read the stats."""
+) -> tuple[JobRun, ShardStats]:
+    """Run ``images`` prompts for ``model`` through one fresh worker; returns the measured job's
+    run and the first shard of the worker's life.
+
+    The worker first runs a one-shard warm-up job, as a long-running worker would have: its
+    first shard pays for the process's one-time set-up (connections, threads, first calls),
+    which is reported apart, not mixed into the measured rate.
+    """
     env = {**env, "FEWSTEP_QUEUE_PREFIX": "b" + uuid.uuid4().hex[:10], **(worker_env or {})}
-    job = "bench-" + uuid.uuid4().hex[:8]
-    output = f"s3://{BUCKET}/bench"
-    enqueue = subprocess.run(
-        [sys.executable, "-m", "producer", "enqueue", "partiprompts", "--path", str(prompts),
-         "--model", model, "--job", job, "--output", output, "--limit", str(images),
-         "--shard-size", str(shard_size), "--json", *job_args],
-        env=env, capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    if enqueue.returncode != 0:
-        raise SystemExit(f"enqueue failed: {enqueue.stderr}")
-    job_url = json.loads(enqueue.stdout)["job_url"]
+    warm_url = _enqueue(env, prompts, model, shard_size, shard_size, job_args)
+    job_url = _enqueue(env, prompts, model, images, shard_size, job_args)
     out = open(log_path, "wb") if log_path else subprocess.DEVNULL  # noqa: SIM115
     worker = subprocess.Popen(
         [sys.executable, "-m", "worker", "--model", model, "--exit-when-idle", "1", *worker_args],
@@ -174,10 +180,15 @@ def run_job(
         storage.stop()
     if code != 0:
         raise SystemExit(f"worker exited with {code}" + (f", see {log_path}" if log_path else ""))
-    store = open_store(job_url)
-    stats = [ShardStats.from_json(json.loads(store.get(k))) for k, _ in store.list(f"{STATS}/")]
+    (first,) = _stats(warm_url)
+    stats = _stats(job_url)
     if sum(s.images for s in stats) != images:
-        raise SystemExit(f"job {job}: stats cover {sum(s.images for s in stats)} images, expected {images}")
+        raise SystemExit(f"{job_url}: stats cover {sum(s.images for s in stats)} images, expected {images}")
     start, end = _span(stats)
     storage_cpu = storage.between(start, end) if storage else float("nan")
-    return JobRun(images, end - start, sampler.between(start, end), storage_cpu, stats)
+    return JobRun(images, end - start, sampler.between(start, end), storage_cpu, stats), first
+
+
+def _stats(job_url: str) -> list[ShardStats]:
+    store = open_store(job_url)
+    return [ShardStats.from_json(json.loads(store.get(k))) for k, _ in store.list(f"{STATS}/")]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 import os
 import signal
@@ -143,6 +144,10 @@ def start_worker(
             "warm-up: %d batches in %.1fs (not counted in any rate)", int(cfg["warmup_batches"]), seconds
         )
     worker_app.runner = runner
+    # The model stack (torch, diffusers, ...) leaves millions of long-lived objects: freezing
+    # them keeps full garbage collections, which hold the GIL, from stalling the stages.
+    gc.collect()
+    gc.freeze()
     log.info(
         "worker for %s on queue %s, broker %s, batch size %d, %d encode threads, JPEG on %s, %s",
         model_name,
