@@ -2,8 +2,8 @@
 
 A job is enqueued with the real ``producer`` command and run by a real ``worker`` process
 against a local Redis and SeaweedFS (``fewstep.services``). Its end-to-end rate comes from
-the per-shard stats objects the worker writes: images over the span from the first shard's
-start to the last shard's commit (model loading, warm-up and a one-shard warm-up job are
+the per-shard stats objects the worker writes: images over the span from the job's first
+batch on the device to the last shard's commit (model loading, warm-up and a one-shard warm-up job are
 not in it). The worker's and SeaweedFS's CPU time over that span is sampled from ``/proc``.
 """
 
@@ -108,7 +108,8 @@ class CpuSampler:
 
 
 def _span(stats: list[ShardStats]) -> tuple[float, float]:
-    start = min(dt.datetime.fromisoformat(s.started_at).timestamp() for s in stats)
+    # From the first batch on the device: batches generated ahead count from when they ran.
+    start = min(dt.datetime.fromisoformat(s.first_batch_at).timestamp() for s in stats)
     return start, max(dt.datetime.fromisoformat(s.finished_at).timestamp() for s in stats)
 
 

@@ -293,6 +293,7 @@ class ShardStats:
     format: dict[str, Any]
     encoder: str
     speed: dict[str, Any]
+    first_batch_at: str  # when its first batch began on the device (possibly ahead of started_at)
     started_at: str
     finished_at: str
     stats_version: int = 1

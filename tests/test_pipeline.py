@@ -114,6 +114,7 @@ def test_stats_object_records_the_shards_timings(env, output, tmp_path):
     assert stats.encoder.startswith("pillow-")
     finished = dt.datetime.fromisoformat(stats.finished_at)
     assert dt.datetime.fromisoformat(stats.started_at) < finished <= dt.datetime.now(dt.UTC)
+    assert dt.datetime.fromisoformat(stats.first_batch_at) < finished
 
 
 def test_next_shard_is_read_ahead_and_every_message_acked_after_its_commit(env, output, tmp_path):

@@ -128,6 +128,7 @@ class Generated:
 
     batch: Batch
     busy: tuple[float, float]
+    started: dt.datetime
     created: dt.datetime
 
 
@@ -153,6 +154,7 @@ class ShardRun:
         self.generate_s = self.encode_s = self.encode_cpu_s = self.upload_s = self.wait_s = 0.0
         self.uploaded = 0
         self.batches_ahead = 0
+        self.first_batch_at: dt.datetime | None = None
         self.error: BaseException | None = None
         self.done = threading.Event()
         self._lock = threading.Lock()
@@ -323,6 +325,7 @@ class ShardRunner:
         self._specs_lock = threading.Lock()
         self._device_calls: queue.Queue = queue.Queue()
         self._busy: deque[tuple[float, float]] = deque()  # device busy intervals (perf_counter)
+        self._running_since: float | None = None  # start of the batch on the device now
         self._busy_lock = threading.Lock()
         self._ahead: Ahead | None = None  # touched by the device thread only
         self._current: ShardRun | None = None
@@ -351,7 +354,8 @@ class ShardRunner:
 
     def _generate(self, shard: OpenShard, lo: int, hi: int) -> Generated:
         gen = shard.spec["generation"]
-        start = time.perf_counter()
+        started = _now()
+        start = self._running_since = time.perf_counter()
         batch = self.model.generate(
             shard.rows["prompt"][lo:hi],
             shard.rows["seed"][lo:hi],
@@ -364,7 +368,8 @@ class ShardRunner:
         busy = (start, time.perf_counter())
         with self._busy_lock:
             self._busy.append(busy)
-        return Generated(batch, busy, _now())
+            self._running_since = None
+        return Generated(batch, busy, started, _now())
 
     def _generate_shard(self, run: ShardRun) -> None:
         """The generate stage for one shard (device thread)."""
@@ -385,6 +390,7 @@ class ShardRunner:
                     except BaseException:
                         self.slots.free()
                         raise
+                run.first_batch_at = run.first_batch_at or generated.started
                 run.add("generate_s", generated.busy[1] - generated.busy[0])
                 self._sink(run, lo, hi, generated)
         except BaseException as e:
@@ -594,7 +600,8 @@ class ShardRunner:
         with self._busy_lock:
             while self._busy and self._busy[0][1] < start:
                 self._busy.popleft()
-            busy = sum(max(0.0, min(b, end) - max(a, start)) for a, b in self._busy)
+            running = [(self._running_since, end)] if self._running_since is not None else []
+            busy = sum(max(0.0, min(b, end) - max(a, start)) for a, b in [*self._busy, *running])
         return max(0.0, (end - start) - busy)
 
     def _stats(
@@ -626,6 +633,7 @@ class ShardRunner:
             format={"name": f.name, "quality": f.quality, "png_level": f.png_level},
             encoder=self._encoder(f),
             speed={"device": self.model.device, "dtype": self.model.dtype, **self.speed},
+            first_batch_at=run.first_batch_at.isoformat(),
             started_at=started_at.isoformat(),
             finished_at=_now().isoformat(),
         )
