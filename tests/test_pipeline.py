@@ -4,6 +4,7 @@ read-ahead of the next shard, per-shard stats, formats with their settings recor
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import io
 import json
 import time
@@ -18,7 +19,7 @@ from fewstep import UserError
 from fewstep.contract import ShardMessage, ShardStats, manifest_key, metadata_key, stats_key
 from fewstep.queue import pending_messages, queue_length, redis_client
 from fewstep.storage import open_store
-from tests.support import cli_json, committed_metadata, run_worker_until_done
+from tests.support import cli_json, committed_metadata, run_worker_until_done, start_worker, wait_done
 from tests.test_end_to_end import SAMPLE
 from worker.encode import choose_jpeg_encoder
 from worker.model import load_model
@@ -134,6 +135,32 @@ def test_next_shard_is_read_ahead_and_every_message_acked_after_its_commit(env, 
     client = redis_client()
     assert queue_length(client, job["queue"]) == 0
     assert not list(pending_messages(client, job["queue"]))  # acked, none left unacked
+
+
+def test_two_workers_reading_ahead_commit_every_row_once(env, output, tmp_path):
+    worker_env = {**env, "FEWSTEP_SYNTHETIC_BATCH_MS": "40"}
+    args = ("--exit-when-idle", "5", "--batch-size", "4")
+    logs = [tmp_path / "w1.log", tmp_path / "w2.log"]
+    workers = [start_worker(worker_env, *args, model="synthetic", log_path=log) for log in logs]
+    try:
+        deadline = time.monotonic() + 120
+        while not all("ready." in log.read_text() for log in logs):  # both wait on the queue
+            assert time.monotonic() < deadline, "workers not ready"
+            time.sleep(0.2)
+        job = enqueue("racing", output, env, "--format", "jpeg", "--shard-size", "16",
+                      path=prompts(tmp_path, 128))  # fmt: skip
+        wait_done("racing", output, env)
+        assert [w.wait(timeout=60) for w in workers] == [0, 0]
+    finally:
+        for w in workers:
+            w.kill()
+    # Both peek at the same next message; whoever does not get it drops what it generated.
+    table = committed_metadata(job["job_url"])
+    assert table.column("row_id").to_pylist() == list(range(128))
+    assert len(set(table.column("worker").to_pylist())) == 2
+    store = open_store(job["job_url"])
+    for row in table.to_pylist():
+        assert hashlib.sha256(store.get(row["image_key"])).hexdigest() == row["sha256"]
 
 
 FORMATS = {  # job → flags, Pillow's name, quality, PNG level

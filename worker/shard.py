@@ -269,15 +269,21 @@ class Lookahead:
             log.debug("reading ahead failed: %s", e)
             return None
 
-    def result(self, timeout: float) -> OpenShard | None:
-        """The shard read ahead, waiting up to ``timeout`` seconds; None if none is ready."""
+    def ready(self, timeout: float) -> bool:
+        """Whether reading ahead is over (or was never started), waiting up to ``timeout`` seconds."""
         future = self._future
         if future is None:
-            return None
+            return True
         try:
-            return future.result(timeout=timeout)
+            future.result(timeout=timeout)
         except TimeoutError:
-            return None
+            return False
+        return True
+
+    def result(self) -> OpenShard | None:
+        """The shard read ahead, if reading ahead is over and found one."""
+        future = self._future
+        return future.result() if future is not None and future.done() else None
 
     def take(self, message: ShardMessage) -> OpenShard | None:
         """The shard read ahead if it is the one ``message`` asks for."""
@@ -410,6 +416,9 @@ class ShardRunner:
             return ahead.batches
         for _ in ahead.batches:  # another worker got that shard: drop its batches
             self.slots.free()
+        if ahead.batches:
+            log.info("%s went to another worker: dropped %d batches generated ahead", ahead.shard.label,
+                     len(ahead.batches))  # fmt: skip
         return []
 
     def _generate_ahead(self) -> None:
@@ -417,7 +426,11 @@ class ShardRunner:
 
         Stops as soon as a task arrives, or when every slot is taken.
         """
-        shard = self.lookahead.result(timeout=5.0)
+        deadline = time.monotonic() + 5.0
+        while not self.lookahead.ready(timeout=0.02):
+            if not self._device_calls.empty() or time.monotonic() > deadline:
+                return
+        shard = self.lookahead.result()
         if shard is None:
             return
         self._ahead = Ahead(shard, [])
