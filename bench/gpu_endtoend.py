@@ -42,6 +42,7 @@ def model_only(model, batch_size: int, images: int) -> float:
 
 
 def main() -> None:
+    """Model-only, then end to end with JPEG on the GPU and PNG on the CPU."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="sdxs-512-0.9")
     parser.add_argument("--images", type=int, default=8192)

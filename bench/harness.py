@@ -98,6 +98,7 @@ class CpuSampler:
             time.sleep(self.every)
 
     def stop(self) -> None:
+        """Stop sampling."""
         self._stop.set()
         self._thread.join()
 
@@ -115,6 +116,8 @@ def _span(stats: list[ShardStats]) -> tuple[float, float]:
 
 @dataclass
 class JobRun:
+    """A measured job: images, its span in seconds, CPU used over it, per-shard stats."""
+
     images: int
     seconds: float
     cpu_seconds: float  # the worker process's, over the job's span
@@ -127,6 +130,7 @@ class JobRun:
         return self.images / self.seconds
 
     def total(self, name: str) -> float:
+        """A stats field summed over the shards."""
         return sum(getattr(s, name) for s in self.stats)
 
 

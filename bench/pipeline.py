@@ -104,6 +104,7 @@ def end_to_end(svc, env, prompts: Path, rate: float, args, image_format: ImageFo
 
 
 def report(label: str, rate: float, alone: float, run: JobRun, first: ShardStats, bare: float) -> float:
+    """Print one rate's results; returns end-to-end / model-only."""
     ratio = run.rate / alone
     idle = sum(s.gpu_idle_fraction * s.seconds for s in run.stats) / sum(s.seconds for s in run.stats)
     print(
@@ -124,6 +125,7 @@ def report(label: str, rate: float, alone: float, run: JobRun, first: ShardStats
 
 
 def main() -> None:
+    """Run the sweep and print the results."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--jpeg-rates", default="100,200,300,400,500", help="Synthetic rates (img/s), JPEG q90."

@@ -299,6 +299,7 @@ class ShardStats:
     stats_version: int = 1
 
     def to_json(self) -> dict[str, Any]:
+        """The stats object's JSON fields."""
         return asdict(self)
 
     @classmethod

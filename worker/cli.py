@@ -69,6 +69,7 @@ class BatchSize(click.ParamType):
     name = "N|auto"
 
     def convert(self, value, param, ctx):
+        """``auto`` or a positive integer."""
         if value is None or value == "auto" or isinstance(value, int):
             return value
         try:

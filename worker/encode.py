@@ -49,6 +49,7 @@ class ImageFormat:
 
     @property
     def extension(self) -> str:
+        """The file extension (``jpg`` for JPEG)."""
         return EXTENSIONS[self.name]
 
 

@@ -100,6 +100,8 @@ def _die_with_parent() -> None:
 
 @dataclass
 class Child:
+    """A worker process and the GPU it is pinned to."""
+
     gpu: str
     process: subprocess.Popen
     started: float
@@ -117,6 +119,7 @@ class Launcher:
         self.exit_code = 0
 
     def start(self, gpu: str) -> Child:
+        """Start the worker process for ``gpu``, pinned to it alone."""
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpu, "FEWSTEP_WORKER_TAG": f"gpu{gpu}"}
         process = subprocess.Popen(
             [sys.executable, "-m", "worker", *self.argv],

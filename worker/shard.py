@@ -79,6 +79,8 @@ class WrongModel(UserError):
 
 @dataclass
 class ShardResult:
+    """What running a shard came to (the task's return value is made from it)."""
+
     shard: int
     images: int
     committed: bool  # False: another attempt had committed first
@@ -114,6 +116,7 @@ class OpenShard:
 
     @property
     def label(self) -> str:
+        """``job part-000042``, for logs."""
         return f"{self.spec['job']} {part_name(self.message.shard)}"
 
     def is_for(self, message: ShardMessage) -> bool:
@@ -162,25 +165,30 @@ class ShardRun:
         self._generating = True
 
     def add(self, stage: str, seconds: float) -> None:
+        """Add to a stage's time (``generate_s``, ``encode_s``, ...); called from any stage."""
         with self._lock:
             setattr(self, stage, getattr(self, stage) + seconds)
 
     def fail(self, error: BaseException) -> None:
+        """Record the shard's first error: later batches are neither generated nor uploaded."""
         with self._lock:
             if self.error is None:
                 self.error = error
 
     def batch_started(self) -> None:
+        """A generated batch entered the encode and upload stages."""
         with self._lock:
             self._open_batches += 1
 
     def batch_settled(self, uploaded: int) -> None:
+        """Every image of a batch is uploaded (``uploaded`` of them) or given up."""
         with self._lock:
             self._open_batches -= 1
             self.uploaded += uploaded
             self._check_done()
 
     def generation_finished(self) -> None:
+        """The device is done with this shard (all batches generated, or stopped by an error)."""
         with self._lock:
             self._generating = False
             self._check_done()
@@ -201,6 +209,7 @@ class BatchUploads:
         self._release = release
 
     def settle(self, ok: bool) -> None:
+        """One image of the batch is uploaded (``ok``) or given up; the last one frees the slot."""
         with self._lock:
             self._left -= 1
             self._ok += ok
@@ -230,11 +239,13 @@ class Slots:
         return time.perf_counter() - start
 
     def free(self) -> None:
+        """Give a slot back: its batch is uploaded, given up or dropped."""
         with self._lock:
             self.in_use -= 1
         self._free.release()
 
     def reset_peak(self) -> None:
+        """Start measuring the peak anew (per shard)."""
         with self._lock:
             self.peak = self.in_use
 
@@ -294,6 +305,7 @@ class Lookahead:
         return replace(shard, message=message) if shard is not None and shard.is_for(message) else None
 
     def close(self) -> None:
+        """Stop reading ahead."""
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
