@@ -21,7 +21,7 @@ from fewstep.queue import check_broker, queue_length, redis_client
 from fewstep.settings import broker_url, defaults, queue_prefix, redact_url
 from worker.encode import JPEG_ENCODERS
 from worker.model import DTYPES
-from worker.speed import COMPILE_MODES, VAES
+from worker.speed import COMPILE_MODES, VAES, SpeedOptions
 
 log = logging.getLogger("fewstep.worker")
 
@@ -100,7 +100,7 @@ def start_worker(
     batch_size: int | str | None,
     exit_when_idle: float | None,
     loglevel: str,
-    speed_options=None,
+    speed_options: SpeedOptions | None = None,
     jpeg_encoder: str = "auto",
     encode_threads: int | None = None,
 ) -> int:
@@ -121,7 +121,7 @@ def start_worker(
     )
     check_broker()
     queue = queue_name(queue_prefix(), model_name)
-    options = speed_options or speed.SpeedOptions()
+    options = speed_options or SpeedOptions()
     model = load_model(model_name, device)
     applied = speed.apply(model, options)
     cfg = defaults()["worker"]
@@ -265,8 +265,6 @@ def cli(
 
         logging.basicConfig(level=loglevel.upper(), format="%(asctime)s launcher %(levelname)s: %(message)s")
         ctx.exit(launch(gpus, sys.argv[1:], device))
-    from worker.speed import SpeedOptions
-
     options = SpeedOptions(
         dtype=dtype, channels_last=channels_last, attention=attention, compile=compile_mode, vae=vae
     )

@@ -85,7 +85,7 @@ def load(name: str, preset: dict[str, Any], device: str) -> SyntheticModel:
         preset=preset,
         pipeline=None,
         device=device,
-        dtype="uint8",
+        dtype=preset.get("dtype", "float32"),
         revision=preset.get("revision"),
         sampler=preset.get("sampler") or "synthetic",
         batch_seconds=millis / 1000,
