@@ -11,6 +11,7 @@ stream (:func:`to_host`), so the copy of batch k overlaps the generation of batc
 from __future__ import annotations
 
 import io
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,14 +119,16 @@ class HostPixels:
         self._array = array
         self._tensor = tensor
         self._event = event
+        self._lock = threading.Lock()  # the batch's encode threads all ask at once
 
     def array(self) -> np.ndarray:
         """The (N, H, W, 3) uint8 pixels, waiting for the device copy if one is running."""
-        if self._array is None:
-            self._event.synchronize()
-            self._array = self._tensor.numpy()
-            self._tensor = self._event = None
-        return self._array
+        with self._lock:
+            if self._array is None:
+                self._event.synchronize()
+                self._array = self._tensor.numpy()
+                self._tensor = self._event = None
+            return self._array
 
 
 def to_host(images) -> HostPixels:
