@@ -141,6 +141,15 @@ def test_children_get_the_workers_own_arguments_pinned_to_cuda():
     assert child_argv(["--gpus=0,1", "--model", "m", "--device", "cpu", "--encode-threads", "2"], 4) == [
         "--model", "m", "--device", "cpu", "--encode-threads", "2",
     ]  # fmt: skip
+    assert child_argv(["--model", "m", "--device=cpu", "--batch-size", "auto", "--gpus", "0"], 2) == [
+        "--model", "m", "--device=cpu", "--batch-size", "auto", "--encode-threads", "2",
+    ]  # fmt: skip
+    assert child_argv(["--model", "m", "--device", "auto"], 2)[-4:] == [
+        "--device",
+        "cuda",
+        "--encode-threads",
+        "2",
+    ]
 
 
 def test_the_launcher_never_imports_torch(env):

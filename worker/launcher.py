@@ -85,11 +85,22 @@ def child_argv(argv: list[str], encode_threads: int) -> list[str]:
         elif not arg.startswith("--gpus="):
             args.append(arg)
     names = {a.split("=", 1)[0] for a in args}
-    if "--device" not in names or any(a in ("auto", "--device=auto") for a in args):
+    if _option(args, "--device") in (None, "auto"):
         args += ["--device", "cuda"]
     if "--encode-threads" not in names:
         args += ["--encode-threads", str(encode_threads)]
     return args
+
+
+def _option(args: list[str], name: str) -> str | None:
+    """The last value given for ``name`` (``--name value`` or ``--name=value``), as click reads it."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg == name and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(name + "="):
+            value = arg.split("=", 1)[1]
+    return value
 
 
 def _die_with_parent() -> None:
