@@ -32,7 +32,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 import secrets
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -271,6 +271,13 @@ METADATA_CORE = pa.schema(
         pa.field("worker", pa.string()),
         pa.field("attempt", pa.uint16()),
         pa.field("created_at", pa.timestamp("us", tz="UTC")),
+        # How the bytes were made: format settings, encoder, and the worker's speed
+        # options that change pixels (precision, VAE).
+        pa.field("format_quality", pa.uint8()),  # JPEG/WebP quality; null for PNG
+        pa.field("png_level", pa.uint8()),  # PNG compression level; null otherwise
+        pa.field("encoder", pa.string()),  # e.g. pillow-11.0.0, nvjpeg-torchvision-0.23.0
+        pa.field("dtype", pa.string()),
+        pa.field("vae", pa.string()),  # "default", or the tiny VAE that decoded the latents
     ]
 )
 
@@ -322,3 +329,53 @@ def shard_rows(spec: dict[str, Any], shard: int) -> int:
     if not 1 <= shard <= shards:
         raise ValueError(f"shard {shard} out of range 1..{shards}")
     return size if shard < shards else total - size * (shards - 1)
+
+
+# --- per-shard stats ---------------------------------------------------------------
+
+
+@dataclass
+class ShardStats:
+    """One committed shard's timings, stored as ``stats/part-N.json`` after its commit.
+
+    Stage times overlap: ``encode_s`` and ``upload_s`` are summed over the pool's threads,
+    so they can exceed ``seconds``. ``gpu_idle_fraction`` is the share of ``seconds`` in
+    which the model ran no batch (of this shard or, ahead, of the next one).
+    """
+
+    job: str
+    shard: int
+    attempt: int
+    worker: str
+    model: str
+    images: int
+    batch_size: int
+    seconds: float  # wall time of the task, start to commit
+    generate_s: float  # model time spent on this shard's batches
+    encode_s: float
+    encode_cpu_s: float  # CPU time of the encode calls (thread time)
+    upload_s: float
+    commit_s: float
+    wait_s: float  # generation waiting for a free slot: storage or encoding slower than the model
+    gpu_idle_fraction: float
+    images_per_s: float
+    max_batches_in_flight: int
+    peak_batches_in_flight: int
+    batches_ahead: int  # generated while the previous shard finished, before this one was delivered
+    format: dict[str, Any]
+    encoder: str
+    speed: dict[str, Any]
+    first_batch_at: str  # when its first batch began on the device (possibly ahead of started_at)
+    started_at: str
+    finished_at: str
+    stats_version: int = 1
+
+    def to_json(self) -> dict[str, Any]:
+        """The stats object's JSON fields."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ShardStats:
+        """Parse a stats object, ignoring keys a newer worker may add."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})

@@ -159,6 +159,20 @@ def pending_messages(client: redis.Redis, queue: str) -> Iterator[ShardMessage]:
             yield ShardMessage.from_kwargs(kwargs)
 
 
+def peek_next(client: redis.Redis, queue: str) -> ShardMessage | None:
+    """The shard message a consumer of ``queue`` would receive next, left in place (read only).
+
+    kombu LPUSHes and BRPOPs, so the next message is the last of the first non-empty
+    priority list. Another worker may still take it first: use it only as a hint.
+    """
+    for key in queue_keys(queue):
+        raw = client.lindex(key, -1)
+        if raw is not None:
+            kwargs = _task_kwargs(raw)
+            return ShardMessage.from_kwargs(kwargs) if kwargs else None
+    return None
+
+
 def send_shards(app: Celery, messages: Iterable[ShardMessage], queue: str) -> int:
     """Put shard messages on a model's queue over one connection; returns how many."""
     sent = 0

@@ -139,3 +139,17 @@ def verify_job(job: str, output: str, env: dict[str, str]) -> dict:
     summary = json.loads(result.stdout)
     assert result.returncode == 0 and summary["ok"], summary
     return summary
+
+
+def run_worker_until_done(
+    env: dict[str, str], output: str, *jobs: str, args: tuple[str, ...] = (), model: str = "tiny",
+    log_path: Path | None = None,
+) -> None:  # fmt: skip
+    """Run a real worker (exiting when idle) until ``jobs`` are done and it has exited cleanly."""
+    worker = start_worker(env, "--exit-when-idle", "2", *args, log_path=log_path, model=model)
+    try:
+        for job in jobs:
+            wait_done(job, output, env)
+        assert worker.wait(timeout=60) == 0
+    finally:
+        worker.kill()

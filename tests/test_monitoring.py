@@ -52,7 +52,7 @@ def test_heartbeat_follows_shards_and_errors_as_celery_signals_report_them(env, 
     first_seen = working["last_seen"]
     wait_for(lambda: read()["last_seen"] != first_seen, what="a later beat while working")
 
-    beat.task_postrun(task_id="t1", retval={"shard": 2, "images": 4, "committed": True}, state="SUCCESS")
+    beat.task_postrun(task_id="t1", retval={"shard": 2, "images": 4, "state": "committed"}, state="SUCCESS")
     idle = wait_for(lambda: (b := read()) and b["state"] == "idle" and b, what="idle heartbeat")
     assert (idle["shard"], idle["shards_done"], idle["images_done"]) == (None, 1, 4)
     assert idle["images_per_s"] > 0

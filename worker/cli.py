@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
+from dataclasses import dataclass, field
 
 import click
 
@@ -17,6 +20,9 @@ from fewstep.contract import queue_name
 from fewstep.presets import presets, samplers
 from fewstep.queue import check_broker, queue_length, redis_client
 from fewstep.settings import broker_url, defaults, queue_prefix, redact_url, visibility_timeout
+from worker.encode import JPEG_ENCODERS
+from worker.model import DTYPES
+from worker.speed import COMPILE_MODES, VAES, SpeedOptions
 
 log = logging.getLogger("fewstep.worker")
 
@@ -58,67 +64,129 @@ class IdleExit:
                 return
 
 
-def start_worker(
-    model_name: str,
-    device: str,
-    batch_size: int | None,
-    exit_when_idle: float | None,
-    loglevel: str,
-    metrics_port: int | None = None,
-    metrics_address: str = "127.0.0.1",
-    shutdown_grace: float | None = None,
-) -> int:
-    """Load the model, then run a Celery worker on the model's queue until it stops."""
+class BatchSize(click.ParamType):
+    """A positive integer, or ``auto``: measured at start-up."""
+
+    name = "N|auto"
+
+    def convert(self, value, param, ctx):
+        """``auto`` or a positive integer."""
+        if value is None or value == "auto" or isinstance(value, int):
+            return value
+        try:
+            number = int(value)
+        except ValueError:
+            number = 0
+        if number < 1:
+            self.fail(f"{value!r} is neither a positive integer nor 'auto'", param, ctx)
+        return number
+
+
+def _batch_size(model, runner, asked: int | str | None, cfg: dict) -> int:
+    """The flag's size, else the preset's, else measured on CUDA (or with ``auto``), else the CPU default."""
+    from worker import speed
+
+    if isinstance(asked, int):
+        return asked
+    if asked is None and model.preset.get("batch_size"):
+        return int(model.preset["batch_size"])
+    if asked == "auto" or model.device.startswith("cuda"):
+        return runner.on_device(speed.auto_batch_size, model, int(cfg["auto_batch_max"]))
+    return int(cfg["batch_size_cpu"])
+
+
+@dataclass
+class WorkerSettings:
+    """What the ``worker`` command was asked for (None: take the default)."""
+
+    model: str
+    device: str = "auto"
+    batch_size: int | str | None = None
+    exit_when_idle: float | None = None
+    loglevel: str = "info"
+    speed: SpeedOptions = field(default_factory=SpeedOptions)
+    jpeg_encoder: str = "auto"
+    encode_threads: int | None = None
+    metrics_port: int | None = None
+    metrics_address: str = "127.0.0.1"
+    shutdown_grace: float | None = None
+
+
+def start_worker(settings: WorkerSettings) -> int:
+    """Load the model, tune it, then run a Celery worker on the model's queue until it stops."""
     # Import-time notices of transformers (e.g. about torchvision) are noise in a worker log.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from celery import signals
 
     from worker import app as worker_app
-    from worker.gpu_claim import claim_gpu, visible_gpus
+    from worker import speed
+    from worker.encode import choose_jpeg_encoder
+    from worker.gpu_claim import claim_gpu, cuda_device_count
     from worker.heartbeat import Activity, Heartbeat
     from worker.model import load_model
     from worker.shard import ShardRunner
 
-    logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    tag = f" {os.environ['FEWSTEP_WORKER_TAG']}" if os.environ.get("FEWSTEP_WORKER_TAG") else ""
+    logging.basicConfig(
+        level=settings.loglevel.upper(), format=f"%(asctime)s{tag} %(levelname)s %(name)s: %(message)s"
+    )
     # Their debug logs print request headers (the access key id) and bodies: never at our debug level.
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     check_broker()
+    model_name = settings.model
     queue = queue_name(queue_prefix(), model_name)
-    if device == "claim":
-        device = claim_gpu(visible_gpus())
+    device = claim_gpu(cuda_device_count()) if settings.device == "claim" else settings.device
     model = load_model(model_name, device)
+    applied = speed.apply(model, settings.speed)
     cfg = defaults()["worker"]
-    if batch_size is None:
-        batch_size = int(
-            model.preset.get("batch_size")
-            or cfg["batch_size_cuda" if model.device.startswith("cuda") else "batch_size_cpu"]
-        )
-    worker_app.runner = ShardRunner(
+    runner = ShardRunner(
         model,
-        batch_size=batch_size,
+        batch_size=1,
         upload_threads=int(cfg["upload_threads"]),
         max_batches_in_flight=int(cfg["max_batches_in_flight"]),
+        encode_threads=settings.encode_threads or int(cfg["encode_threads"]) or None,
+        queue_name=queue,
+        gpu_jpeg=choose_jpeg_encoder(settings.jpeg_encoder, model.device),
+        speed=applied,
+        progress_every=float(cfg["progress_every"]),
     )
-    if shutdown_grace is not None:
-        worker_app.shutdown_grace = shutdown_grace
+    runner.batch_size = _batch_size(model, runner, settings.batch_size, cfg)
+    if speed.compile_denoiser(model, settings.speed.compile):  # after choosing the size: no recompiles
+        runner.speed["compile"] = settings.speed.compile
+    if model.pipeline is not None:  # first calls pay for lazy set-up (and compiling): not in any rate
+        seconds = runner.on_device(speed.warm_up, model, runner.batch_size, int(cfg["warmup_batches"]))
+        log.info(
+            "warm-up: %d batches in %.1fs (not counted in any rate)", int(cfg["warmup_batches"]), seconds
+        )
+    worker_app.runner = runner
+    if settings.shutdown_grace is not None:
+        worker_app.shutdown_grace = settings.shutdown_grace
+    # The model stack (torch, diffusers, ...) leaves millions of long-lived objects: freezing
+    # them keeps full garbage collections, which hold the GIL, from stalling the stages.
+    gc.collect()
+    gc.freeze()
     log.info(
-        "worker for %s on queue %s, broker %s, batch size %d, visibility timeout %ds, shutdown grace %ds",
+        "worker for %s on queue %s, broker %s, batch size %d, %d encode threads, JPEG on %s, %s; "
+        "visibility timeout %ds, shutdown grace %ds",
         model_name,
         queue,
         redact_url(broker_url()),
-        batch_size,
+        runner.batch_size,
+        runner.encode_threads,
+        "the GPU" if runner.gpu_jpeg else "the CPU",
+        ", ".join(f"{k}={v}" for k, v in {"dtype": model.dtype, **runner.speed}.items()),
         visibility_timeout(),
         worker_app.shutdown_grace,
     )
-    activity = Activity(worker_app.runner.worker_id, model_name, model.device)
+    activity = Activity(runner.worker_id, model_name, model.device)
     Heartbeat(activity, float(cfg["heartbeat_seconds"])).connect(signals).start()
-    if metrics_port is not None:
+    if settings.metrics_port is not None:
         from worker.metrics import serve_metrics
 
-        serve_metrics(activity, queue, metrics_port, metrics_address)
-    if exit_when_idle is not None:
-        idle = IdleExit(queue, exit_when_idle)
+        serve_metrics(activity, queue, settings.metrics_port, settings.metrics_address)
+    if settings.exit_when_idle is not None:
+        idle = IdleExit(queue, settings.exit_when_idle)
         signals.worker_ready.connect(idle.start, weak=False)
         signals.task_prerun.connect(idle.task_started, weak=False)
         signals.task_postrun.connect(idle.task_finished, weak=False)
@@ -128,7 +196,7 @@ def start_worker(
         pool_cls="solo",  # the task runs in this process, next to the loaded model
         concurrency=1,
         queues=[queue],
-        loglevel=loglevel.upper(),
+        loglevel=settings.loglevel.upper(),
         without_mingle=True,
         without_gossip=True,
         task_events=True,
@@ -145,7 +213,52 @@ def start_worker(
     show_default=True,
     help="cpu, cuda, cuda:N, auto, or claim (a GPU no other worker on this host holds).",
 )
-@click.option("--batch-size", type=click.IntRange(min=1), help="Images per pipeline call.")
+@click.option(
+    "--gpus",
+    metavar="all|0,1,...",
+    help="One worker process per GPU, each pinned with CUDA_VISIBLE_DEVICES and loading its own model.",
+)
+@click.option(
+    "--batch-size",
+    type=BatchSize(),
+    help="Images per pipeline call, or 'auto': measured at start-up [CUDA: auto].",
+)
+@click.option(
+    "--dtype", type=click.Choice(DTYPES), help="Precision on CUDA (float16, bfloat16) [the preset's]."
+)
+@click.option(
+    "--vae",
+    type=click.Choice(VAES),
+    default="default",
+    show_default=True,
+    help="'tiny': decode with AutoencoderTiny (taesd for SD1/SD2, taesdxl for SDXL).",
+)
+@click.option(
+    "--compile",
+    "compile_mode",
+    type=click.Choice(COMPILE_MODES),
+    default="off",
+    show_default=True,
+    help="torch.compile the denoiser; its warm-up runs before the first shard.",
+)
+@click.option(
+    "--channels-last/--no-channels-last", default=None, help="channels_last memory format [on CUDA]."
+)
+@click.option(
+    "--attention",
+    type=click.Choice(["sdpa", "default"]),
+    default="sdpa",
+    show_default=True,
+    help="Attention kernels.",
+)
+@click.option(
+    "--jpeg-encoder",
+    type=click.Choice(JPEG_ENCODERS),
+    default="auto",
+    show_default=True,
+    help="Where JPEG is encoded: 'auto' uses nvJPEG on CUDA when torchvision is installed.",
+)
+@click.option("--encode-threads", type=click.IntRange(min=1), help="Image encoding threads [one per core].")
 @click.option(
     "--exit-when-idle",
     type=click.FloatRange(min=0),
@@ -177,25 +290,50 @@ def start_worker(
 @click.version_option(package_name="fewstep")
 @click.pass_context
 def cli(
-    ctx, model, device, batch_size, exit_when_idle, metrics_port, metrics_address, shutdown_grace, loglevel
+    ctx,
+    model,
+    device,
+    gpus,
+    batch_size,
+    dtype,
+    vae,
+    compile_mode,
+    channels_last,
+    attention,
+    jpeg_encoder,
+    encode_threads,
+    exit_when_idle,
+    metrics_port,
+    metrics_address,
+    shutdown_grace,
+    loglevel,
 ) -> None:
     """Hold one pinned model and turn the shards on its queue into images + parquet."""
     if ctx.invoked_subcommand is not None:
         return
     if not model:
         raise UserError("--model is required (a preset from `worker models`, a hub id or a local directory)")
-    ctx.exit(
-        start_worker(
-            model,
-            device,
-            batch_size,
-            exit_when_idle,
-            loglevel,
-            metrics_port=metrics_port,
-            metrics_address=metrics_address,
-            shutdown_grace=shutdown_grace,
-        )
+    if gpus:
+        from worker.launcher import launch
+
+        logging.basicConfig(level=loglevel.upper(), format="%(asctime)s launcher %(levelname)s: %(message)s")
+        ctx.exit(launch(gpus, sys.argv[1:], device))
+    settings = WorkerSettings(
+        model=model,
+        device=device,
+        batch_size=batch_size,
+        exit_when_idle=exit_when_idle,
+        loglevel=loglevel,
+        speed=SpeedOptions(
+            dtype=dtype, channels_last=channels_last, attention=attention, compile=compile_mode, vae=vae
+        ),
+        jpeg_encoder=jpeg_encoder,
+        encode_threads=encode_threads,
+        metrics_port=metrics_port,
+        metrics_address=metrics_address,
+        shutdown_grace=shutdown_grace,
     )
+    ctx.exit(start_worker(settings))
 
 
 @cli.command("models")

@@ -65,7 +65,7 @@ def claim_gpu(count: int, directory: Path | None = None, poll_seconds: float = 3
         time.sleep(poll_seconds)
 
 
-def visible_gpus() -> int:
+def cuda_device_count() -> int:
     """How many CUDA devices this process sees (safe here: the solo pool never forks)."""
     import torch
 

@@ -51,6 +51,14 @@ def _error_text(error: object) -> str:
     return mask_passwords(" ".join(text.split()))[:500]
 
 
+_OUTCOMES = {
+    "committed": "committed",
+    "superseded": "discarded",
+    "already committed": "skipped",
+    "failed": "failed",
+}
+
+
 @dataclass
 class Activity:
     """A worker's state, updated from Celery's task signals (all on the worker's one task thread)."""
@@ -86,6 +94,7 @@ class Activity:
             self._shard_start = time.monotonic()
 
     def shard_finished(self, retval: object, state: str | None) -> None:
+        """A shard's task ended with Celery ``state`` and the task's return value."""
         with self._lock:
             if self.shard is None:
                 return
@@ -93,12 +102,9 @@ class Activity:
             self.busy_seconds += seconds
             images = int(retval.get("images", 0)) if isinstance(retval, dict) else 0
             if state == "SUCCESS" and isinstance(retval, dict):
-                if retval.get("committed"):
-                    outcome = "committed"
-                elif images:
-                    outcome = "discarded"  # another attempt committed first
-                else:
-                    outcome = "skipped"  # already committed before it started
+                # The task's own word (worker/app.py): committed, superseded (another attempt
+                # committed first), already committed (skipped before it started), failed.
+                outcome = _OUTCOMES.get(str(retval.get("state")), "skipped")
             else:
                 outcome = (state or "unknown").lower()
             self.shard_outcomes[outcome] = self.shard_outcomes.get(outcome, 0) + 1

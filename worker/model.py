@@ -37,7 +37,7 @@ DTYPES = ("float32", "float16", "bfloat16")
 class Batch:
     """What one pipeline call produced."""
 
-    images: np.ndarray  # (N, H, W, 3) uint8
+    images: np.ndarray  # (N, H, W, 3) uint8 (a device tensor with keep_on_device)
     nsfw: list[bool | None]
     seconds: float
 
@@ -72,9 +72,21 @@ class Model:
         self.sampler = label
 
     def generate(
-        self, prompts: list[str], seeds: list[int], *, steps: int, guidance: float, width: int, height: int
+        self,
+        prompts: list[str],
+        seeds: list[int],
+        *,
+        steps: int,
+        guidance: float,
+        width: int,
+        height: int,
+        keep_on_device: bool = False,
     ) -> Batch:
-        """Images for ``prompts``, image i from ``seeds[i]`` (CPU generators: device-independent noise)."""
+        """Images for ``prompts``, image i from ``seeds[i]`` (CPU generators: device-independent noise).
+
+        With ``keep_on_device`` the images stay a uint8 tensor on the model's device, so the
+        encode stage can copy them asynchronously or encode them there.
+        """
         import torch
 
         kwargs = dict(self.preset.get("call") or {})
@@ -99,16 +111,22 @@ class Model:
             pixels = out.images
             if pixels.ndim == 4 and pixels.shape[1] in (1, 3):
                 pixels = pixels.permute(0, 2, 3, 1)
-            images = (pixels.float() * 255).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
+            images = (pixels.float() * 255).round().clamp(0, 255).to(torch.uint8)
+            if self.device.startswith("cuda"):
+                torch.cuda.synchronize(self.device)  # so `seconds` is the device's time, not launch time
             nsfw = self._nsfw(images)
+            if not keep_on_device:
+                images = images.cpu().numpy()
         seconds = time.perf_counter() - start
         return Batch(images=images, nsfw=nsfw, seconds=seconds)
 
-    def _nsfw(self, images: np.ndarray) -> list[bool | None]:
+    def _nsfw(self, images) -> list[bool | None]:
         # The checker blanks the images it flags; it gets a copy, the real images are kept.
         if self.safety is None:
             return [None] * len(images)
         from PIL import Image
+
+        images = np.asarray(images.cpu()) if not isinstance(images, np.ndarray) else images
 
         checker, extractor = self.safety
         clip = extractor([Image.fromarray(a) for a in images], return_tensors="pt").pixel_values
@@ -296,6 +314,10 @@ def load_model(name: str, device: str = "auto") -> Model:
     import diffusers
 
     preset = resolve_model(name)
+    if preset.get("repo") == "builtin:synthetic":  # benchmarks only: no weights, no device
+        from worker import synthetic
+
+        return synthetic.load(name, preset, "cpu")
     device = resolve_device(device)
     torch_dtype, dtype = _torch_dtype(preset.get("dtype", "float32"), device)
     start = time.perf_counter()

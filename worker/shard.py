@@ -1,10 +1,35 @@
-"""One shard: manifest → generate → encode → upload → commit.
+"""One shard: manifest → generate → encode → upload → commit, as overlapped stages.
 
-Generation runs in the calling thread while earlier batches are encoded and uploaded
-by a thread pool (Pillow and boto3 release the GIL). At most ``max_batches_in_flight``
-batches wait for their uploads, so memory stays flat when storage is slower than the
-model. The metadata parquet, the commit marker, is written last and only if absent:
-of two racing attempts exactly one commits.
+::
+
+    manifest ─▶ generate ─▶ to host ─▶ encode ──────▶ upload ──────▶ all confirmed ─▶ commit ─▶ stats
+                device thread          encode pool    upload pool                    task thread
+                └── takes a slot per batch: at most max_batches_in_flight generated, not yet uploaded ──┘
+
+- **generate**: one thread owns the model; every model call (warm-up and batch-size probes
+  included, see :meth:`ShardRunner.on_device`) runs on it, since CUDA graphs and compile
+  caches are per thread. It takes a slot before each batch and a slot is freed only when
+  the batch's last upload is confirmed: when storage or encoding is slower than the model,
+  generation waits and memory stays flat; a shard is never buffered whole.
+- **to host / encode**: a CUDA batch is copied to pinned memory on a side stream while the
+  next batch runs; JPEG on CUDA is encoded by nvJPEG instead when torchvision is there.
+  CPU encoding runs in a pool of threads, one per core: Pillow compresses with the GIL
+  released (``bench/pipeline.py`` measured threads against processes).
+- **upload**: an I/O pool of threads putting one object per image.
+- **commit**: the task's thread waits until every upload of the shard is confirmed, then
+  writes the metadata parquet only if absent, so of two racing attempts exactly one
+  commits; the stats object (``stats/part-N.json``) follows. An upload that fails stops
+  the shard's generation and fails the task: nothing is committed.
+
+**The next shard.** The worker runs Celery's solo pool with late acks and prefetch 1: the
+next message is delivered only after this one is acknowledged, which is after its commit.
+Acking earlier could lose a shard, so instead the runner reads ahead. A few batches before
+the end of a shard, it peeks (read only) at the next message in its queue and fetches that
+shard's manifest; when the last batch is done, the device goes on with the next shard's
+first batches (as many as there are free slots) while this shard's last uploads, its
+commit, the ack and the next delivery happen. Nothing of the next shard is uploaded before
+its message is delivered to this worker; if another worker takes it, those batches are
+dropped. Seeds make them the very batches the task would have generated.
 """
 
 from __future__ import annotations
@@ -15,11 +40,14 @@ import io
 import json
 import logging
 import os
+import queue
 import socket
+import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pyarrow as pa
@@ -29,16 +57,19 @@ from fewstep import UserError
 from fewstep.contract import (
     JOB_SPEC_KEY,
     ShardMessage,
+    ShardStats,
     image_key,
     image_name,
     metadata_key,
     metadata_schema,
     part_name,
+    stats_key,
 )
-from fewstep.storage import Store, open_store
+from fewstep.queue import peek_next, redis_client
+from fewstep.storage import StorageError, Store, open_store
 from worker.commit import ShardGuard, commit
-from worker.encode import encode, extension
-from worker.model import Model
+from worker.encode import PILLOW, HostPixels, ImageFormat, encode, encode_jpeg_on_device, to_host
+from worker.model import Batch, Model
 
 log = logging.getLogger("fewstep.worker")
 
@@ -49,122 +80,630 @@ class WrongModel(UserError):
 
 @dataclass
 class ShardResult:
+    """What running a shard came to (the task's return value is made from it)."""
+
     shard: int
     images: int
     committed: bool  # False: another attempt had committed first
     seconds: float
     generate_seconds: float
+    stats: ShardStats | None = None
 
 
-def _upload(store: Store, key: str, pixels, generation: dict[str, Any]) -> tuple[str, int]:
-    data = encode(pixels, generation)
-    store.put(key, data)
-    return hashlib.sha256(data).hexdigest(), len(data)
+def host_cores() -> int:
+    """CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+# --- a shard and its run through the stages ----------------------------------------------
+
+
+@dataclass
+class OpenShard:
+    """A shard ready to generate: message, job spec, manifest rows, keys."""
+
+    message: ShardMessage
+    spec: dict[str, Any]
+    store: Store
+    rows: dict[str, list]
+    keys: list[str]
+    image_format: ImageFormat
+    tokens: list[int]
+    token_limit: int
+
+    @property
+    def label(self) -> str:
+        """``job part-000042``, for logs."""
+        return f"{self.spec['job']} {part_name(self.message.shard)}"
+
+    def is_for(self, message: ShardMessage) -> bool:
+        """Whether ``message`` asks for this very shard (any attempt)."""
+        m = self.message
+        return (m.job_url, m.shard, m.manifest_key) == (message.job_url, message.shard, message.manifest_key)
+
+
+@dataclass
+class Generated:
+    """A generated batch: the images, when the device ran it, when it was made."""
+
+    batch: Batch
+    busy: tuple[float, float]
+    started: dt.datetime
+    created: dt.datetime
+
+
+@dataclass
+class Ahead:
+    """The first batches of a shard, generated before its message was delivered (each holds a slot)."""
+
+    shard: OpenShard
+    batches: list[Generated]
+
+
+class ShardRun:
+    """One shard going through the stages: per-row results, stage timings, completion."""
+
+    def __init__(self, shard: OpenShard, batch_size: int, guard: ShardGuard | None = None):
+        self.shard = shard
+        self.guard = guard
+        n = len(shard.keys)
+        self.batches = [(lo, min(lo + batch_size, n)) for lo in range(0, n, batch_size)]
+        self.digests: list[tuple[str, int] | None] = [None] * n
+        self.nsfw: list[bool | None] = [None] * n
+        self.gen_ms: list[float] = [0.0] * n
+        self.created: list[dt.datetime | None] = [None] * n
+        self.generate_s = self.encode_s = self.encode_cpu_s = self.upload_s = self.wait_s = 0.0
+        self.uploaded = 0
+        self.batches_ahead = 0
+        self.first_batch_at: dt.datetime | None = None
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+        self._lock = threading.Lock()
+        self._open_batches = 0
+        self._generating = True
+
+    def add(self, stage: str, seconds: float) -> None:
+        """Add to a stage's time (``generate_s``, ``encode_s``, ...); called from any stage."""
+        with self._lock:
+            setattr(self, stage, getattr(self, stage) + seconds)
+
+    def fail(self, error: BaseException) -> None:
+        """Record the shard's first error: later batches are neither generated nor uploaded."""
+        with self._lock:
+            if self.error is None:
+                self.error = error
+
+    def batch_started(self) -> None:
+        """A generated batch entered the encode and upload stages."""
+        with self._lock:
+            self._open_batches += 1
+
+    def batch_settled(self, uploaded: int) -> None:
+        """Every image of a batch is uploaded (``uploaded`` of them) or given up."""
+        with self._lock:
+            self._open_batches -= 1
+            self.uploaded += uploaded
+            self._check_done()
+
+    def generation_finished(self) -> None:
+        """The device is done with this shard (all batches generated, or stopped by an error)."""
+        with self._lock:
+            self._generating = False
+            self._check_done()
+
+    def _check_done(self) -> None:
+        if not self._generating and self._open_batches == 0:
+            self.done.set()
+
+
+class BatchUploads:
+    """Counts a batch's images down to the moment its slot can be freed."""
+
+    def __init__(self, run: ShardRun, size: int, release: Callable[[], None], rows_done: int):
+        self.run = run
+        self._left = size
+        self._ok = 0
+        self._lock = threading.Lock()
+        self._release = release
+        self._rows_done = rows_done
+        self._admit_lock = threading.Lock()
+        self._admitted = False
+
+    def admit(self) -> bool:
+        """True when the batch's images may be written: the shard's guard runs once per batch,
+        in the first upload thread that gets here (off the device thread), before any of the
+        batch's images is written; a guard that says stop fails the shard."""
+        guard = self.run.guard
+        if guard is not None:
+            with self._admit_lock:
+                if not self._admitted:
+                    self._admitted = True
+                    try:
+                        guard.batch_done(self._rows_done, [])
+                    except BaseException as e:
+                        self.run.fail(e)
+        return self.run.error is None
+
+    def settle(self, ok: bool) -> None:
+        """One image of the batch is uploaded (``ok``) or given up; the last one frees the slot."""
+        with self._lock:
+            self._left -= 1
+            self._ok += ok
+            last = self._left == 0
+        if last:
+            self._release()
+            self.run.batch_settled(self._ok)
+
+
+class Slots:
+    """At most ``limit`` batches generated but not yet uploaded; tracks the peak."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._free = threading.Semaphore(limit)
+        self._lock = threading.Lock()
+        self.in_use = 0
+        self.peak = 0
+
+    def take(self) -> float:
+        """Wait for a free slot; returns the seconds waited."""
+        start = time.perf_counter()
+        self._free.acquire()
+        with self._lock:
+            self.in_use += 1
+            self.peak = max(self.peak, self.in_use)
+        return time.perf_counter() - start
+
+    def free(self) -> None:
+        """Give a slot back: its batch is uploaded, given up or dropped."""
+        with self._lock:
+            self.in_use -= 1
+        self._free.release()
+
+    def reset_peak(self) -> None:
+        """Start measuring the peak anew (per shard)."""
+        with self._lock:
+            self.peak = self.in_use
+
+
+class Lookahead:
+    """The next shard on this worker's queue, opened before its message is delivered.
+
+    A hint only: another worker may take that message first.
+    """
+
+    def __init__(self, queue_name: str | None, open_shard: Callable[[ShardMessage], OpenShard | None]):
+        self.queue_name = queue_name
+        self._open_shard = open_shard
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="lookahead")
+        self._future: Future | None = None
+        self._client = None
+
+    def start(self, current: ShardMessage) -> None:
+        """Peek at the queue and open the next shard in the background."""
+        if self.queue_name is not None:
+            self._future = self._pool.submit(self._read, current)
+
+    def _read(self, current: ShardMessage) -> OpenShard | None:
+        try:
+            if self._client is None:
+                self._client = redis_client()
+            message = peek_next(self._client, self.queue_name)
+            if message is None or (message.job_url, message.shard) == (current.job_url, current.shard):
+                return None
+            return self._open_shard(message)
+        except Exception as e:  # a hint that failed costs nothing but the overlap
+            log.debug("reading ahead failed: %s", e)
+            return None
+
+    def ready(self, timeout: float) -> bool:
+        """Whether reading ahead is over (or was never started), waiting up to ``timeout`` seconds."""
+        future = self._future
+        if future is None:
+            return True
+        try:
+            future.result(timeout=timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def result(self) -> OpenShard | None:
+        """The shard read ahead, if reading ahead is over and found one."""
+        future = self._future
+        return future.result() if future is not None and future.done() else None
+
+    def take(self, message: ShardMessage) -> OpenShard | None:
+        """The shard read ahead if it is the one ``message`` asks for."""
+        future, self._future = self._future, None
+        if future is None or not future.done():
+            return None
+        shard = future.result()
+        return replace(shard, message=message) if shard is not None and shard.is_for(message) else None
+
+    def close(self) -> None:
+        """Stop reading ahead."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+# --- the runner ----------------------------------------------------------------------------
 
 
 class ShardRunner:
-    """Runs shards for one loaded model; reused across tasks (and jobs)."""
+    """Runs shards for one loaded model through the overlapped stages; reused across tasks and jobs."""
 
     def __init__(
-        self, model: Model, *, batch_size: int, upload_threads: int = 8, max_batches_in_flight: int = 2
+        self,
+        model: Model,
+        *,
+        batch_size: int,
+        upload_threads: int = 16,
+        max_batches_in_flight: int = 2,
+        encode_threads: int | None = None,
+        queue_name: str | None = None,
+        gpu_jpeg: str | None = None,
+        speed: dict[str, Any] | None = None,
+        progress_every: float = 10.0,
     ):
         self.model = model
         self.batch_size = batch_size
-        self.max_batches_in_flight = max_batches_in_flight
-        self.pool = ThreadPoolExecutor(upload_threads, thread_name_prefix="upload")
-        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{model.device}"
+        self.gpu_jpeg = gpu_jpeg  # the nvJPEG encoder's label when JPEG is encoded on the GPU
+        self.speed = dict(speed or {})
+        self.progress_every = progress_every
+        self.slots = Slots(max_batches_in_flight)
+        self.encode_threads = encode_threads or host_cores()
+        self.encode_pool = ThreadPoolExecutor(self.encode_threads, thread_name_prefix="encode")
+        self.upload_pool = ThreadPoolExecutor(upload_threads, thread_name_prefix="upload")
+        self.lookahead = Lookahead(queue_name, self._open_ahead)
+        self.worker_id = worker_id(model.device)
         self._specs: dict[str, dict[str, Any]] = {}
+        self._specs_lock = threading.Lock()
+        self._device_calls: queue.Queue = queue.Queue()
+        self._busy: deque[tuple[float, float]] = deque()  # device busy intervals (perf_counter)
+        self._running_since: float | None = None  # start of the batch on the device now
+        self._busy_lock = threading.Lock()
+        self._ahead: Ahead | None = None  # touched by the device thread only
+        self._current: ShardRun | None = None
+        self._keep_on_device = model.device.startswith("cuda")
+        self._device = threading.Thread(target=self._device_loop, name="generate", daemon=True)
+        self._device.start()
+
+    # -- the device thread --
+
+    def on_device(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn(*args)`` on the device thread and return its result."""
+        future: Future = Future()
+        self._device_calls.put((fn, args, future))
+        return future.result()
+
+    def _device_loop(self) -> None:
+        while True:
+            item = self._device_calls.get()
+            if item is None:
+                return
+            fn, args, future = item
+            try:
+                future.set_result(fn(*args))
+            except BaseException as e:
+                future.set_exception(e)
+
+    def _generate(self, shard: OpenShard, lo: int, hi: int) -> Generated:
+        gen = shard.spec["generation"]
+        started = _now()
+        start = self._running_since = time.perf_counter()
+        batch = self.model.generate(
+            shard.rows["prompt"][lo:hi],
+            shard.rows["seed"][lo:hi],
+            steps=gen["steps"],
+            guidance=gen["guidance"],
+            width=gen["width"],
+            height=gen["height"],
+            keep_on_device=self._keep_on_device,
+        )
+        busy = (start, time.perf_counter())
+        with self._busy_lock:
+            self._busy.append(busy)
+            self._running_since = None
+        return Generated(batch, busy, started, _now())
+
+    def _generate_shard(self, run: ShardRun) -> None:
+        """The generate stage for one shard (device thread)."""
+        ahead = self._claim_ahead(run.shard)
+        run.batches_ahead = len(ahead)
+        try:
+            for index, (lo, hi) in enumerate(run.batches):
+                if run.error is not None:
+                    break
+                if index == max(0, len(run.batches) - 3):  # early enough to be ready at the end
+                    self.lookahead.start(run.shard.message)
+                if ahead:
+                    generated = ahead.pop(0)
+                else:
+                    run.add("wait_s", self.slots.take())
+                    try:
+                        generated = self._generate(run.shard, lo, hi)
+                    except BaseException:
+                        self.slots.free()
+                        raise
+                run.first_batch_at = run.first_batch_at or generated.started
+                run.add("generate_s", generated.busy[1] - generated.busy[0])
+                self._sink(run, lo, hi, generated)
+        except BaseException as e:
+            run.fail(e)
+        finally:
+            for _ in ahead:  # left over after a failure
+                self.slots.free()
+            run.generation_finished()
+        if run.error is None:
+            self._generate_ahead()
+
+    def _claim_ahead(self, shard: OpenShard) -> list[Generated]:
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            return []
+        if ahead.shard.is_for(shard.message):
+            return ahead.batches
+        for _ in ahead.batches:  # another worker got that shard: drop its batches
+            self.slots.free()
+        if ahead.batches:
+            log.info("%s went to another worker: dropped %d batches generated ahead", ahead.shard.label,
+                     len(ahead.batches))  # fmt: skip
+        return []
+
+    def _generate_ahead(self) -> None:
+        """Generate the next shard's first batches while this one finishes (device thread).
+
+        Stops as soon as a task arrives, or when every slot is taken.
+        """
+        deadline = time.monotonic() + 5.0
+        while not self.lookahead.ready(timeout=0.02):
+            if not self._device_calls.empty() or time.monotonic() > deadline:
+                return
+        shard = self.lookahead.result()
+        if shard is None:
+            return
+        self._ahead = Ahead(shard, [])
+        n = len(shard.keys)
+        for lo in range(0, n, self.batch_size)[: self.slots.limit]:
+            if not self._device_calls.empty():
+                return
+            self.slots.take()
+            try:
+                self._ahead.batches.append(self._generate(shard, lo, min(lo + self.batch_size, n)))
+            except Exception as e:
+                self.slots.free()
+                log.debug("generating ahead failed: %s", e)  # the task will generate it again
+                return
+
+    # -- the encode and upload stages --
+
+    def _sink(self, run: ShardRun, lo: int, hi: int, generated: Generated) -> None:
+        """Hand a generated batch to the encode and upload stages (device thread)."""
+        n, batch, created = hi - lo, generated.batch, generated.created
+        run.nsfw[lo:hi] = batch.nsfw
+        run.gen_ms[lo:hi] = [1000 * batch.seconds / n] * n
+        run.created[lo:hi] = [created] * n
+        run.batch_started()
+        uploads = BatchUploads(run, n, self.slots.free, hi)
+        image_format = run.shard.image_format
+        try:
+            if image_format.name == "jpeg" and self.gpu_jpeg:
+                start = time.perf_counter()
+                encoded = encode_jpeg_on_device(batch.images, image_format.quality)
+                run.add("encode_s", time.perf_counter() - start)
+                for i, data in enumerate(encoded):
+                    self.upload_pool.submit(self._upload, run, uploads, lo + i, data)
+                return
+            pixels = to_host(batch.images)
+        except BaseException as e:
+            run.fail(e)
+            for _ in range(n):
+                uploads.settle(False)
+            return
+        for i in range(n):
+            self.encode_pool.submit(self._encode, run, uploads, pixels, i, lo + i)
+
+    def _encode(self, run: ShardRun, uploads: BatchUploads, pixels: HostPixels, i: int, row: int) -> None:
+        if run.error is not None:
+            uploads.settle(False)
+            return
+        try:
+            start, cpu = time.perf_counter(), time.thread_time()
+            data = encode(pixels.array()[i], run.shard.image_format)
+            run.add("encode_cpu_s", time.thread_time() - cpu)
+            run.add("encode_s", time.perf_counter() - start)
+        except BaseException as e:
+            run.fail(e)
+            uploads.settle(False)
+            return
+        self.upload_pool.submit(self._upload, run, uploads, row, data)
+
+    def _upload(self, run: ShardRun, uploads: BatchUploads, row: int, data: bytes) -> None:
+        if not uploads.admit():  # stopped: a failure, another attempt's commit, or shutdown
+            uploads.settle(False)
+            return
+        try:
+            start = time.perf_counter()
+            run.shard.store.put(run.shard.keys[row], data)
+            run.add("upload_s", time.perf_counter() - start)
+            run.digests[row] = (hashlib.sha256(data).hexdigest(), len(data))
+        except BaseException as e:
+            run.fail(e)
+            uploads.settle(False)
+            return
+        uploads.settle(True)
+
+    # -- the task's thread --
 
     def job_spec(self, store: Store, job_url: str) -> dict[str, Any]:
-        if job_url not in self._specs:
-            self._specs[job_url] = json.loads(store.get(JOB_SPEC_KEY))
-        return self._specs[job_url]
+        """The job spec, read once per job."""
+        with self._specs_lock:
+            if job_url not in self._specs:
+                self._specs[job_url] = json.loads(store.get(JOB_SPEC_KEY))
+            return self._specs[job_url]
 
-    def run(self, message: ShardMessage, guard: ShardGuard | None = None) -> ShardResult:
-        """Generate, upload and commit one shard; ``guard`` may stop it between batches."""
-        start = time.perf_counter()
+    def _open_ahead(self, message: ShardMessage) -> OpenShard | None:
         store = open_store(message.job_url)
+        if store.exists(metadata_key(message.shard)):
+            return None
+        return self.open_shard(message, store)
+
+    def open_shard(self, message: ShardMessage, store: Store) -> OpenShard:
+        """Read a shard's job spec and manifest; refuse shards of another model."""
         spec = self.job_spec(store, message.job_url)
         if spec["model"]["name"] != self.model.name:
             raise WrongModel(
                 f"shard of job {spec['job']} needs model {spec['model']['name']}, "
                 f"this worker runs {self.model.name}"
             )
-        marker = metadata_key(message.shard)
-        if store.exists(marker):
-            log.info("%s %s already committed, skipping", spec["job"], part_name(message.shard))
-            return ShardResult(message.shard, 0, False, 0.0, 0.0)
-
-        manifest = pq.read_table(io.BytesIO(store.get(message.manifest_key)))
-        gen = spec["generation"]
-        self.model.use_sampler(gen.get("sampler"))  # the job's sampler; the metadata records it
-        ext = extension(gen["format"])
-        rows = manifest.to_pydict()
-        n = manifest.num_rows
-        shard = message.shard
-        keys = [image_key(shard, r, ext) for r in rows["row_id"]]
+        rows = pq.read_table(io.BytesIO(store.get(message.manifest_key))).to_pydict()
+        image_format = ImageFormat.from_generation(spec["generation"])
+        keys = [image_key(message.shard, r, image_format.extension) for r in rows["row_id"]]
         tokens, limit = self.model.count_tokens(rows["prompt"])
+        return OpenShard(message, spec, store, rows, keys, image_format, tokens, limit)
 
-        uploads: list[Future] = []
-        in_flight: deque[list[Future]] = deque()
-        nsfw: list[bool | None] = []
-        gen_ms: list[float] = []
-        created: list[dt.datetime] = []
-        generate_seconds = 0.0
-        for lo in range(0, n, self.batch_size):
-            hi = min(lo + self.batch_size, n)
-            batch = self.model.generate(
-                rows["prompt"][lo:hi],
-                rows["seed"][lo:hi],
-                steps=gen["steps"],
-                guidance=gen["guidance"],
-                width=gen["width"],
-                height=gen["height"],
-            )
-            generate_seconds += batch.seconds
-            if guard is not None:
-                guard.batch_done(hi, uploads)
-            now = dt.datetime.now(dt.UTC)
-            nsfw += batch.nsfw
-            gen_ms += [1000 * batch.seconds / (hi - lo)] * (hi - lo)
-            created += [now] * (hi - lo)
-            futures = [
-                self.pool.submit(_upload, store, keys[i], batch.images[i - lo], gen) for i in range(lo, hi)
-            ]
-            uploads += futures
-            in_flight.append(futures)
-            while len(in_flight) > self.max_batches_in_flight:
-                for f in in_flight.popleft():
-                    f.result()
-        digests = [f.result() for f in uploads]
+    def run(self, message: ShardMessage, guard: ShardGuard | None = None) -> ShardResult:
+        """Generate, upload and commit one shard; the entry point of the Celery task.
 
-        table = self._metadata(spec, message, rows, keys, digests, nsfw, tokens, limit, gen_ms, created)
-        committed = commit(store, shard, table, n)
-        seconds = time.perf_counter() - start
+        ``guard`` (see :mod:`worker.commit`) is asked before each batch's images are written
+        and may stop the shard: another attempt committed it, or the shutdown grace ran out.
+        """
+        start, started_at = time.perf_counter(), _now()
+        shard = self.lookahead.take(message)  # read ahead, checked not committed moments ago
+        if shard is None:
+            store = open_store(message.job_url)
+            if store.exists(metadata_key(message.shard)):
+                spec = self.job_spec(store, message.job_url)
+                log.info("%s %s already committed, skipping", spec["job"], part_name(message.shard))
+                return ShardResult(message.shard, 0, False, 0.0, 0.0)
+            shard = self.open_shard(message, store)
+
+        run = ShardRun(shard, self.batch_size, guard)
+        self.slots.reset_peak()
+        self._current = run
+        self._device_calls.put((self._generate_shard, (run,), Future()))
+        self._wait(run, start)
+        self._current = None
+        if run.error is not None:
+            raise run.error
+
+        commit_start = time.perf_counter()
+        # Checked complete, then written only if absent: of two racing attempts one commits.
+        committed = commit(shard.store, message.shard, self._metadata(run), len(shard.keys))
+        end = time.perf_counter()
+        stats = self._stats(run, start, end, end - commit_start, started_at)
         if committed:
+            # The shard is done; its timings are informative and need not hold up the next one.
+            self.upload_pool.submit(self._write_stats, shard.store, stats)
             log.info(
-                "%s %s committed: %d images in %.2fs (%.1f img/s; generate %.2fs)",
-                spec["job"],
-                part_name(shard),
-                n,
-                seconds,
-                n / seconds if seconds else 0.0,
-                generate_seconds,
+                "%s committed: %d images in %.2fs, %.1f img/s; generate %.2fs, encode %.2fs, "
+                "upload %.2fs (thread-seconds), waited %.2fs for slots, GPU idle %.1f%%%s",
+                shard.label,
+                stats.images,
+                stats.seconds,
+                stats.images_per_s,
+                stats.generate_s,
+                stats.encode_s,
+                stats.upload_s,
+                stats.wait_s,
+                100 * stats.gpu_idle_fraction,
+                f", {run.batches_ahead} batches generated ahead" if run.batches_ahead else "",
             )
         else:
-            log.warning(
-                "%s %s was committed by another attempt first; this attempt is discarded",
-                spec["job"],
-                part_name(shard),
-            )
-        return ShardResult(shard, n, committed, seconds, generate_seconds)
+            log.warning("%s was committed by another attempt first; this attempt is discarded", shard.label)
+        return ShardResult(message.shard, len(shard.keys), committed, end - start, run.generate_s, stats)
 
-    def _metadata(self, spec, message, rows, keys, digests, nsfw, tokens, limit, gen_ms, created) -> pa.Table:
-        gen = spec["generation"]
+    def _wait(self, run: ShardRun, start: float) -> None:
+        """Wait for the shard's stages to finish, logging its progress now and then."""
+        while not run.done.wait(self.progress_every):
+            elapsed = time.perf_counter() - start
+            log.info(
+                "%s: %d/%d images uploaded, %.1f img/s",
+                run.shard.label,
+                run.uploaded,
+                len(run.shard.keys),
+                run.uploaded / elapsed,
+            )
+
+    def progress(self) -> dict[str, Any] | None:
+        """The shard in progress (job, shard, images uploaded of total), for heartbeats."""
+        run = self._current
+        if run is None:
+            return None
+        m = run.shard.message
+        return {
+            "job": run.shard.spec["job"],
+            "shard": m.shard,
+            "attempt": m.attempt,
+            "images_done": run.uploaded,
+            "images": len(run.shard.keys),
+        }
+
+    def _idle_seconds(self, start: float, end: float) -> float:
+        """Time in [start, end] in which the device ran no batch (of any shard)."""
+        with self._busy_lock:
+            while self._busy and self._busy[0][1] < start:
+                self._busy.popleft()
+            running = [(self._running_since, end)] if self._running_since is not None else []
+            busy = sum(max(0.0, min(b, end) - max(a, start)) for a, b in [*self._busy, *running])
+        return max(0.0, (end - start) - busy)
+
+    def _stats(
+        self, run: ShardRun, start: float, end: float, commit_s: float, started_at: dt.datetime
+    ) -> ShardStats:
+        shard, seconds = run.shard, end - start
+        images = len(shard.keys)
+        f = shard.image_format
+        return ShardStats(
+            job=shard.spec["job"],
+            shard=shard.message.shard,
+            attempt=shard.message.attempt,
+            worker=self.worker_id,
+            model=self.model.name,
+            images=images,
+            batch_size=self.batch_size,
+            seconds=round(seconds, 6),
+            generate_s=round(run.generate_s, 6),
+            encode_s=round(run.encode_s, 6),
+            encode_cpu_s=round(run.encode_cpu_s, 6),
+            upload_s=round(run.upload_s, 6),
+            commit_s=round(commit_s, 6),
+            wait_s=round(run.wait_s, 6),
+            gpu_idle_fraction=round(self._idle_seconds(start, end) / seconds, 6) if seconds else 0.0,
+            images_per_s=round(images / seconds, 3) if seconds else 0.0,
+            max_batches_in_flight=self.slots.limit,
+            peak_batches_in_flight=self.slots.peak,
+            batches_ahead=run.batches_ahead,
+            format={"name": f.name, "quality": f.quality, "png_level": f.png_level},
+            encoder=self._encoder(f),
+            speed={"device": self.model.device, "dtype": self.model.dtype, **self.speed},
+            first_batch_at=run.first_batch_at.isoformat(),
+            started_at=started_at.isoformat(),
+            finished_at=_now().isoformat(),
+        )
+
+    def _write_stats(self, store: Store, stats: ShardStats) -> None:
+        try:
+            store.put(stats_key(stats.shard), json.dumps(stats.to_json(), indent=1).encode())
+        except (StorageError, UserError) as e:  # the shard is committed; stats are only informative
+            log.warning("%s %s: stats not written: %s", stats.job, part_name(stats.shard), e)
+
+    def _encoder(self, image_format: ImageFormat) -> str:
+        if image_format.name == "jpeg" and self.gpu_jpeg:
+            return self.gpu_jpeg
+        return PILLOW
+
+    def _metadata(self, run: ShardRun) -> pa.Table:
+        shard = run.shard
+        spec, message, rows, keys = shard.spec, shard.message, shard.rows, shard.keys
+        gen, f = spec["generation"], shard.image_format
         n = len(keys)
         fields = spec["source"].get("fields", {})
         columns = {
-            "image_name": [image_name(r, extension(gen["format"])) for r in rows["row_id"]],
+            "image_name": [image_name(r, f.extension) for r in rows["row_id"]],
             "prompt": rows["prompt"],
             "part_id": [message.shard] * n,
             "seed": rows["seed"],
@@ -177,19 +716,39 @@ class ShardRunner:
             "model_revision": [self.model.revision] * n,
             "row_id": rows["row_id"],
             "image_key": keys,
-            "format": [gen["format"]] * n,
-            "sha256": [d[0] for d in digests],
-            "bytes": [d[1] for d in digests],
-            "nsfw": nsfw,
-            "prompt_tokens": tokens,
-            "truncated": [bool(limit) and t > limit for t in tokens],
+            "format": [f.name] * n,
+            "sha256": [d[0] for d in run.digests],
+            "bytes": [d[1] for d in run.digests],
+            "nsfw": run.nsfw,
+            "prompt_tokens": shard.tokens,
+            "truncated": [bool(shard.token_limit) and t > shard.token_limit for t in shard.tokens],
             "source": [spec["source"]["name"]] * n,
             "source_row": rows["source_row"],
-            "gen_ms": gen_ms,
+            "gen_ms": run.gen_ms,
             "worker": [self.worker_id] * n,
             "attempt": [message.attempt] * n,
-            "created_at": created,
+            "created_at": run.created,
+            "format_quality": [f.quality] * n,
+            "png_level": [f.png_level] * n,
+            "encoder": [self._encoder(f)] * n,
+            "dtype": [self.model.dtype] * n,
+            "vae": [self.speed.get("vae", "default")] * n,
         }
         for name in fields:
             columns[name] = rows[name]
         return pa.Table.from_pydict(columns, schema=metadata_schema(fields))
+
+    def close(self) -> None:
+        """Stop the stages' threads (the worker process's end; tests)."""
+        self._device_calls.put(None)
+        self._device.join(timeout=30)
+        self.lookahead.close()
+        self.encode_pool.shutdown()
+        self.upload_pool.shutdown()
+
+
+def worker_id(device: str) -> str:
+    """``host:pid:device``, with the pinned GPU when a launcher set CUDA_VISIBLE_DEVICES."""
+    ident = f"{socket.gethostname()}:{os.getpid()}:{device}"
+    pinned = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return f"{ident}[gpu {pinned}]" if pinned and device.startswith("cuda") else ident

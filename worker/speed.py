@@ -1,0 +1,219 @@
+"""Speed options for a loaded model, applied after ``load_model`` and before the first shard.
+
+- **precision** (``--dtype float16|bfloat16``): casts the pipeline. The CPU stays float32.
+- **channels_last** memory format for the denoiser and the VAE (faster convolutions on
+  tensor cores); on by default on CUDA.
+- **attention**: PyTorch's scaled-dot-product attention (flash / memory-efficient kernels)
+  for UNets that still have the classic processors.
+- **torch.compile** (``--compile``, opt-in) of the denoiser, once the batch size is chosen.
+  Compiling happens in the warm-up, before the first shard, so it counts in no reported rate.
+- **tiny VAE** (``--vae tiny``): decode with AutoencoderTiny — ``taesd`` for SD1/SD2,
+  ``taesdxl`` for SDXL. Their latents are not interchangeable, so the family decides.
+- **batch size** (``--batch-size auto``, the default on CUDA): measured at start-up, see
+  :func:`choose_batch_size`.
+
+The options that change pixels (precision, VAE) are recorded in every metadata row; all of
+them are in the per-shard stats.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from fewstep import UserError
+from fewstep.settings import defaults
+from worker.model import DTYPES, Model
+
+log = logging.getLogger("fewstep.worker")
+
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
+VAES = ("default", "tiny")
+PROBE_PROMPT = "a photograph of a lighthouse on a cliff at sunset, detailed"
+
+
+@dataclass
+class SpeedOptions:
+    """What the worker's flags ask for (None: the device's default)."""
+
+    dtype: str | None = None
+    channels_last: bool | None = None
+    attention: str = "sdpa"
+    compile: str = "off"
+    vae: str = "default"
+
+
+def family(model: Model) -> str:
+    """``sdxl``, ``sd`` (SD1/SD2) or the pipeline's class name for anything else."""
+    declared = model.preset.get("family")
+    if declared:
+        return "sdxl" if declared == "sdxl" else "sd" if declared in ("sd1", "sd2", "sd") else declared
+    pipe = model.pipeline
+    if getattr(pipe, "text_encoder_2", None) is not None and getattr(pipe, "unet", None) is not None:
+        return "sdxl"
+    if type(pipe).__name__.startswith("StableDiffusion") and hasattr(pipe, "unet"):
+        return "sd"
+    return type(pipe).__name__
+
+
+def tiny_vae_repo(model_family: str) -> str:
+    """The AutoencoderTiny for a family (``config/defaults.toml`` [tiny_vae]): hub id or directory."""
+    repos = defaults()["tiny_vae"]
+    if model_family not in repos:
+        raise UserError(
+            f"--vae tiny works for SD1/SD2 (taesd) and SDXL (taesdxl) pipelines, not {model_family}"
+        )
+    return repos[model_family]
+
+
+def _load_tiny_vae(repo: str, torch_dtype):
+    from diffusers import AutoencoderTiny
+
+    try:
+        return AutoencoderTiny.from_pretrained(repo, torch_dtype=torch_dtype, use_safetensors=True)
+    except (OSError, ValueError) as e:
+        raise UserError(
+            f"cannot load the tiny VAE {repo}: {str(e).splitlines()[0] if str(e) else type(e).__name__} "
+            "(offline? point [tiny_vae] in config/defaults.toml at a local copy)"
+        ) from None
+
+
+def _denoiser(pipe):
+    return getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+
+
+def apply(model: Model, options: SpeedOptions) -> dict[str, Any]:
+    """Apply ``options`` to ``model`` in place; returns what was applied (for logs and stats)."""
+    import torch
+
+    applied: dict[str, Any] = {}
+    if model.pipeline is None:  # the synthetic benchmark model has nothing to tune
+        return applied
+    pipe, cuda = model.pipeline, model.device.startswith("cuda")
+    if options.dtype and options.dtype != model.dtype:
+        if options.dtype not in DTYPES:
+            raise UserError(f"unsupported dtype {options.dtype!r}: use one of {', '.join(DTYPES)}")
+        if cuda:
+            pipe.to(dtype=getattr(torch, options.dtype))
+            model.dtype = options.dtype
+        else:
+            log.warning(
+                "--dtype %s ignored on the CPU (half precision there is slow or unsupported)", options.dtype
+            )
+    if options.vae == "tiny":
+        repo = tiny_vae_repo(family(model))
+        pipe.vae = _load_tiny_vae(repo, getattr(torch, model.dtype)).to(model.device)
+        applied["vae"] = f"tiny:{repo}"
+    elif options.vae != "default":
+        raise UserError(f"unknown --vae {options.vae!r}: use {' or '.join(VAES)}")
+    denoiser = _denoiser(pipe)
+    if options.channels_last if options.channels_last is not None else cuda:
+        for module in (denoiser, getattr(pipe, "vae", None)):
+            if module is not None:
+                module.to(memory_format=torch.channels_last)
+        applied["channels_last"] = True
+    applied["attention"] = _use_sdpa(denoiser) if options.attention == "sdpa" else "default"
+    if options.compile not in COMPILE_MODES:
+        raise UserError(f"unknown --compile mode {options.compile!r}: use {', '.join(COMPILE_MODES)}")
+    return applied
+
+
+def compile_denoiser(model: Model, mode: str) -> bool:
+    """torch.compile the UNet or transformer (lazily: the warm-up compiles it); False if none.
+
+    Call it after the batch size is chosen, so probing other sizes does not recompile.
+    """
+    denoiser = _denoiser(model.pipeline) if model.pipeline is not None else None
+    if mode == "off" or denoiser is None:
+        return False
+    denoiser.compile(mode=None if mode == "default" else mode)
+    return True
+
+
+def _use_sdpa(denoiser) -> str:
+    """Switch classic attention processors to SDPA; returns the attention in use."""
+    if denoiser is None or not hasattr(denoiser, "attn_processors"):
+        return "default"
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    kinds = {type(p) for p in denoiser.attn_processors.values()}
+    if kinds <= {AttnProcessor, AttnProcessor2_0}:
+        if AttnProcessor in kinds:
+            denoiser.set_attn_processor(AttnProcessor2_0())
+        return "sdpa"
+    return "default"  # other architectures' processors (SD3, Flux, ...) already use SDPA
+
+
+def run_batch(model: Model, batch_size: int) -> None:
+    """One batch of ``batch_size`` at the preset's size and steps (probes, warm-up, benchmarks)."""
+    preset = model.preset
+    model.generate(
+        [PROBE_PROMPT] * batch_size,
+        list(range(batch_size)),
+        steps=int(preset["steps"]),
+        guidance=float(preset["guidance"]),
+        width=int(preset["width"]),
+        height=int(preset["height"]),
+    )
+
+
+def warm_up(model: Model, batch_size: int, batches: int) -> float:
+    """Run ``batches`` batches so compilation and autotuning happen before the first shard."""
+    start = time.perf_counter()
+    for _ in range(batches):
+        run_batch(model, batch_size)
+    return time.perf_counter() - start
+
+
+def choose_batch_size(
+    measure: Callable[[int], float], *, limit: int, gain: float = 0.05, out_of_memory: tuple = ()
+) -> tuple[int, list[tuple[int, float]]]:
+    """The batch size to run, by measurement: returns it and the (size, images/s) measured.
+
+    Doubles the size from 1 while it fits (``measure`` raises one of ``out_of_memory``
+    when it does not) and while doubling still raises throughput by ``gain`` or more; past
+    that, bigger batches cost memory and pipeline latency for nothing. ``measure(n)``
+    returns the seconds one batch of ``n`` takes.
+    """
+    measured: list[tuple[int, float]] = []
+    size = 1
+    while size <= limit:
+        try:
+            rate = size / measure(size)
+        except out_of_memory:
+            break
+        if measured and rate < measured[-1][1] * (1 + gain):
+            measured.append((size, rate))
+            return measured[-2][0], measured
+        measured.append((size, rate))
+        size *= 2
+    if not measured:
+        raise UserError("not even a batch of 1 image fits in the device's memory")
+    return measured[-1][0], measured
+
+
+def auto_batch_size(model: Model, limit: int) -> int:
+    """Measure this model on its device and choose a batch size (see :func:`choose_batch_size`)."""
+    import torch
+
+    def measure(n: int) -> float:
+        try:
+            run_batch(model, n)  # the first call of a size pays for allocation and autotuning
+            start = time.perf_counter()
+            run_batch(model, n)
+            return time.perf_counter() - start
+        except torch.OutOfMemoryError:
+            if model.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+            raise
+
+    size, measured = choose_batch_size(measure, limit=limit, out_of_memory=(torch.OutOfMemoryError,))
+    log.info(
+        "batch size %d chosen by measurement (%s)",
+        size,
+        ", ".join(f"{n}: {rate:.1f} img/s" for n, rate in measured),
+    )
+    return size
