@@ -27,5 +27,5 @@ def test_local_directory_output_runs_end_to_end(env, tmp_path):
         assert key.endswith(".jpg")
     names = {p.name for p in (tmp_path / "datasets" / "local").iterdir()}
     assert {"images", "job.json", "manifests", "metadata"} <= names <= {
-        "images", "job.json", "manifests", "metadata", "stats", "workers",
+        "attempts", "images", "job.json", "manifests", "metadata", "stats", "workers",
     }  # fmt: skip

@@ -155,10 +155,14 @@ def start_worker(settings: WorkerSettings) -> int:
     if speed.compile_denoiser(model, settings.speed.compile):  # after choosing the size: no recompiles
         runner.speed["compile"] = settings.speed.compile
     if model.pipeline is not None:  # first calls pay for lazy set-up (and compiling): not in any rate
-        seconds = runner.on_device(speed.warm_up, model, runner.batch_size, int(cfg["warmup_batches"]))
-        log.info(
-            "warm-up: %d batches in %.1fs (not counted in any rate)", int(cfg["warmup_batches"]), seconds
-        )
+        if model.device == "cpu" and settings.speed.compile == "off":
+            # Nothing to autotune or compile: one small batch absorbs the lazy set-up, where
+            # full batches at the native size could take minutes on a CPU.
+            batches, size, images = 1, min(128, int(model.preset["width"]), int(model.preset["height"])), 1
+        else:
+            batches, size, images = int(cfg["warmup_batches"]), None, runner.batch_size
+        seconds = runner.on_device(speed.warm_up, model, images, batches, size)
+        log.info("warm-up: %d batches in %.1fs (not counted in any rate)", batches, seconds)
     worker_app.runner = runner
     if settings.shutdown_grace is not None:
         worker_app.shutdown_grace = settings.shutdown_grace
@@ -201,7 +205,10 @@ def start_worker(settings: WorkerSettings) -> int:
         without_gossip=True,
         task_events=True,
     )
-    worker.start()
+    try:
+        worker.start()
+    finally:
+        runner.close()
     return worker.exitcode or 0
 
 

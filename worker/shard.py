@@ -67,7 +67,7 @@ from fewstep.contract import (
 )
 from fewstep.queue import peek_next, redis_client
 from fewstep.storage import StorageError, Store, open_store
-from worker.commit import ShardGuard, commit
+from worker.commit import ShardGuard, commit, shutdown
 from worker.encode import PILLOW, HostPixels, ImageFormat, encode, encode_jpeg_on_device, to_host
 from worker.model import Batch, Model
 
@@ -128,12 +128,13 @@ class OpenShard:
 
 @dataclass
 class Generated:
-    """A generated batch: the images, when the device ran it, when it was made."""
+    """A generated batch: the images, when the device ran it, when it was made, with which sampler."""
 
     batch: Batch
     busy: tuple[float, float]
     started: dt.datetime
     created: dt.datetime
+    sampler: str
 
 
 @dataclass
@@ -160,6 +161,7 @@ class ShardRun:
         self.uploaded = 0
         self.batches_ahead = 0
         self.first_batch_at: dt.datetime | None = None
+        self.sampler = ""  # what generated the shard's batches (recorded in the metadata)
         self.error: BaseException | None = None
         self.done = threading.Event()
         self._lock = threading.Lock()
@@ -368,6 +370,7 @@ class ShardRunner:
         self._ahead: Ahead | None = None  # touched by the device thread only
         self._current: ShardRun | None = None
         self._keep_on_device = model.device.startswith("cuda")
+        self._closing = threading.Event()
         self._device = threading.Thread(target=self._device_loop, name="generate", daemon=True)
         self._device.start()
 
@@ -392,6 +395,9 @@ class ShardRunner:
 
     def _generate(self, shard: OpenShard, lo: int, hi: int) -> Generated:
         gen = shard.spec["generation"]
+        # The job's sampler, switched here on the device thread: batches generated ahead for
+        # the next shard may belong to a job with another sampler.
+        self.model.use_sampler(gen.get("sampler"))
         started = _now()
         start = self._running_since = time.perf_counter()
         batch = self.model.generate(
@@ -407,7 +413,7 @@ class ShardRunner:
         with self._busy_lock:
             self._busy.append(busy)
             self._running_since = None
-        return Generated(batch, busy, started, _now())
+        return Generated(batch, busy, started, _now(), self.model.sampler)
 
     def _generate_shard(self, run: ShardRun) -> None:
         """The generate stage for one shard (device thread)."""
@@ -456,11 +462,11 @@ class ShardRunner:
     def _generate_ahead(self) -> None:
         """Generate the next shard's first batches while this one finishes (device thread).
 
-        Stops as soon as a task arrives, or when every slot is taken.
+        Stops as soon as a task arrives, when every slot is taken, or when the worker stops.
         """
         deadline = time.monotonic() + 5.0
         while not self.lookahead.ready(timeout=0.02):
-            if not self._device_calls.empty() or time.monotonic() > deadline:
+            if self._stopping() or not self._device_calls.empty() or time.monotonic() > deadline:
                 return
         shard = self.lookahead.result()
         if shard is None:
@@ -468,7 +474,7 @@ class ShardRunner:
         self._ahead = Ahead(shard, [])
         n = len(shard.keys)
         for lo in range(0, n, self.batch_size)[: self.slots.limit]:
-            if not self._device_calls.empty():
+            if self._stopping() or not self._device_calls.empty():
                 return
             self.slots.take()
             try:
@@ -478,11 +484,16 @@ class ShardRunner:
                 log.debug("generating ahead failed: %s", e)  # the task will generate it again
                 return
 
+    def _stopping(self) -> bool:
+        # A worker shutting down takes no next shard: nothing to generate ahead.
+        return self._closing.is_set() or shutdown.requested
+
     # -- the encode and upload stages --
 
     def _sink(self, run: ShardRun, lo: int, hi: int, generated: Generated) -> None:
         """Hand a generated batch to the encode and upload stages (device thread)."""
         n, batch, created = hi - lo, generated.batch, generated.created
+        run.sampler = generated.sampler
         run.nsfw[lo:hi] = batch.nsfw
         run.gen_ms[lo:hi] = [1000 * batch.seconds / n] * n
         run.created[lo:hi] = [created] * n
@@ -709,7 +720,7 @@ class ShardRunner:
             "seed": rows["seed"],
             "step": [gen["steps"]] * n,
             "cfg": [gen["guidance"]] * n,
-            "sampler": [self.model.sampler] * n,
+            "sampler": [run.sampler] * n,
             "width": [gen["width"]] * n,
             "height": [gen["height"]] * n,
             "model": [self.model.name] * n,
@@ -739,7 +750,12 @@ class ShardRunner:
         return pa.Table.from_pydict(columns, schema=metadata_schema(fields))
 
     def close(self) -> None:
-        """Stop the stages' threads (the worker process's end; tests)."""
+        """Stop the stages' threads (the worker process's end; tests).
+
+        The device thread finishes the batch it runs, so the interpreter never exits under a
+        running model call (which aborts the process).
+        """
+        self._closing.set()
         self._device_calls.put(None)
         self._device.join(timeout=30)
         self.lookahead.close()

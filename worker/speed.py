@@ -147,24 +147,26 @@ def _use_sdpa(denoiser) -> str:
     return "default"  # other architectures' processors (SD3, Flux, ...) already use SDPA
 
 
-def run_batch(model: Model, batch_size: int) -> None:
-    """One batch of ``batch_size`` at the preset's size and steps (probes, warm-up, benchmarks)."""
+def run_batch(model: Model, batch_size: int, size: int | None = None) -> None:
+    """One batch of ``batch_size`` at the preset's steps and size (or ``size`` square):
+    probes, warm-up, benchmarks."""
     preset = model.preset
     model.generate(
         [PROBE_PROMPT] * batch_size,
         list(range(batch_size)),
         steps=int(preset["steps"]),
         guidance=float(preset["guidance"]),
-        width=int(preset["width"]),
-        height=int(preset["height"]),
+        width=size or int(preset["width"]),
+        height=size or int(preset["height"]),
     )
 
 
-def warm_up(model: Model, batch_size: int, batches: int) -> float:
-    """Run ``batches`` batches so compilation and autotuning happen before the first shard."""
+def warm_up(model: Model, batch_size: int, batches: int, size: int | None = None) -> float:
+    """Run ``batches`` batches so lazy set-up, compilation and autotuning happen before the
+    first shard; returns the seconds it took."""
     start = time.perf_counter()
     for _ in range(batches):
-        run_batch(model, batch_size)
+        run_batch(model, batch_size, size)
     return time.perf_counter() - start
 
 
