@@ -244,7 +244,7 @@ def enqueue(
     queue = queue_name(queue_prefix(), spec["model"]["name"])
 
     if job_store.exists(JOB_SPEC_KEY):
-        return _resume(job_store, spec, queue)
+        return resume_job(job_store, spec, queue)
 
     with display:
         counts = write_shards(source, spec, selector, store=job_store, display=display)
@@ -265,7 +265,7 @@ def enqueue(
         body = json.dumps(spec, indent=2, ensure_ascii=False).encode()
         if not job_store.put(JOB_SPEC_KEY, body, if_absent=True):
             return _created_meanwhile(job_store, spec, queue)
-        sent = _send(spec, range(1, counts["shards"] + 1), display=display)
+        sent = send_job_shards(spec, range(1, counts["shards"] + 1), display=display)
     return {
         "job": opts.job,
         "job_url": job_store.url,
@@ -281,7 +281,7 @@ def _created_meanwhile(job_store: Store, spec: dict[str, Any], queue: str) -> di
     """Another enqueue wrote job.json first: the same job (resume it) or a clash (say so)."""
     existing = read_progress(job_store).spec
     if spec_identity(existing) == spec_identity(spec) and existing.get("counts") == spec["counts"]:
-        return _resume(job_store, spec, queue)
+        return resume_job(job_store, spec, queue)
     raise UserError(
         f"job {spec['job']!r} was created at {job_store.url} by another enqueue while this one ran, "
         "with another spec; its manifests may have been overwritten: delete it and use a new --job name"
@@ -303,7 +303,7 @@ def _differences(mine: dict[str, Any], theirs: dict[str, Any], prefix: str = "")
     return out
 
 
-def _resume(job_store: Store, spec: dict[str, Any], queue: str) -> dict[str, Any]:
+def resume_job(job_store: Store, spec: dict[str, Any], queue: str) -> dict[str, Any]:
     """Re-send the shards of an existing job (same spec) that are neither committed nor queued."""
     progress = read_progress(job_store)
     existing = progress.spec
@@ -316,7 +316,7 @@ def _resume(job_store: Store, spec: dict[str, Any], queue: str) -> dict[str, Any
         )
     queued = queued_shards(existing)
     missing = [s for s in progress.open_shards if s not in queued]
-    sent = _send(existing, missing)
+    sent = send_job_shards(existing, missing)
     return {
         "job": existing["job"],
         "job_url": job_store.url,
@@ -339,7 +339,7 @@ SEND_THREADS = 4
 SEND_CHUNK = 64
 
 
-def _send(
+def send_job_shards(
     spec: dict[str, Any], shards: Iterable[int], attempt: int = 1, display: EnqueueDisplay | None = None
 ) -> int:
     """Send one task per shard. A few connections send chunks in parallel, in shard order

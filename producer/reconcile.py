@@ -16,7 +16,7 @@ import click
 
 from fewstep.queue import check_broker
 from fewstep.storage import Store
-from producer.enqueue import _resume
+from producer.enqueue import resume_job
 from producer.options import JSON, OUTPUT, job_store
 from producer.progress import read_spec
 
@@ -25,7 +25,7 @@ def reconcile(store: Store, abandoned_after: float) -> dict[str, Any]:
     """Re-send the job's open, unqueued shards; abort its abandoned partial uploads."""
     spec = read_spec(store)
     check_broker()
-    summary = _resume(store, spec, spec["queue"])
+    summary = resume_job(store, spec, spec["queue"])
     summary.pop("resumed", None)
     summary["aborted_uploads"] = store.abort_abandoned_uploads(abandoned_after)
     return summary

@@ -18,7 +18,7 @@ from fewstep import UserError
 from fewstep.contract import ATTEMPT_RETRY_REQUESTED, attempt_key, failed_key, new_attempt_id
 from fewstep.queue import check_broker
 from fewstep.storage import KeyMissing, Store
-from producer.enqueue import _send, queued_shards
+from producer.enqueue import queued_shards, send_job_shards
 from producer.options import JSON, OUTPUT, job_store
 from producer.progress import read_progress
 
@@ -51,7 +51,7 @@ def retry_failed(store: Store) -> dict[str, Any]:
         retried.append(shard)
         if shard not in queued:
             rounds[round_].append(shard)
-    sent = sum(_send(spec, shards, attempt=round_) for round_, shards in rounds.items())
+    sent = sum(send_job_shards(spec, shards, attempt=round_) for round_, shards in rounds.items())
     return {
         "job": spec["job"],
         "queue": spec["queue"],

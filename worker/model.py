@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,6 @@ class Model:
     revision: str | None
     sampler: str
     load_seconds: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
     #: The repository's own scheduler config: every sampler is derived from it.
     scheduler_config: Any = None
     #: (safety checker, feature extractor), taken out of the pipeline so that it only flags.
