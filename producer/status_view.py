@@ -26,6 +26,15 @@ STATE_STYLES = {"done": "bold green", "failed": "bold red", "running": "bold cya
 FINISHED = ("done", "failed")
 
 
+def _shard_cell(shard: object, uploaded: object, total: object) -> str:
+    """``part-000042 (96/256)``: the shard a worker runs and how far its uploads are."""
+    if not isinstance(shard, int) or shard <= 0:
+        return ""
+    if isinstance(uploaded, int) and isinstance(total, int) and total:
+        return f"part-{shard:06d} ({uploaded}/{total})"
+    return f"part-{shard:06d}"
+
+
 def duration(seconds: float | None) -> str:
     """``1:02:03``, ``2d 3:04:05``; ``?`` when unknown."""
     if seconds is None:
@@ -130,7 +139,7 @@ def render(status: JobStatus) -> Group:
                 str(w.get("worker")),
                 str(w.get("device", "")),
                 Text(state, style="green" if w["live"] and state == "working" else "dim"),
-                f"part-{shard:06d}" if isinstance(shard, int) and shard > 0 else "",
+                _shard_cell(shard, w.get("shard_images_uploaded"), w.get("shard_images")),
                 f"{int(w.get('images_done') or 0):,}",
                 f"{w_rate:,.1f}" if isinstance(w_rate, int | float) else "",
                 ago(w.get("age_s")),

@@ -183,7 +183,7 @@ def start_worker(settings: WorkerSettings) -> int:
         visibility_timeout(),
         worker_app.shutdown_grace,
     )
-    activity = Activity(runner.worker_id, model_name, model.device)
+    activity = Activity(runner.worker_id, model_name, model.device, progress=runner.progress)
     Heartbeat(activity, float(cfg["heartbeat_seconds"])).connect(signals).start()
     if settings.metrics_port is not None:
         from worker.metrics import serve_metrics

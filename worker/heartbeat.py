@@ -27,6 +27,7 @@ import socket
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,6 +78,8 @@ class Activity:
     busy_seconds: float = 0.0
     last_error: dict[str, Any] | None = None
     started_at: str = field(default_factory=_now)
+    #: The shard runner's live progress (images uploaded of the shard in progress), if known.
+    progress: Callable[[], dict[str, Any] | None] | None = None
     _shard_start: float = 0.0
     _recent: deque = field(default_factory=deque)  # (finished monotonic, images, seconds)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -135,6 +138,7 @@ class Activity:
     def record(self, state: str, interval_s: float) -> dict[str, Any]:
         """The heartbeat object for the current job."""
         rate = self.images_per_s()
+        live = self.progress() if self.progress else None
         with self._lock:
             job = self.job_url or ""
             host, pid = socket.gethostname(), os.getpid()
@@ -149,6 +153,9 @@ class Activity:
                 "shard": self.shard,
                 "attempt": self.attempt,
                 "shard_started_at": self.shard_started_at,
+                # Images of the shard in progress uploaded so far (not yet committed).
+                "shard_images_uploaded": live["images_done"] if live else None,
+                "shard_images": live["images"] if live else None,
                 "shards_done": self.shards_done.get(job, 0),
                 "images_done": self.images_done.get(job, 0),
                 "images_per_s": rate,
