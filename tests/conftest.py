@@ -1,6 +1,7 @@
 """Session fixtures: a real redis-server and a real SeaweedFS on 127.0.0.1 with
 credentials, started once per test session and stopped at the end. Workers are real
-processes (``python -m worker``). Nothing is faked: no fakeredis, no moto, no eager mode.
+processes (``python -m worker``). Nothing is faked: no in-memory stand-ins for Redis or S3,
+no Celery eager mode.
 """
 
 from __future__ import annotations

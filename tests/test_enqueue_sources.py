@@ -223,7 +223,7 @@ class _Files(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def log_message(self, *args) -> None:
-        pass
+        """Keep the test output quiet."""
 
 
 @pytest.mark.parametrize("ranges", [True, False])

@@ -196,7 +196,7 @@ class TLSProxy:
                     dst.write(data)
                     await dst.drain()
             except (ConnectionError, OSError):
-                pass
+                return  # either side closed: the proxy's job for this pair is over
             finally:
                 dst.close()
 
