@@ -20,14 +20,9 @@ import PIL
 from PIL import Image
 
 from fewstep import UserError
+from fewstep.contract import IMAGE_EXTENSIONS
 
-EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 JPEG_ENCODERS = ("auto", "gpu", "cpu")
-
-
-def extension(image_format: str) -> str:
-    """The file extension of an image format (``jpeg`` → ``jpg``)."""
-    return EXTENSIONS[image_format]
 
 
 @dataclass(frozen=True)
@@ -42,7 +37,7 @@ class ImageFormat:
     def from_generation(cls, generation: dict[str, Any]) -> ImageFormat:
         """The format a job spec asks for; settings it leaves out take Pillow-era defaults."""
         name = generation["format"]
-        if name not in EXTENSIONS:
+        if name not in IMAGE_EXTENSIONS:
             raise UserError(f"unsupported image format {name!r}: use png, jpeg or webp")
         if name == "png":
             return cls(name, png_level=int(generation.get("png_level", 6)))
@@ -51,7 +46,7 @@ class ImageFormat:
     @property
     def extension(self) -> str:
         """The file extension (``jpg`` for JPEG)."""
-        return EXTENSIONS[self.name]
+        return IMAGE_EXTENSIONS[self.name]
 
 
 PILLOW = f"pillow-{PIL.__version__}"
