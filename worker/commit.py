@@ -23,7 +23,6 @@ import os
 import signal
 import threading
 import time
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -238,22 +237,14 @@ class ShardGuard:
         self.started = time.monotonic()
         self._late = False
 
-    def batch_done(self, rows_done: int, uploads: list[Future]) -> None:
-        """Raise :class:`ShutdownRequested` or :class:`Superseded` when the attempt must stop.
-
-        Stopping cancels the uploads of earlier batches that have not started yet.
-        """
+    def batch_done(self, rows_done: int) -> None:
+        """Raise :class:`ShutdownRequested` or :class:`Superseded` when the attempt must stop."""
         self._check_time(rows_done)
-        try:
-            if shutdown.expired():
-                raise ShutdownRequested(f"{part_name(self.message.shard)}: shutdown grace period over")
-            # Before this batch's images are written: a committed shard is never touched.
-            if self.store.exists(metadata_key(self.message.shard)):
-                raise Superseded(f"{part_name(self.message.shard)} was committed by another attempt")
-        except (ShutdownRequested, Superseded):
-            for upload in uploads:
-                upload.cancel()
-            raise
+        if shutdown.expired():
+            raise ShutdownRequested(f"{part_name(self.message.shard)}: shutdown grace period over")
+        # Before this batch's images are written: a committed shard is never touched.
+        if self.store.exists(metadata_key(self.message.shard)):
+            raise Superseded(f"{part_name(self.message.shard)} was committed by another attempt")
 
     def _check_time(self, rows_done: int) -> None:
         elapsed = time.monotonic() - self.started

@@ -225,7 +225,7 @@ class BatchUploads:
                 if not self._admitted:
                     self._admitted = True
                     try:
-                        guard.batch_done(self._rows_done, [])
+                        guard.batch_done(self._rows_done)
                     except BaseException as e:
                         self.run.fail(e)
         return self.run.error is None
