@@ -26,7 +26,7 @@ from typing import Any
 
 from fewstep import UserError
 from fewstep.settings import defaults
-from worker.model import DTYPES, Model, _dtype_kwarg, _from_pretrained
+from worker.model import Model, _dtype_kwarg, _from_pretrained, _torch_dtype
 
 log = logging.getLogger("fewstep.worker")
 
@@ -91,11 +91,10 @@ def apply(model: Model, options: SpeedOptions) -> dict[str, Any]:
         return applied
     pipe, cuda = model.pipeline, model.device.startswith("cuda")
     if options.dtype and options.dtype != model.dtype:
-        if options.dtype not in DTYPES:
-            raise UserError(f"unsupported dtype {options.dtype!r}: use one of {', '.join(DTYPES)}")
-        if cuda:
-            pipe.to(dtype=getattr(torch, options.dtype))
-            model.dtype = options.dtype
+        torch_dtype, dtype = _torch_dtype(options.dtype, model.device)  # the CPU stays float32
+        if dtype == options.dtype:
+            pipe.to(dtype=torch_dtype)
+            model.dtype = dtype
         else:
             log.warning(
                 "--dtype %s ignored on the CPU (half precision there is slow or unsupported)", options.dtype
