@@ -321,7 +321,7 @@ def load_model(name: str, device: str = "auto") -> Model:
     if location == "builtin:tiny":
         from worker import tiny
 
-        location = str(tiny.ensure())
+        location = str(tiny.ensure(preset["revision"]))
     pipe = build_pipeline(preset, location, torch_dtype)
     safety = None
     if getattr(pipe, "safety_checker", None) is not None:
