@@ -54,18 +54,26 @@ def samplers(preset: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {preset["sampler"]: dict(preset.get("scheduler") or {}), **preset.get("samplers", {})}
 
 
-def check_generation(preset: dict[str, Any], generation: dict[str, Any]) -> dict[str, Any]:
-    """``generation`` (steps, sampler, …) if the preset can run it, else a :class:`UserError`."""
-    name = preset["name"]
+def sampler_spec(preset: dict[str, Any], label: str) -> dict[str, Any]:
+    """The scheduler spec of the preset's sampler ``label``, else a :class:`UserError`."""
     allowed = samplers(preset)
-    sampler = generation.get("sampler")
-    if sampler is not None and sampler not in allowed:
+    if label not in allowed:
         offer = f"one of {', '.join(allowed)}" if allowed else "none (it runs its repository's scheduler)"
-        raise UserError(f"model {name} has no sampler {sampler!r}: choose {offer}")
+        raise UserError(f"model {preset['name']} has no sampler {label!r}: choose {offer}")
+    return allowed[label]
+
+
+def check_generation(preset: dict[str, Any], generation: dict[str, Any]) -> dict[str, Any]:
+    """``generation`` (steps, sampler, …) if the preset can run it, else a :class:`UserError`.
+
+    The producer checks a job with it before enqueueing; the worker checks every batch.
+    """
+    if generation.get("sampler") is not None:
+        sampler_spec(preset, generation["sampler"])
     timesteps = preset.get("timesteps")
     if timesteps and generation["steps"] != len(timesteps):
         raise UserError(
-            f"model {name} runs the fixed timesteps {timesteps} from its card: "
+            f"model {preset['name']} runs the fixed timesteps {timesteps} from its card: "
             f"steps must be {len(timesteps)}, not {generation['steps']}"
         )
     return generation

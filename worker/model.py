@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from fewstep import UserError
-from fewstep.presets import resolve_model, samplers
+from fewstep.presets import check_generation, resolve_model, sampler_spec
 
 log = logging.getLogger("fewstep.worker")
 
@@ -63,11 +63,7 @@ class Model:
         """Switch to one of the preset's samplers (None: keep the current one)."""
         if label is None or label == self.sampler:
             return
-        allowed = samplers(self.preset)
-        if label not in allowed:
-            offer = ", ".join(allowed) or "none"
-            raise UserError(f"model {self.name} has no sampler {label!r} (it has: {offer})")
-        self.pipeline.scheduler = _scheduler(self.scheduler_config, allowed[label])
+        self.pipeline.scheduler = _scheduler(self.scheduler_config, sampler_spec(self.preset, label))
         self.sampler = label
 
     def generate(
@@ -88,12 +84,11 @@ class Model:
         """
         import torch
 
+        # Fixed timesteps: diffusers would run them whatever `steps` says, and the metadata lie.
+        check_generation(self.preset, {"steps": steps})
         kwargs = dict(self.preset.get("call") or {})
-        timesteps = self.preset.get("timesteps")
-        if timesteps:
-            if steps != len(timesteps):
-                raise UserError(f"model {self.name} runs exactly {len(timesteps)} steps, not {steps}")
-            kwargs["timesteps"] = list(timesteps)
+        if self.preset.get("timesteps"):
+            kwargs["timesteps"] = list(self.preset["timesteps"])
         generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
         start = time.perf_counter()
         with torch.inference_mode():
@@ -326,7 +321,7 @@ def load_model(name: str, device: str = "auto") -> Model:
     if location == "builtin:tiny":
         from worker import tiny
 
-        location = str(tiny.ensure())
+        location = str(tiny.ensure(preset["revision"]))
     pipe = build_pipeline(preset, location, torch_dtype)
     safety = None
     if getattr(pipe, "safety_checker", None) is not None:

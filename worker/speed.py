@@ -26,7 +26,7 @@ from typing import Any
 
 from fewstep import UserError
 from fewstep.settings import defaults
-from worker.model import DTYPES, Model
+from worker.model import Model, _dtype_kwarg, _from_pretrained, _torch_dtype
 
 log = logging.getLogger("fewstep.worker")
 
@@ -73,12 +73,9 @@ def _load_tiny_vae(repo: str, torch_dtype):
     from diffusers import AutoencoderTiny
 
     try:
-        return AutoencoderTiny.from_pretrained(repo, torch_dtype=torch_dtype, use_safetensors=True)
-    except (OSError, ValueError) as e:
-        raise UserError(
-            f"cannot load the tiny VAE {repo}: {str(e).splitlines()[0] if str(e) else type(e).__name__} "
-            "(offline? point [tiny_vae] in config/defaults.toml at a local copy)"
-        ) from None
+        return _from_pretrained(AutoencoderTiny, repo, f"tiny VAE {repo}", **{_dtype_kwarg(): torch_dtype})
+    except UserError as e:
+        raise UserError(f"{e} (offline? point [tiny_vae] in config/defaults.toml at a local copy)") from None
 
 
 def _denoiser(pipe):
@@ -94,11 +91,10 @@ def apply(model: Model, options: SpeedOptions) -> dict[str, Any]:
         return applied
     pipe, cuda = model.pipeline, model.device.startswith("cuda")
     if options.dtype and options.dtype != model.dtype:
-        if options.dtype not in DTYPES:
-            raise UserError(f"unsupported dtype {options.dtype!r}: use one of {', '.join(DTYPES)}")
-        if cuda:
-            pipe.to(dtype=getattr(torch, options.dtype))
-            model.dtype = options.dtype
+        torch_dtype, dtype = _torch_dtype(options.dtype, model.device)  # the CPU stays float32
+        if dtype == options.dtype:
+            pipe.to(dtype=torch_dtype)
+            model.dtype = dtype
         else:
             log.warning(
                 "--dtype %s ignored on the CPU (half precision there is slow or unsupported)", options.dtype

@@ -14,9 +14,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-# v2: the tokenizer reads its vocabulary (transformers 5 ignored the v1 way of passing it).
-REVISION = "v2"
-
 
 def cache_root() -> Path:
     """Where locally built models live (``FEWSTEP_MODEL_CACHE`` overrides)."""
@@ -152,9 +149,12 @@ def build(directory: Path) -> None:
     pipe.save_pretrained(directory, safe_serialization=True)
 
 
-def ensure() -> Path:
-    """The tiny model's directory, building it on first use (atomically, safe to race)."""
-    final = cache_root() / f"tiny-{REVISION}"
+def ensure(revision: str) -> Path:
+    """The tiny model's directory, building it on first use (atomically, safe to race).
+
+    ``revision`` is the ``tiny`` preset's: bump it there whenever :func:`build` changes.
+    """
+    final = cache_root() / f"tiny-{revision}"
     if (final / "model_index.json").is_file():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
