@@ -410,15 +410,7 @@ class JsonReader(Reader):
             chunks = []
             while chunk := _read(stream, label):
                 chunks.append(chunk)
-            data = b"".join(chunks)
-            try:
-                items = json.loads(data)
-            except UnicodeDecodeError as e:
-                raise UserError(f"{label}: not valid UTF-8 at byte {e.start}") from None
-            except json.JSONDecodeError as e:
-                raise UserError(
-                    f"{label}: not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})"
-                ) from None
+            items = parse_json(b"".join(chunks), label)
             if not isinstance(items, list):
                 raise UserError(f"{label}: expected a JSON list of strings or objects, found {_kind(items)}")
             for i, value in enumerate(items):
@@ -478,6 +470,16 @@ class JsonReader(Reader):
         json_fields = sorted(n for n, k in self.kinds.items() if k == JSON)
         extra = {"json_fields": json_fields} if json_fields else {}
         return {"column": self.column, **_renamed(self.renames), **extra, **super()._read_as()}
+
+
+def parse_json(data: bytes, label: str) -> Any:
+    """A whole JSON document; not UTF-8 or not JSON is a UserError naming ``label``."""
+    try:
+        return json.loads(data)
+    except UnicodeDecodeError as e:
+        raise UserError(f"{label}: not valid UTF-8 at byte {e.start}") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{label}: not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})") from None
 
 
 def _where(at: tuple) -> str:
