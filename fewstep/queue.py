@@ -127,6 +127,14 @@ def _task_kwargs(raw: bytes | str) -> dict[str, Any] | None:
     """The task kwargs of a raw kombu message, or None if it is not a fewstep task."""
     try:
         envelope = json.loads(raw)
+    except ValueError:
+        return None
+    return _envelope_kwargs(envelope)
+
+
+def _envelope_kwargs(envelope: Any) -> dict[str, Any] | None:
+    """The task kwargs of a parsed kombu message, or None if it is not a fewstep task."""
+    try:
         if envelope.get("headers", {}).get("task") != TASK_NAME:
             return None
         if envelope.get("content-type") != "application/json":
@@ -154,7 +162,7 @@ def pending_messages(client: redis.Redis, queue: str) -> Iterator[ShardMessage]:
             continue
         if routing_key != queue:
             continue
-        kwargs = _task_kwargs(json.dumps(envelope))
+        kwargs = _envelope_kwargs(envelope)
         if kwargs:
             yield ShardMessage.from_kwargs(kwargs)
 

@@ -37,7 +37,8 @@ from fewstep.presets import check_generation, resolve_model
 from fewstep.queue import celery_app, check_broker, pending_messages, redis_client, send_shards
 from fewstep.settings import defaults, queue_prefix
 from fewstep.storage import Store, open_store
-from producer.progress import read_progress
+from producer.progress import Progress as JobProgress
+from producer.progress import read_progress, read_spec
 from producer.selection import Selection, Selector
 from producer.sharding import ShardWriter
 from producer.sources import PromptSource
@@ -244,7 +245,7 @@ def enqueue(
     queue = queue_name(queue_prefix(), spec["model"]["name"])
 
     if job_store.exists(JOB_SPEC_KEY):
-        return resume_job(job_store, spec, queue)
+        return resume_job(job_store, spec)
 
     with display:
         counts = write_shards(source, spec, selector, store=job_store, display=display)
@@ -264,7 +265,7 @@ def enqueue(
         )
         body = json.dumps(spec, indent=2, ensure_ascii=False).encode()
         if not job_store.put(JOB_SPEC_KEY, body, if_absent=True):
-            return _created_meanwhile(job_store, spec, queue)
+            return _created_meanwhile(job_store, spec)
         sent = send_job_shards(spec, range(1, counts["shards"] + 1), display=display)
     return {
         "job": opts.job,
@@ -277,11 +278,11 @@ def enqueue(
     }
 
 
-def _created_meanwhile(job_store: Store, spec: dict[str, Any], queue: str) -> dict[str, Any]:
+def _created_meanwhile(job_store: Store, spec: dict[str, Any]) -> dict[str, Any]:
     """Another enqueue wrote job.json first: the same job (resume it) or a clash (say so)."""
-    existing = read_progress(job_store).spec
+    existing = read_spec(job_store)
     if spec_identity(existing) == spec_identity(spec) and existing.get("counts") == spec["counts"]:
-        return resume_job(job_store, spec, queue)
+        return resume_job(job_store, spec)
     raise UserError(
         f"job {spec['job']!r} was created at {job_store.url} by another enqueue while this one ran, "
         "with another spec; its manifests may have been overwritten: delete it and use a new --job name"
@@ -303,17 +304,22 @@ def _differences(mine: dict[str, Any], theirs: dict[str, Any], prefix: str = "")
     return out
 
 
-def resume_job(job_store: Store, spec: dict[str, Any], queue: str) -> dict[str, Any]:
+def resume_job(job_store: Store, spec: dict[str, Any]) -> dict[str, Any]:
     """Re-send the shards of an existing job (same spec) that are neither committed nor queued."""
     progress = read_progress(job_store)
-    existing = progress.spec
-    mine, theirs = spec_identity(spec), spec_identity(existing)
+    mine, theirs = spec_identity(spec), spec_identity(progress.spec)
     if mine != theirs:
         differ = ", ".join(_differences(mine, theirs))
         raise UserError(
             f"job {spec['job']!r} already exists at {job_store.url} with a different spec "
             f"(differs in: {differ}); use a new --job name"
         )
+    return {**resend_open_shards(job_store, progress), "resumed": True}
+
+
+def resend_open_shards(job_store: Store, progress: JobProgress) -> dict[str, Any]:
+    """Send the job's shards that are neither committed, failed nor queued; what was done."""
+    existing = progress.spec
     queued = queued_shards(existing)
     missing = [s for s in progress.open_shards if s not in queued]
     sent = send_job_shards(existing, missing)
@@ -325,7 +331,6 @@ def resume_job(job_store: Store, spec: dict[str, Any], queue: str) -> dict[str, 
         "enqueued": sent,
         "already_done": len(progress.committed),
         "already_queued": len(queued),
-        "resumed": True,
     }
 
 

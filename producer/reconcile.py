@@ -16,17 +16,16 @@ import click
 
 from fewstep.queue import check_broker
 from fewstep.storage import Store
-from producer.enqueue import resume_job
+from producer.enqueue import resend_open_shards
 from producer.options import JSON, OUTPUT, job_store
-from producer.progress import read_spec
+from producer.progress import read_progress
 
 
 def reconcile(store: Store, abandoned_after: float) -> dict[str, Any]:
     """Re-send the job's open, unqueued shards; abort its abandoned partial uploads."""
-    spec = read_spec(store)
+    progress = read_progress(store)
     check_broker()
-    summary = resume_job(store, spec, spec["queue"])
-    summary.pop("resumed", None)
+    summary = resend_open_shards(store, progress)
     summary["aborted_uploads"] = store.abort_abandoned_uploads(abandoned_after)
     return summary
 

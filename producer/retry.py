@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import click
@@ -22,32 +23,49 @@ from producer.enqueue import queued_shards, send_job_shards
 from producer.options import JSON, OUTPUT, job_store
 from producer.progress import read_progress
 
+RETRY_THREADS = 16
+
+
+def _request_retry(store: Store, shard: int) -> int | None:
+    """Record a ``retry_requested`` attempt for a failed shard and remove its failed marker;
+    the shard's next round, or None when someone else retried it meanwhile."""
+    try:
+        marker = json.loads(store.get(failed_key(shard)))
+    except KeyMissing:
+        return None
+    round_ = int(marker.get("round", 1)) + 1
+    attempt_id = new_attempt_id()
+    record = {
+        "id": attempt_id,
+        "shard": shard,
+        "round": round_,
+        "state": ATTEMPT_RETRY_REQUESTED,
+        "requested_at": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
+        "failed": marker,
+    }
+    store.put(attempt_key(shard, attempt_id), json.dumps(record).encode())
+    store.delete(failed_key(shard))
+    return round_
+
 
 def retry_failed(store: Store) -> dict[str, Any]:
-    """Re-send every failed shard of the job; returns what was done."""
+    """Re-send every failed shard of the job; returns what was done.
+
+    Each shard is three requests to storage (read the marker, record the attempt, remove
+    the marker): a few threads do them, so a job with thousands of failed shards is quick.
+    """
     check_broker()
     progress = read_progress(store)
     spec = progress.spec
     queued = queued_shards(spec)
+    failed = sorted(progress.failed)
+    with ThreadPoolExecutor(RETRY_THREADS, thread_name_prefix="retry") as pool:
+        next_rounds = list(pool.map(lambda shard: _request_retry(store, shard), failed))
     rounds: dict[int, list[int]] = defaultdict(list)
     retried = []
-    for shard in sorted(progress.failed):
-        try:
-            marker = json.loads(store.get(failed_key(shard)))
-        except KeyMissing:
+    for shard, round_ in zip(failed, next_rounds, strict=True):
+        if round_ is None:
             continue  # retried by someone else meanwhile
-        round_ = int(marker.get("round", 1)) + 1
-        attempt_id = new_attempt_id()
-        record = {
-            "id": attempt_id,
-            "shard": shard,
-            "round": round_,
-            "state": ATTEMPT_RETRY_REQUESTED,
-            "requested_at": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
-            "failed": marker,
-        }
-        store.put(attempt_key(shard, attempt_id), json.dumps(record).encode())
-        store.delete(failed_key(shard))
         retried.append(shard)
         if shard not in queued:
             rounds[round_].append(shard)

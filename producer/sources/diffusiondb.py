@@ -21,7 +21,6 @@ the source's.
 
 from __future__ import annotations
 
-import json
 import re
 import zipfile
 from collections.abc import Iterator
@@ -36,7 +35,7 @@ from fewstep.contract import FIELD_TYPES
 from fewstep.settings import load_config
 from producer.sources import PromptSource
 from producer.sources.fields import select_columns
-from producer.sources.formats import BATCH_ROWS, open_parquet, parquet_batches
+from producer.sources.formats import BATCH_ROWS, open_parquet, parquet_batches, parse_json
 from producer.sources.location import base_name, display_name, list_folder, open_seekable, read_bytes
 
 #: DiffusionDB's metadata table, as published.
@@ -239,12 +238,7 @@ class DiffusionDB(PromptSource):
             name = f"{name}:{member}"
         else:
             data = read_bytes(location, what="DiffusionDB part")
-        try:
-            entries = json.loads(data)
-        except UnicodeDecodeError as e:
-            raise UserError(f"{name}: not valid UTF-8 at byte {e.start}") from None
-        except json.JSONDecodeError as e:
-            raise UserError(f"{name}: not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})") from None
+        entries = parse_json(data, name)
         if not isinstance(entries, dict):
             raise UserError(f"{name}: expected an object mapping image names to prompts and settings")
         return entries

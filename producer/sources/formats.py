@@ -174,6 +174,20 @@ def text_lines(stream: BinaryIO, label: str) -> Iterator[tuple[int, list[str]]]:
         yield line, [_decode(rest, label, line).removesuffix("\r")]
 
 
+def _numbered_lines(location: str, fmt: str, label: str) -> Iterator[tuple[str, int, int, list[str]]]:
+    """The lines of a text file, or of each of an archive's members, in blocks: (the member's
+    label, the source row of the block's first line, its index in the member, the lines).
+    Source rows run on from one member to the next."""
+    offset = 0
+    with _members(location, fmt, label) as members:
+        for member, stream in members:
+            count = 0
+            for first, lines in text_lines(stream, member):
+                yield member, offset + first, first, lines
+                count = first + len(lines)
+            offset += count
+
+
 class Reader(PromptSource):
     """One prompt file in one format: ``producer enqueue file``.
 
@@ -233,17 +247,11 @@ class TxtReader(Reader):
             raise UserError(f"{label}: a txt file has one prompt a line and no columns (no --column/--carry)")
 
     def batches(self) -> Iterator[pa.RecordBatch]:
-        offset = 0
-        with _members(self.location, "txt", self.label) as members:
-            for label, stream in members:
-                count = 0
-                for first, lines in text_lines(stream, label):
-                    rows = np.arange(offset + first, offset + first + len(lines), dtype=np.int64)
-                    yield pa.RecordBatch.from_arrays(
-                        [pa.array(rows), pa.array(lines, pa.string())], schema=self._schema()
-                    )
-                    count = first + len(lines)
-                offset += count
+        for _member, row, _first, lines in _numbered_lines(self.location, "txt", self.label):
+            rows = np.arange(row, row + len(lines), dtype=np.int64)
+            yield pa.RecordBatch.from_arrays(
+                [pa.array(rows), pa.array(lines, pa.string())], schema=self._schema()
+            )
 
 
 # --- csv, tsv -----------------------------------------------------------------------------------
@@ -384,41 +392,28 @@ class JsonReader(Reader):
 
     def _records(self) -> Iterator[tuple[int, tuple, Any]]:
         """(source row, where it is, value) of every record; see :func:`_where`."""
-        with _members(self.location, self.format, self.label) as members:
-            if self.format == "json":
+        if self.format == "json":
+            with _members(self.location, self.format, self.label) as members:
                 yield from self._list(members)
-                return
-            offset = 0
-            for label, stream in members:
-                count = 0
-                for first, lines in text_lines(stream, label):
-                    for i, line in enumerate(lines, start=first):
-                        if not line.strip():
-                            continue  # a blank line holds no record
-                        try:
-                            value = json.loads(line)
-                        except json.JSONDecodeError as e:
-                            raise UserError(
-                                f"{label}: line {i + 1} is not valid JSON: {e.msg} (column {e.colno})"
-                            ) from None
-                        yield offset + i, (label, "line", i + 1), value
-                    count = first + len(lines)
-                offset += count
+            return
+        for label, row, first, lines in _numbered_lines(self.location, self.format, self.label):
+            for i, line in enumerate(lines):
+                if not line.strip():
+                    continue  # a blank line holds no record
+                try:
+                    value = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(
+                        f"{label}: line {first + i + 1} is not valid JSON: {e.msg} (column {e.colno})"
+                    ) from None
+                yield row + i, (label, "line", first + i + 1), value
 
     def _list(self, members) -> Iterator[tuple[int, tuple, Any]]:
         for label, stream in members:
             chunks = []
             while chunk := _read(stream, label):
                 chunks.append(chunk)
-            data = b"".join(chunks)
-            try:
-                items = json.loads(data)
-            except UnicodeDecodeError as e:
-                raise UserError(f"{label}: not valid UTF-8 at byte {e.start}") from None
-            except json.JSONDecodeError as e:
-                raise UserError(
-                    f"{label}: not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})"
-                ) from None
+            items = parse_json(b"".join(chunks), label)
             if not isinstance(items, list):
                 raise UserError(f"{label}: expected a JSON list of strings or objects, found {_kind(items)}")
             for i, value in enumerate(items):
@@ -478,6 +473,16 @@ class JsonReader(Reader):
         json_fields = sorted(n for n, k in self.kinds.items() if k == JSON)
         extra = {"json_fields": json_fields} if json_fields else {}
         return {"column": self.column, **_renamed(self.renames), **extra, **super()._read_as()}
+
+
+def parse_json(data: bytes, label: str) -> Any:
+    """A whole JSON document; not UTF-8 or not JSON is a UserError naming ``label``."""
+    try:
+        return json.loads(data)
+    except UnicodeDecodeError as e:
+        raise UserError(f"{label}: not valid UTF-8 at byte {e.start}") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{label}: not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})") from None
 
 
 def _where(at: tuple) -> str:
