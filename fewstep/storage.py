@@ -424,11 +424,16 @@ class LocalStore(Store):
         return self._path(key).is_file()
 
     def list(self, prefix: str = "") -> Iterator[tuple[str, int]]:
-        # Walk only the folder the prefix names (a shard's images, not the whole job).
-        top = self.root / _check_key(prefix.rsplit("/", 1)[0]) if "/" in prefix else self.root
+        # Walk only the folder the prefix names (a shard's images, not the whole job), and
+        # of its subfolders only those the prefix's last part can match ("metadata" walks
+        # metadata/, not images/).
+        folder, _, start = prefix.rpartition("/")
+        top = self.root / _check_key(folder) if "/" in prefix else self.root
         if not top.is_dir():
             return
-        for dirpath, _dirs, files in os.walk(top):
+        for dirpath, dirs, files in os.walk(top):
+            if start and dirpath == str(top):
+                dirs[:] = [d for d in dirs if d.startswith(start)]
             for name in sorted(files):
                 if name.startswith(".tmp-"):
                     continue
