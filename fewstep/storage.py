@@ -317,24 +317,28 @@ class S3Store(Store):
 
         return self._call(f"looking up {key}", head)
 
-    def list(self, prefix: str = "") -> Iterator[tuple[str, int]]:
-        root = f"{self.prefix}/" if self.prefix else ""
-        full = root + prefix if prefix else root
+    def _pages(self, what: str, prefix: str, **args: str) -> Iterator[dict]:
+        """The pages of ``list_objects_v2`` under ``prefix`` (a full key), each with bounded retries."""
         token: str | None = None
         while True:
             page_args = {
                 "Bucket": self.bucket,
-                "Prefix": full,
+                "Prefix": prefix,
+                **args,
                 **({"ContinuationToken": token} if token else {}),
             }
-            page = self._call(
-                f"listing {prefix or '/'}", lambda a=page_args: self._client.list_objects_v2(**a)
-            )
-            for obj in page.get("Contents", []):
-                yield obj["Key"][len(root) :], int(obj["Size"])
+            page = self._call(what, lambda a=page_args: self._client.list_objects_v2(**a))
+            yield page
             token = page.get("NextContinuationToken")
             if not page.get("IsTruncated") or not token:
                 return
+
+    def list(self, prefix: str = "") -> Iterator[tuple[str, int]]:
+        root = f"{self.prefix}/" if self.prefix else ""
+        full = root + prefix if prefix else root
+        for page in self._pages(f"listing {prefix or '/'}", full):
+            for obj in page.get("Contents", []):
+                yield obj["Key"][len(root) :], int(obj["Size"])
 
     def delete(self, key: str) -> None:
         full = self._key(key)
@@ -364,11 +368,9 @@ class S3Store(Store):
 
     def folders(self) -> Iterator[str]:
         root = f"{self.prefix}/" if self.prefix else ""
-        paginator = self._client.get_paginator("list_objects_v2")
-        with self._errors("listing folders"):
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=root, Delimiter="/"):
-                for common in page.get("CommonPrefixes", []):
-                    yield common["Prefix"][len(root) :].rstrip("/")
+        for page in self._pages("listing folders", root, Delimiter="/"):
+            for common in page.get("CommonPrefixes", []):
+                yield common["Prefix"][len(root) :].rstrip("/")
 
     def check(self) -> None:
         try:
