@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import io
 import logging
 import os
 import random
@@ -20,7 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from functools import cache
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import urlsplit
 
 import boto3
@@ -29,6 +30,9 @@ from botocore.config import Config
 
 from fewstep import UserError
 from fewstep.settings import defaults
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 log = logging.getLogger("fewstep.storage")
 
@@ -119,6 +123,13 @@ class Store:
 
     def url_of(self, key: str) -> str:
         return f"{self.url.rstrip('/')}/{key}"
+
+
+def read_table(store: Store, key: str, columns: list[str] | None = None) -> pa.Table:
+    """The parquet object ``key`` as a table (only ``columns`` when given); :class:`KeyMissing` if absent."""
+    import pyarrow.parquet as pq  # here: most users of storage never read parquet
+
+    return pq.read_table(io.BytesIO(store.get(key)), columns=columns)
 
 
 # --- S3 ------------------------------------------------------------------------

@@ -22,13 +22,12 @@ from typing import Any
 
 import click
 import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image
 
 from fewstep import UserError
 from fewstep.contract import GALLERY, check_job_name, image_name, metadata_key, part_name
 from fewstep.settings import defaults
-from fewstep.storage import Store, open_store
+from fewstep.storage import Store, open_store, read_table
 from producer.options import JSON, OUTPUT, progress_bar
 from producer.progress import Progress, read_progress
 
@@ -71,7 +70,7 @@ def sample_rows(
     columns = COLUMNS + ([by] if by and by not in COLUMNS else [])
 
     def read(shard: int) -> pa.Table:
-        return pq.read_table(io.BytesIO(job_store.get(metadata_key(shard))), columns=columns)
+        return read_table(job_store, metadata_key(shard), columns)
 
     with ThreadPoolExecutor(min(16, len(chosen))) as pool:
         table = pa.concat_tables(pool.map(read, chosen)).sort_by("row_id")
