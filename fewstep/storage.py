@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import io
 import logging
 import os
 import random
@@ -20,7 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from functools import cache
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import urlsplit
 
 import boto3
@@ -29,6 +30,9 @@ from botocore.config import Config
 
 from fewstep import UserError
 from fewstep.settings import defaults
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 log = logging.getLogger("fewstep.storage")
 
@@ -119,6 +123,13 @@ class Store:
 
     def url_of(self, key: str) -> str:
         return f"{self.url.rstrip('/')}/{key}"
+
+
+def read_table(store: Store, key: str, columns: list[str] | None = None) -> pa.Table:
+    """The parquet object ``key`` as a table (only ``columns`` when given); :class:`KeyMissing` if absent."""
+    import pyarrow.parquet as pq  # here: most users of storage never read parquet
+
+    return pq.read_table(io.BytesIO(store.get(key)), columns=columns)
 
 
 # --- S3 ------------------------------------------------------------------------
@@ -317,24 +328,28 @@ class S3Store(Store):
 
         return self._call(f"looking up {key}", head)
 
-    def list(self, prefix: str = "") -> Iterator[tuple[str, int]]:
-        root = f"{self.prefix}/" if self.prefix else ""
-        full = root + prefix if prefix else root
+    def _pages(self, what: str, prefix: str, **args: str) -> Iterator[dict]:
+        """The pages of ``list_objects_v2`` under ``prefix`` (a full key), each with bounded retries."""
         token: str | None = None
         while True:
             page_args = {
                 "Bucket": self.bucket,
-                "Prefix": full,
+                "Prefix": prefix,
+                **args,
                 **({"ContinuationToken": token} if token else {}),
             }
-            page = self._call(
-                f"listing {prefix or '/'}", lambda a=page_args: self._client.list_objects_v2(**a)
-            )
-            for obj in page.get("Contents", []):
-                yield obj["Key"][len(root) :], int(obj["Size"])
+            page = self._call(what, lambda a=page_args: self._client.list_objects_v2(**a))
+            yield page
             token = page.get("NextContinuationToken")
             if not page.get("IsTruncated") or not token:
                 return
+
+    def list(self, prefix: str = "") -> Iterator[tuple[str, int]]:
+        root = f"{self.prefix}/" if self.prefix else ""
+        full = root + prefix if prefix else root
+        for page in self._pages(f"listing {prefix or '/'}", full):
+            for obj in page.get("Contents", []):
+                yield obj["Key"][len(root) :], int(obj["Size"])
 
     def delete(self, key: str) -> None:
         full = self._key(key)
@@ -364,11 +379,9 @@ class S3Store(Store):
 
     def folders(self) -> Iterator[str]:
         root = f"{self.prefix}/" if self.prefix else ""
-        paginator = self._client.get_paginator("list_objects_v2")
-        with self._errors("listing folders"):
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=root, Delimiter="/"):
-                for common in page.get("CommonPrefixes", []):
-                    yield common["Prefix"][len(root) :].rstrip("/")
+        for page in self._pages("listing folders", root, Delimiter="/"):
+            for common in page.get("CommonPrefixes", []):
+                yield common["Prefix"][len(root) :].rstrip("/")
 
     def check(self) -> None:
         try:
@@ -424,11 +437,16 @@ class LocalStore(Store):
         return self._path(key).is_file()
 
     def list(self, prefix: str = "") -> Iterator[tuple[str, int]]:
-        # Walk only the folder the prefix names (a shard's images, not the whole job).
-        top = self.root / _check_key(prefix.rsplit("/", 1)[0]) if "/" in prefix else self.root
+        # Walk only the folder the prefix names (a shard's images, not the whole job), and
+        # of its subfolders only those the prefix's last part can match ("metadata" walks
+        # metadata/, not images/).
+        folder, _, start = prefix.rpartition("/")
+        top = self.root / _check_key(folder) if "/" in prefix else self.root
         if not top.is_dir():
             return
-        for dirpath, _dirs, files in os.walk(top):
+        for dirpath, dirs, files in os.walk(top):
+            if start and dirpath == str(top):
+                dirs[:] = [d for d in dirs if d.startswith(start)]
             for name in sorted(files):
                 if name.startswith(".tmp-"):
                     continue

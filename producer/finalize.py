@@ -13,7 +13,6 @@ Only committed shards are read. A job with shards not committed is refused unles
 from __future__ import annotations
 
 import datetime as dt
-import io
 import json
 import re
 import tempfile
@@ -41,7 +40,7 @@ from fewstep.contract import (
     webdataset_key,
 )
 from fewstep.settings import defaults
-from fewstep.storage import Store, open_store
+from fewstep.storage import Store, open_store, read_table
 from producer.card import dataset_card
 from producer.options import JSON, OUTPUT, progress_bar
 from producer.progress import Progress, read_progress
@@ -162,7 +161,7 @@ def committed_tables(
     a window at a time so memory stays bounded."""
 
     def read(shard: int) -> pa.Table:
-        table = pq.read_table(io.BytesIO(job_store.get(metadata_key(shard))))
+        table = read_table(job_store, metadata_key(shard))
         if table.schema.names != schema.names:
             raise UserError(
                 f"{metadata_key(shard)} has columns {table.schema.names}, not the job's schema {schema.names}"

@@ -22,15 +22,14 @@ from typing import Any
 
 import click
 import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image
 
 from fewstep import UserError
 from fewstep.contract import GALLERY, check_job_name, image_name, metadata_key, part_name
 from fewstep.settings import defaults
-from fewstep.storage import Store, open_store
+from fewstep.storage import Store, open_store, read_table
 from producer.options import JSON, OUTPUT, progress_bar
-from producer.progress import read_progress
+from producer.progress import Progress, read_progress
 
 COLUMNS = ["row_id", "part_id", "image_key", "prompt", "seed", "model", "width", "height"]
 THUMBS = f"{GALLERY}/thumbs"
@@ -52,10 +51,9 @@ figcaption { padding: .4rem .5rem; }
 
 
 def sample_rows(
-    job_store: Store, n: int, by: str | None, seed: int
+    job_store: Store, progress: Progress, n: int, by: str | None, seed: int
 ) -> tuple[list[tuple[str | None, list]], int]:
     """Up to ``n`` committed rows, grouped by ``by``; and how many rows were sampled from."""
-    progress = read_progress(job_store)
     spec = progress.spec
     fields = spec["source"].get("fields", {})
     if by is not None and by not in fields and by not in ("model", "part_id", "source"):
@@ -72,30 +70,33 @@ def sample_rows(
     columns = COLUMNS + ([by] if by and by not in COLUMNS else [])
 
     def read(shard: int) -> pa.Table:
-        return pq.read_table(io.BytesIO(job_store.get(metadata_key(shard))), columns=columns)
+        return read_table(job_store, metadata_key(shard), columns)
 
     with ThreadPoolExecutor(min(16, len(chosen))) as pool:
-        rows = pa.concat_tables(pool.map(read, chosen)).sort_by("row_id").to_pylist()
+        table = pa.concat_tables(pool.map(read, chosen)).sort_by("row_id")
+    population = table.num_rows
+
+    def rows(indices: list[int]) -> list[dict[str, Any]]:
+        # The table is in row-id order, so sorted indices give the rows in row-id order.
+        return table.take(pa.array(sorted(indices), pa.int64())).to_pylist()
+
+    # The sample is drawn over row indices: only the rows shown become Python objects.
     if by is None:
-        picked = sorted(rng.sample(rows, min(n, len(rows))), key=lambda r: r["row_id"])
-        return [(None, picked)], len(rows)
-    groups: dict[str, list] = defaultdict(list)
-    for row in rows:
-        value = row.get(by)
-        groups[NO_VALUE if value is None or value == "" else str(value)].append(row)
+        return [(None, rows(rng.sample(range(population), min(n, population))))], population
+    groups: dict[str, list[int]] = defaultdict(list)
+    for index, value in enumerate(table.column(by).to_pylist()):
+        groups[NO_VALUE if value is None or value == "" else str(value)].append(index)
     names = sorted(groups)
     for name in names:
         rng.shuffle(groups[name])
-    taken: dict[str, list] = {name: [] for name in names}
-    remaining = min(n, len(rows))
+    taken: dict[str, list[int]] = {name: [] for name in names}
+    remaining = min(n, population)
     while remaining:  # round robin: every group shows before any shows twice
         for name in names:
             if remaining and len(taken[name]) < len(groups[name]):
                 taken[name].append(groups[name][len(taken[name])])
                 remaining -= 1
-    return [(name, sorted(taken[name], key=lambda r: r["row_id"])) for name in names if taken[name]], len(
-        rows
-    )
+    return [(name, rows(taken[name])) for name in names if taken[name]], population
 
 
 def thumbnail(data: bytes, size: int) -> bytes:
@@ -166,8 +167,9 @@ def make_gallery(
     ``on_image(done, total)`` is called after each thumbnail, for a progress bar.
     """
     cfg = defaults()["gallery"]
-    spec = read_progress(job_store).spec
-    groups, population = sample_rows(job_store, n, by, seed)
+    progress = read_progress(job_store)
+    spec = progress.spec
+    groups, population = sample_rows(job_store, progress, n, by, seed)
     rows = [r for _name, group in groups for r in group]
     size = int(cfg["thumbnail_px"])
 

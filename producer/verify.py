@@ -9,15 +9,12 @@ twice. Uncommitted shards are counted, not checked: readers trust committed shar
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import click
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from fewstep.contract import (
     IMAGE_EXTENSIONS,
@@ -28,7 +25,7 @@ from fewstep.contract import (
     metadata_schema,
     part_name,
 )
-from fewstep.storage import KeyMissing, Store
+from fewstep.storage import KeyMissing, Store, read_table
 from producer.options import JSON, OUTPUT, job_store
 from producer.progress import read_progress
 
@@ -51,10 +48,6 @@ class Report:
             self.problems.append(text)
 
 
-def _table(store: Store, key: str) -> pa.Table:
-    return pq.read_table(io.BytesIO(store.get(key)))
-
-
 def _check_image(store: Store, key: str, sha256: str, size: int) -> str | None:
     try:
         data = store.get(key)
@@ -72,9 +65,9 @@ def verify_shard(
 ) -> set[int]:
     """Check one committed shard; returns its row ids."""
     part = part_name(shard)
-    meta = _table(store, metadata_key(shard))
+    meta = read_table(store, metadata_key(shard))
     try:
-        manifest = _table(store, manifest_key(shard))
+        manifest = read_table(store, manifest_key(shard))
     except KeyMissing:
         report.problem(f"{part}: committed but its manifest is missing")
         return set(meta.column("row_id").to_pylist())
