@@ -53,7 +53,8 @@ def part_table(shard: int, rows: int) -> bytes:
         "source": ["partiprompts"] * rows, "source_row": list(range(lo, lo + rows)),
         "gen_ms": [3.0] * rows, "worker": [f"gpu-{shard % 8}:1:cuda:0"] * rows, "attempt": [1] * rows,
         "created_at": [now] * rows, "category": ["Animals"] * rows, "challenge": ["Basic"] * rows,
-        "note": [""] * rows,
+        "note": [""] * rows, "format_quality": [None] * rows, "png_level": [6] * rows,
+        "encoder": ["pillow-11.0.0"] * rows, "dtype": ["float16"] * rows, "vae": ["default"] * rows,
     }  # fmt: skip
     out = io.BytesIO()
     pq.write_table(pa.Table.from_pydict(columns, schema=schema), out, compression="zstd")
