@@ -20,14 +20,13 @@ import io
 import json
 import os
 import platform
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from harness import BUCKET, local_services
 
-from fewstep import services
 from fewstep.contract import heartbeat_key, metadata_key, metadata_schema, stats_key
 from fewstep.storage import open_store
 from producer.finalize import finalize
@@ -53,7 +52,8 @@ def part_table(shard: int, rows: int) -> bytes:
         "source": ["partiprompts"] * rows, "source_row": list(range(lo, lo + rows)),
         "gen_ms": [3.0] * rows, "worker": [f"gpu-{shard % 8}:1:cuda:0"] * rows, "attempt": [1] * rows,
         "created_at": [now] * rows, "category": ["Animals"] * rows, "challenge": ["Basic"] * rows,
-        "note": [""] * rows,
+        "note": [""] * rows, "format_quality": [None] * rows, "png_level": [6] * rows,
+        "encoder": ["pillow-11.0.0"] * rows, "dtype": ["float16"] * rows, "vae": ["default"] * rows,
     }  # fmt: skip
     out = io.BytesIO()
     pq.write_table(pa.Table.from_pydict(columns, schema=schema), out, compression="zstd")
@@ -103,28 +103,21 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=256)
     parser.add_argument("--heartbeats", type=int, default=64)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        svc = services.start(tmp, ["fewstep-bench"])
-        try:
-            os.environ.update(svc.env())
-            job_url = "s3://fewstep-bench/jobs/bench"
-            _, seconds = timed(lambda: lay_out(job_url, args.shards, args.rows, args.heartbeats))
-            print(f"laid out {args.shards} parts x {args.rows} rows in {seconds:.1f}s")
-            reader = StatusReader(open_store(job_url), use_redis=False)
-            status, cold = timed(reader.read)
-            _, warm = timed(reader.read)
-            assert status.progress.state == "done"
-            assert len(status.stats) == min(args.shards, reader.stats_read)
-            summary, fin = timed(lambda: finalize(open_store(job_url)))
-            rows = summary["rows"]
-            print(f"machine: {platform.machine()}, {os.cpu_count()} cores; SeaweedFS on 127.0.0.1")
-            print(f"status cold read ({args.shards} parts, {len(status.stats)} stats objects): {cold:.2f}s")
-            print(f"status --watch refresh (listings + {args.heartbeats} heartbeats): {warm:.2f}s")
-            print(
-                f"finalize: {rows:,} rows from {args.shards} parts in {fin:.1f}s ({rows / fin:,.0f} rows/s)"
-            )
-        finally:
-            svc.stop()
+    with local_services():
+        job_url = f"s3://{BUCKET}/jobs/bench"
+        _, seconds = timed(lambda: lay_out(job_url, args.shards, args.rows, args.heartbeats))
+        print(f"laid out {args.shards} parts x {args.rows} rows in {seconds:.1f}s")
+        reader = StatusReader(open_store(job_url), use_redis=False)
+        status, cold = timed(reader.read)
+        _, warm = timed(reader.read)
+        assert status.progress.state == "done"
+        assert len(status.stats) == min(args.shards, reader.stats_read)
+        summary, fin = timed(lambda: finalize(open_store(job_url)))
+        rows = summary["rows"]
+        print(f"machine: {platform.machine()}, {os.cpu_count()} cores; SeaweedFS on 127.0.0.1")
+        print(f"status cold read ({args.shards} parts, {len(status.stats)} stats objects): {cold:.2f}s")
+        print(f"status --watch refresh (listings + {args.heartbeats} heartbeats): {warm:.2f}s")
+        print(f"finalize: {rows:,} rows from {args.shards} parts in {fin:.1f}s ({rows / fin:,.0f} rows/s)")
 
 
 if __name__ == "__main__":

@@ -127,13 +127,10 @@ class Setup:
 
 
 def _tokenizer():
-    from transformers import CLIPTokenizer
-
-    from worker.tiny import write_tokenizer_files
+    from worker.tiny import clip_tokenizer
 
     with tempfile.TemporaryDirectory() as scratch:
-        write_tokenizer_files(Path(scratch))  # a byte-level vocabulary: no download
-        return CLIPTokenizer.from_pretrained(scratch, model_max_length=77)
+        return clip_tokenizer(Path(scratch))  # a byte-level vocabulary: no download
 
 
 def _scheduler():

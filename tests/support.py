@@ -143,13 +143,14 @@ def verify_job(job: str, output: str, env: dict[str, str]) -> dict:
 
 def run_worker_until_done(
     env: dict[str, str], output: str, *jobs: str, args: tuple[str, ...] = (), model: str = "tiny",
-    log_path: Path | None = None,
+    log_path: Path | None = None, timeout: float = 180, exit_timeout: float = 60,
 ) -> None:  # fmt: skip
-    """Run a real worker (exiting when idle) until ``jobs`` are done and it has exited cleanly."""
+    """Run a real worker (exiting when idle) until ``jobs`` are done (each within ``timeout``)
+    and it has exited cleanly (within ``exit_timeout``)."""
     worker = start_worker(env, "--exit-when-idle", "2", *args, log_path=log_path, model=model)
     try:
         for job in jobs:
-            wait_done(job, output, env)
-        assert worker.wait(timeout=60) == 0
+            wait_done(job, output, env, timeout=timeout)
+        assert worker.wait(timeout=exit_timeout) == 0
     finally:
         worker.kill()

@@ -11,13 +11,12 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from fewstep import UserError
-from tests.support import cli, wait_done
+from tests.support import cli, wait_done, wait_for
 from tests.test_cli_errors import assert_one_line_error
 from tests.test_end_to_end import SAMPLE, enqueue
 from worker.launcher import child_argv, parse_gpus, visible_gpus
@@ -31,16 +30,6 @@ def launch(env, log: Path, *args: str) -> subprocess.Popen:
         stdout=out,
         stderr=subprocess.STDOUT,
     )
-
-
-def wait_for(predicate, timeout: float = 120, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def children(log: Path) -> dict[str, list[int]]:
@@ -75,7 +64,7 @@ def test_one_pinned_worker_per_gpu_shares_the_queue_and_stops_on_sigterm(env, ou
     log = tmp_path / "launcher.log"
     parent = launch(env, log)
     try:
-        wait_for(lambda: both_ready(log), what="two ready workers")
+        wait_for(lambda: both_ready(log), 120, "two ready workers")
         pids = children(log)
         assert sorted(pids) == ["0", "1"]
         for gpu, (pid,) in pids.items():
@@ -97,10 +86,10 @@ def test_a_crashed_worker_is_restarted_and_workers_die_with_the_launcher(env, tm
     log = tmp_path / "launcher.log"
     parent = launch(env, log)
     try:
-        wait_for(lambda: both_ready(log), what="two ready workers")
+        wait_for(lambda: both_ready(log), 120, "two ready workers")
         (first,) = children(log)["1"]
         os.kill(first, signal.SIGKILL)
-        restarted = wait_for(lambda: len(children(log)["1"]) == 2 and children(log)["1"][1], what="a restart")
+        restarted = wait_for(lambda: len(children(log)["1"]) == 2 and children(log)["1"][1], 120, "a restart")
         assert restarted != first and pinned_gpu(restarted) == "1"
         assert "GPU 1: the worker failed" in log.read_text()
         survivors = [children(log)["0"][0], restarted]

@@ -15,19 +15,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from fewstep.services import free_port
 from fewstep.storage import KeyMissing, open_store
 from tests.conftest import BUCKET
-from tests.support import run_worker_until_idle, start_worker, wait_done
+from tests.support import run_worker_until_idle, start_worker, wait_done, wait_for
 from tests.test_end_to_end import SAMPLE, enqueue
 from worker.heartbeat import Activity, Heartbeat
-
-
-def wait_for(condition, timeout: float = 60.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_heartbeat_follows_shards_and_errors_as_celery_signals_report_them(env, output):
@@ -42,7 +32,7 @@ def test_heartbeat_follows_shards_and_errors_as_celery_signals_report_them(env, 
             return None
 
     beat.task_prerun(task_id="t1", kwargs={"job_url": job_url, "shard": 2, "manifest_key": "m", "attempt": 1})
-    working = wait_for(lambda: (b := read()) and b["state"] == "working" and b, what="working heartbeat")
+    working = wait_for(lambda: (b := read()) and b["state"] == "working" and b, 60, "working heartbeat")
     assert (working["shard"], working["attempt"], working["job"], working["images_done"]) == (
         2,
         1,
@@ -50,10 +40,10 @@ def test_heartbeat_follows_shards_and_errors_as_celery_signals_report_them(env, 
         0,
     )
     first_seen = working["last_seen"]
-    wait_for(lambda: read()["last_seen"] != first_seen, what="a later beat while working")
+    wait_for(lambda: read()["last_seen"] != first_seen, 60, "a later beat while working")
 
     beat.task_postrun(task_id="t1", retval={"shard": 2, "images": 4, "state": "committed"}, state="SUCCESS")
-    idle = wait_for(lambda: (b := read()) and b["state"] == "idle" and b, what="idle heartbeat")
+    idle = wait_for(lambda: (b := read()) and b["state"] == "idle" and b, 60, "idle heartbeat")
     assert (idle["shard"], idle["shards_done"], idle["images_done"]) == (None, 1, 4)
     assert idle["images_per_s"] > 0
 
@@ -89,7 +79,9 @@ def test_worker_serves_prometheus_metrics(env, output, tmp_path):
     try:
         wait_done("measured", output, env)
         m = wait_for(
-            lambda: (v := metrics(port)) and v.get(("fewstep_worker_shards_total", "committed")) == 4 and v
+            lambda: (v := metrics(port)) and v.get(("fewstep_worker_shards_total", "committed")) == 4 and v,
+            60,
+            "4 committed shards in the worker's metrics",
         )
         assert m[("fewstep_worker_images_total", "")] == 32
         assert m[("fewstep_worker_busy", "")] == 0 and m[("fewstep_worker_images_per_second", "")] > 0
@@ -125,7 +117,7 @@ def test_flower_shows_the_workers_task_events(env, output, tmp_path):
         return True
 
     try:
-        wait_for(up, what="Flower to answer")
+        wait_for(up, 60, "Flower to answer")
         time.sleep(2)  # Flower subscribes to the event stream right after start
         enqueue(SAMPLE, "flowered", output, env, "--shard-size", "8")
         run_worker_until_idle(env, tmp_path / "worker.log")
@@ -135,7 +127,7 @@ def test_flower_shows_the_workers_task_events(env, output, tmp_path):
             done = [t for t in tasks if t["name"] == "fewstep.generate_shard" and t["state"] == "SUCCESS"]
             return done if len(done) == 4 else []
 
-        done = wait_for(succeeded, what="4 succeeded shard tasks in Flower")
+        done = wait_for(succeeded, 60, "4 succeeded shard tasks in Flower")
         assert {t["uuid"].rsplit("#", 2)[1] for t in done} == {f"part-{s:06d}" for s in range(1, 5)}
         assert all(f"s3://{BUCKET}/" in t["kwargs"] for t in done)
     finally:

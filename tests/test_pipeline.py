@@ -19,7 +19,14 @@ from fewstep import UserError
 from fewstep.contract import ShardMessage, ShardStats, manifest_key, metadata_key, stats_key
 from fewstep.queue import pending_messages, queue_length, redis_client
 from fewstep.storage import open_store
-from tests.support import cli_json, committed_metadata, run_worker_until_done, start_worker, wait_done
+from tests.support import (
+    cli_json,
+    committed_metadata,
+    run_worker_until_done,
+    start_worker,
+    wait_done,
+    wait_for,
+)
 from tests.test_end_to_end import SAMPLE
 from worker.encode import choose_jpeg_encoder
 from worker.model import load_model
@@ -143,10 +150,8 @@ def test_two_workers_reading_ahead_commit_every_row_once(env, output, tmp_path):
     logs = [tmp_path / "w1.log", tmp_path / "w2.log"]
     workers = [start_worker(worker_env, *args, model="synthetic", log_path=log) for log in logs]
     try:
-        deadline = time.monotonic() + 120
-        while not all("ready." in log.read_text() for log in logs):  # both wait on the queue
-            assert time.monotonic() < deadline, "workers not ready"
-            time.sleep(0.2)
+        # Both wait on the queue before the job exists.
+        wait_for(lambda: all("ready." in log.read_text() for log in logs), 120, "both workers to be ready")
         job = enqueue("racing", output, env, "--format", "jpeg", "--shard-size", "16",
                       path=prompts(tmp_path, 128))  # fmt: skip
         wait_done("racing", output, env)

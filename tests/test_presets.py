@@ -23,7 +23,7 @@ from fewstep.presets import presets, resolve_model
 from fewstep.storage import open_store
 from tests import replicas
 from tests.replicas.hub import offline
-from tests.support import cli, cli_json, committed_metadata, start_worker, wait_done
+from tests.support import cli, cli_json, committed_metadata, run_worker_until_done
 from tests.test_end_to_end import SAMPLE
 
 
@@ -343,15 +343,10 @@ def test_worker_records_what_ran_per_job(hub, env, output, tmp_path):
     DPM-Solver; the metadata records the sampler, steps, cfg, model and revision that ran."""
     sa = enqueue(env, output, "sa", "pixart-alpha-512", "--sampler", "sa-solver", "--steps", "2")
     dpm = enqueue(env, output, "dpm", "pixart-alpha-512", "--steps", "3", "--guidance", "2")
-    worker = start_worker(
-        env, "--exit-when-idle", "2", log_path=tmp_path / "worker.log", model="pixart-alpha-512"
-    )
-    try:
-        for job in ("sa", "dpm"):
-            wait_done(job, output, env, timeout=300)
-        assert worker.wait(timeout=120) == 0
-    finally:
-        worker.kill()
+    run_worker_until_done(
+        env, output, "sa", "dpm", model="pixart-alpha-512", log_path=tmp_path / "worker.log",
+        timeout=300, exit_timeout=120,
+    )  # fmt: skip
     revision = resolve_model("pixart-alpha-512")["revision"]
     for summary, sampler, steps, cfg in ((sa, "sa-solver", 2, 4.5), (dpm, "dpm-solver", 3, 2.0)):
         rows = committed_metadata(summary["job_url"]).to_pylist()
@@ -364,14 +359,10 @@ def test_worker_records_what_ran_per_job(hub, env, output, tmp_path):
 
 def test_worker_records_nsfw_flags_and_keeps_the_images(hub, env, output, tmp_path):
     job = enqueue(env, output, "lcm", "lcm-lora-sdv1-5")
-    worker = start_worker(
-        env, "--exit-when-idle", "2", log_path=tmp_path / "worker.log", model="lcm-lora-sdv1-5"
-    )
-    try:
-        wait_done("lcm", output, env, timeout=300)
-        assert worker.wait(timeout=120) == 0
-    finally:
-        worker.kill()
+    run_worker_until_done(
+        env, output, "lcm", model="lcm-lora-sdv1-5", log_path=tmp_path / "worker.log",
+        timeout=300, exit_timeout=120,
+    )  # fmt: skip
     store = open_store(job["job_url"])
     preset = resolve_model("lcm-lora-sdv1-5")
     for row in committed_metadata(job["job_url"]).to_pylist():

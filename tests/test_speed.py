@@ -3,17 +3,14 @@ compile wiring, and the batch size chosen by measurement. On the CPU (no GPU her
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pytest
 import torch
 
 from fewstep import UserError
-from fewstep.settings import config_dir
-from tests.support import committed_metadata, run_worker_until_done
+from tests.support import committed_metadata, config_dir, run_worker_until_done
 from tests.test_end_to_end import SAMPLE, enqueue
-from worker import speed
+from worker import speed, tiny
 from worker.model import load_model
 from worker.speed import SpeedOptions, choose_batch_size
 
@@ -21,26 +18,13 @@ from worker.speed import SpeedOptions, choose_batch_size
 @pytest.fixture
 def tiny_vae_config(tmp_path, monkeypatch):
     """A config directory whose [tiny_vae] entries are local AutoencoderTiny replicas."""
-    from diffusers import AutoencoderTiny
-
     repos = {}
     for family in ("sd", "sdxl"):
         torch.manual_seed(1 if family == "sd" else 2)
-        vae = AutoencoderTiny(
-            encoder_block_out_channels=(8, 8, 8, 8),
-            decoder_block_out_channels=(8, 8, 8, 8),
-            num_encoder_blocks=(1, 1, 1, 1),
-            num_decoder_blocks=(1, 1, 1, 1),
-        )
         repos[family] = tmp_path / f"tae{family}"
-        vae.save_pretrained(repos[family], safe_serialization=True)
-    config = tmp_path / "config"
-    shutil.copytree(config_dir(), config, ignore=shutil.ignore_patterns("__pycache__", "*.py"))
-    text = (config / "defaults.toml").read_text()
-    text = text.replace('sd = "madebyollin/taesd"', f'sd = "{repos["sd"]}"')
-    text = text.replace('sdxl = "madebyollin/taesdxl"', f'sdxl = "{repos["sdxl"]}"')
-    (config / "defaults.toml").write_text(text)
-    monkeypatch.setenv("FEWSTEP_CONFIG_DIR", str(config))
+        tiny.vae_tiny(8).save_pretrained(repos[family], safe_serialization=True)
+    config = config_dir(tmp_path, tiny_vae={family: str(path) for family, path in repos.items()})
+    monkeypatch.setenv("FEWSTEP_CONFIG_DIR", config)
     return repos
 
 
