@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import tomllib
@@ -79,3 +80,28 @@ _PASSWORD_IN_URL = re.compile(r"(://[^/\s:@]*:)[^@\s/]+@")
 def mask_passwords(text: str) -> str:
     """``text`` with the password of every ``scheme://user:password@host`` in it replaced by ``***``."""
     return _PASSWORD_IN_URL.sub(r"\1***@", text)
+
+
+def redact(text: str) -> str:
+    """``text`` without credentials, for logs, records and heartbeats: URL passwords masked,
+    and the secrets of this process's environment (S3 secret key and session token, the
+    broker's password) replaced by ``***`` wherever they appear."""
+    secrets = [os.environ.get("AWS_SECRET_ACCESS_KEY"), os.environ.get("AWS_SESSION_TOKEN")]
+    broker = os.environ.get("CELERY_BROKER_URL")
+    if broker:
+        with contextlib.suppress(ValueError):
+            secrets.append(urlsplit(broker).password)
+    text = mask_passwords(text)
+    for secret in secrets:
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, "***")
+    return text
+
+
+def describe_error(error: object, limit: int = 2000) -> str:
+    """One line naming an error (type and message), without credentials, at most ``limit`` characters."""
+    if isinstance(error, BaseException):
+        text = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    else:
+        text = str(error)
+    return redact(" ".join(text.split()))[:limit]

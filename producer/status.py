@@ -17,7 +17,7 @@ from typing import Any
 
 from fewstep.contract import FAILED, STATS, WORKERS, part_name, shard_of_key
 from fewstep.queue import pending_messages, redis_client
-from fewstep.settings import defaults, mask_passwords
+from fewstep.settings import defaults, describe_error
 from fewstep.storage import KeyMissing, Store
 from producer.progress import Progress, read_progress
 
@@ -277,7 +277,7 @@ class StatusReader:
             pending = {m.shard for m in pending_messages(self._redis, queue) if m.job_url == job_url}
         except Exception as e:  # unreachable, wrong password, ...: storage still tells the rest
             self._redis, self._redis_failed_at = None, time.monotonic()
-            self._redis_error = mask_passwords(f"{type(e).__name__}: {e}")[:300]
+            self._redis_error = describe_error(e, 300)
             return None, self._redis_error
         self._redis_failed_at = self._redis_error = None
         return pending, None

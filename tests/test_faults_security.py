@@ -241,3 +241,24 @@ def test_a_rediss_broker_is_used_with_its_certificate_verified(env, output, tls_
         stop_worker(worker)
     assert "Connected to rediss://:**@127.0.0.1" in log.read_text()
     assert env["CELERY_BROKER_URL"].split("@")[0].rsplit(":", 1)[1] not in log.read_text()
+
+
+def test_error_text_hides_url_passwords_and_the_environments_secrets(monkeypatch):
+    """Attempt records, failed markers, heartbeats and status all describe errors this one way."""
+    from fewstep.settings import describe_error
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3-secret-value")
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "session-token-value")
+    monkeypatch.setenv("CELERY_BROKER_URL", "redis://:broker-pass@127.0.0.1:6379/0")
+    error = ConnectionError(
+        "to redis://user:url-pass@host:1/0 failed\nkey s3-secret-value token session-token-value"
+        " password broker-pass"
+    )
+    for limit in (2000, 500):
+        text = describe_error(error, limit)
+        assert text.startswith("ConnectionError: to redis://user:***@host:1/0 failed key *** token ***")
+        assert "\n" not in text
+        for secret in ("url-pass", "s3-secret-value", "session-token-value", "broker-pass"):
+            assert secret not in text
+    assert describe_error(RuntimeError()) == "RuntimeError"
+    assert len(describe_error(ValueError("x" * 5000), 500)) == 500

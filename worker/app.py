@@ -39,7 +39,7 @@ from fewstep.contract import (
     shard_rows,
 )
 from fewstep.queue import celery_app
-from fewstep.settings import defaults, visibility_timeout
+from fewstep.settings import defaults, describe_error, visibility_timeout
 from fewstep.storage import StorageAccessError, StorageUnavailable, Store, open_store
 from worker import commit
 from worker.commit import Attempt, ShardGuard, ShutdownRequested, Superseded
@@ -151,7 +151,7 @@ def _run(task, store: Store, message: ShardMessage, max_attempts: int, retry_del
             message.job_url,
             len(failures),
             max_attempts,
-            commit.describe_error(e),
+            describe_error(e),
             countdown,
         )
         raise task.retry(exc=e, countdown=countdown) from None

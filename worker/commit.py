@@ -14,7 +14,6 @@ warns when a shard may outlive the broker's visibility timeout.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import io
 import json
@@ -25,7 +24,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -43,6 +41,7 @@ from fewstep.contract import (
     new_attempt_id,
     part_name,
 )
+from fewstep.settings import describe_error
 from fewstep.storage import StorageError, Store
 
 log = logging.getLogger("fewstep.worker")
@@ -67,25 +66,6 @@ class IncompleteShard(RuntimeError):
 
 def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
-
-
-def redact(text: str) -> str:
-    """``text`` without the credentials of this process's environment (for records and logs)."""
-    secrets = [os.environ.get("AWS_SECRET_ACCESS_KEY"), os.environ.get("AWS_SESSION_TOKEN")]
-    broker = os.environ.get("CELERY_BROKER_URL")
-    if broker:
-        with contextlib.suppress(ValueError):
-            secrets.append(urlsplit(broker).password)
-    for secret in secrets:
-        if secret and len(secret) >= 4:
-            text = text.replace(secret, "***")
-    return text
-
-
-def describe_error(error: BaseException) -> str:
-    """One line naming an error, without credentials, at most 2,000 characters."""
-    text = " ".join(f"{type(error).__name__}: {error}".split()) if str(error) else type(error).__name__
-    return redact(text)[:2000]
 
 
 # --- attempt records -----------------------------------------------------------

@@ -33,7 +33,7 @@ from typing import Any
 
 from fewstep import __version__
 from fewstep.contract import heartbeat_key
-from fewstep.settings import mask_passwords
+from fewstep.settings import describe_error
 from fewstep.storage import open_store
 
 log = logging.getLogger("fewstep.worker")
@@ -44,12 +44,6 @@ RATE_WINDOW_S = 300.0
 
 def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
-
-
-def _error_text(error: object) -> str:
-    """One line, short, with any password in a URL masked: it ends up in storage."""
-    text = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(error)
-    return mask_passwords(" ".join(text.split()))[:500]
 
 
 _OUTCOMES = {
@@ -124,7 +118,7 @@ class Activity:
 
     def error(self, error: object) -> None:
         with self._lock:
-            self.last_error = {"shard": self.shard, "error": _error_text(error), "at": _now()}
+            self.last_error = {"shard": self.shard, "error": describe_error(error, 500), "at": _now()}
 
     def images_per_s(self) -> float | None:
         """Images per second of work over the shards finished in the last few minutes."""
@@ -245,5 +239,5 @@ class Heartbeat:
             open_store(job_url).put(heartbeat_key(self.activity.worker), json.dumps(record).encode())
         except Exception as e:  # a heartbeat never stops the work
             if not self._warned:
-                log.warning("cannot write heartbeat to %s: %s", job_url, _error_text(e))
+                log.warning("cannot write heartbeat to %s: %s", job_url, describe_error(e, 500))
                 self._warned = True
