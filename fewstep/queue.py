@@ -143,8 +143,9 @@ def _envelope_kwargs(envelope: Any) -> dict[str, Any] | None:
         if envelope.get("properties", {}).get("body_encoding") == "base64":
             body = base64.b64decode(body)
         args = json.loads(body)
-        return args[1] if isinstance(args, list) and len(args) >= 2 else None
-    except (ValueError, KeyError, TypeError):
+        kwargs = args[1] if isinstance(args, list) and len(args) >= 2 else None
+        return kwargs if isinstance(kwargs, dict) else None
+    except (ValueError, KeyError, TypeError, AttributeError):  # not a message of ours: skipped
         return None
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from fewstep.contract import TASK_NAME
 from fewstep.queue import pending_messages, queue_length, redis_client
 from tests.support import cli, cli_json
 from tests.test_end_to_end import SAMPLE, enqueue
@@ -75,3 +76,27 @@ def test_dry_run_touches_neither_redis_nor_storage(env, output):
     }  # fmt: skip
     status = cli("producer", "status", "dry", "--output", output, env=env, check=False)
     assert status.returncode != 0 and "no job at" in status.stderr
+
+
+def test_foreign_or_malformed_messages_in_the_queue_are_skipped(env, output):
+    """Status, reconcile and resume read the queue; something else's message must not stop them."""
+    job = enqueue(SAMPLE, "among-strangers", output, env, "--shard-size", "16")
+    queue, client = job["queue"], redis_client()
+    foreign = [b"[1, 2, 3]", b'"a string"', b"42", b"null", b"not json", b'{"headers": []}']
+    ours_broken = json.dumps(
+        {
+            "headers": {"task": TASK_NAME},
+            "content-type": "application/json",
+            "properties": {},
+            "body": json.dumps([[], ["kwargs", "not", "a", "dict"], {}]),
+        }
+    ).encode()
+    client.lpush(queue, *foreign, ours_broken)
+    unacked = {f"stranger-{i}": json.dumps([raw.decode(), "", queue]) for i, raw in enumerate(foreign)}
+    unacked["stranger-shape"] = b"[1]"
+    client.hset("unacked", mapping=unacked)
+    try:
+        assert sorted(m.shard for m in pending_messages(client, queue)) == [1, 2]
+    finally:
+        client.hdel("unacked", *unacked)
+        client.delete(queue)
