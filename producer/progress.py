@@ -24,6 +24,9 @@ class Progress:
     spec: dict[str, Any]
     committed: set[int] = field(default_factory=set)
     failed: set[int] = field(default_factory=set)
+    # What the read listed: {folder: [(key, size), ...]}, so a caller that also reads the
+    # objects (status reads the failed markers) does not list the folder a second time.
+    listings: dict[str, list[tuple[str, int]]] = field(default_factory=dict, repr=False)
 
     @property
     def shards_total(self) -> int:
@@ -67,8 +70,9 @@ def read_progress(job_store: Store) -> Progress:
     """Which shards of a job are committed or failed, from one listing each."""
     spec = read_spec(job_store)
     progress = Progress(spec)
-    for prefix, into in ((f"{METADATA}/", progress.committed), (f"{FAILED}/", progress.failed)):
-        for key, _size in job_store.list(prefix):
+    for folder, into in ((METADATA, progress.committed), (FAILED, progress.failed)):
+        progress.listings[folder] = listing = list(job_store.list(f"{folder}/"))
+        for key, _size in listing:
             shard = shard_of_key(key)
             if shard is not None and 1 <= shard <= progress.shards_total:
                 into.add(shard)

@@ -211,19 +211,24 @@ class StatusReader:
         status = JobStatus(progress=progress, read_at=now)
         stats = self._read_folder(STATS, self.stats_read)
         status.stats = {s: v for s, v in stats.items() if v is not None}
-        failed = self._read_folder(FAILED)
+        failed = self._read_folder(FAILED, listing=progress.listings[FAILED])
         status.failures = {s: _failure(s, v or {}) for s, v in failed.items() if s in progress.failed}
         status.workers = self._workers(now)
         status.pending, status.redis_error = self._pending(progress)
         status.observed_rate = self._observe(progress.images_done)
         return status
 
-    def _read_folder(self, folder: str, limit: int | None = None) -> dict[int, dict[str, Any] | None]:
-        """``part-N.json`` objects of a folder by shard; with ``limit``, those of the highest parts
-        only (the newest: shards run in queue order). Unchanged objects are not fetched again."""
+    def _read_folder(
+        self, folder: str, limit: int | None = None, listing: list[tuple[str, int]] | None = None
+    ) -> dict[int, dict[str, Any] | None]:
+        """``part-N.json`` objects of a folder by shard (``listing``: the folder as just listed);
+        with ``limit``, those of the highest parts only (the newest: shards run in queue order).
+        Unchanged objects are not fetched again."""
+        if listing is None:
+            listing = self.job_store.list(f"{folder}/")
         parts = sorted(
             (shard, key, size)
-            for key, size in self.job_store.list(f"{folder}/")
+            for key, size in listing
             if (shard := shard_of_key(key)) is not None and key.endswith(".json")
         )
         if limit is not None:
