@@ -108,9 +108,9 @@ class Model:
             images = (pixels.float() * 255).round().clamp(0, 255).to(torch.uint8)
             if self.device.startswith("cuda"):
                 torch.cuda.synchronize(self.device)  # so `seconds` is the device's time, not launch time
-            nsfw = self._nsfw(images)
             if not keep_on_device:
                 images = images.cpu().numpy()
+            nsfw = self._nsfw(images)  # on the host copy when there is one: one copy, not two
         seconds = time.perf_counter() - start
         return Batch(images=images, nsfw=nsfw, seconds=seconds)
 
