@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import io
 import json
 import logging
 import os
@@ -51,7 +50,6 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from fewstep import UserError
 from fewstep.contract import (
@@ -66,7 +64,7 @@ from fewstep.contract import (
     stats_key,
 )
 from fewstep.queue import peek_next, redis_client
-from fewstep.storage import StorageError, Store, open_store
+from fewstep.storage import StorageError, Store, open_store, read_table
 from worker.commit import ShardGuard, commit, shutdown
 from worker.encode import PILLOW, HostPixels, ImageFormat, encode, encode_jpeg_on_device, to_host
 from worker.model import Batch, Model
@@ -570,7 +568,7 @@ class ShardRunner:
                 f"shard of job {spec['job']} needs model {spec['model']['name']}, "
                 f"this worker runs {self.model.name}"
             )
-        rows = pq.read_table(io.BytesIO(store.get(message.manifest_key))).to_pydict()
+        rows = read_table(store, message.manifest_key).to_pydict()
         image_format = ImageFormat.from_generation(spec["generation"])
         keys = [image_key(message.shard, r, image_format.extension) for r in rows["row_id"]]
         tokens, limit = self.model.count_tokens(rows["prompt"])
