@@ -30,7 +30,6 @@ from fewstep import UserError
 from fewstep.contract import (
     DATASET_CARD_KEY,
     FINALIZED_KEY,
-    check_job_name,
     dataset_metadata_key,
     json_part_key,
     metadata_key,
@@ -40,9 +39,9 @@ from fewstep.contract import (
     webdataset_key,
 )
 from fewstep.settings import defaults
-from fewstep.storage import Store, open_store, read_table
+from fewstep.storage import Store, read_table
 from producer.card import dataset_card
-from producer.options import JSON, OUTPUT, progress_bar
+from producer.options import JSON, OUTPUT, job_store, progress_bar
 from producer.progress import Progress, read_progress
 from producer.tar_shards import part_tar
 
@@ -278,12 +277,10 @@ def finalize_command(job: str, output: str, partial: bool, json_parts: bool, web
 
     Refuses a job with shards not committed unless --partial (which says what is missing).
     """
-    root = open_store(output)
-    root.check()
-    job_store = root.child(check_job_name(job))
+    store = job_store(output, job)
     with progress_bar("finalize: shards") as on_shard:
         summary = finalize(
-            job_store, partial=partial, json_parts=json_parts, webdataset=webdataset, on_shard=on_shard
+            store, partial=partial, json_parts=json_parts, webdataset=webdataset, on_shard=on_shard
         )
     if as_json:
         click.echo(json.dumps(summary))
@@ -293,6 +290,6 @@ def finalize_command(job: str, output: str, partial: bool, json_parts: bool, web
         f"into {', '.join(summary['files'])}; card {summary['card']}"
     )
     if summary["webdataset"]:
-        click.echo(f"webdataset: {len(summary['webdataset']):,} tar shards under {job_store.url}/webdataset/")
+        click.echo(f"webdataset: {len(summary['webdataset']):,} tar shards under {store.url}/webdataset/")
     if summary["partial"]:
         click.echo(f"partial: {summary['missing_rows']:,} prompts missing in {summary['missing']}")

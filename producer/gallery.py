@@ -25,10 +25,10 @@ import pyarrow as pa
 from PIL import Image
 
 from fewstep import UserError
-from fewstep.contract import GALLERY, check_job_name, image_name, metadata_key, part_name
+from fewstep.contract import GALLERY, image_name, metadata_key, part_name
 from fewstep.settings import defaults
-from fewstep.storage import Store, open_store, read_table
-from producer.options import JSON, OUTPUT, progress_bar
+from fewstep.storage import Store, read_table
+from producer.options import JSON, OUTPUT, job_store, progress_bar
 from producer.progress import Progress, read_progress
 
 COLUMNS = ["row_id", "part_id", "image_key", "prompt", "seed", "model", "width", "height"]
@@ -224,15 +224,13 @@ def download(job_store: Store, directory: Path, image_keys: list[str]) -> Path:
 @JSON
 def gallery_command(job: str, output: str, n: int | None, by: str | None, seed: int, download_dir, as_json):
     """Write a contact sheet of JOB (gallery/index.html, thumbnails with prompt, seed and model)."""
-    root = open_store(output)
-    root.check()
-    job_store = root.child(check_job_name(job))
+    store = job_store(output, job)
     with progress_bar("gallery: thumbnails") as on_image:
         summary = make_gallery(
-            job_store, n=n or int(defaults()["gallery"]["images"]), by=by, seed=seed, on_image=on_image
+            store, n=n or int(defaults()["gallery"]["images"]), by=by, seed=seed, on_image=on_image
         )
     if download_dir is not None:
-        summary["local"] = str(download(job_store, download_dir, summary["image_keys"]).resolve())
+        summary["local"] = str(download(store, download_dir, summary["image_keys"]).resolve())
     if as_json:
         click.echo(json.dumps(summary))
         return

@@ -9,6 +9,7 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from fewstep.contract import check_job_name
 from fewstep.storage import Store, open_store
 
 OUTPUT = click.option(
@@ -22,7 +23,9 @@ JSON = click.option("--json", "as_json", is_flag=True, help="Print one JSON obje
 
 
 def job_store(output: str, job: str) -> Store:
-    """The store of ``job`` under ``output``, after checking that the output is reachable."""
+    """The store of ``job`` under ``output``, after checking the job's name and that the
+    output is reachable."""
+    check_job_name(job)
     root = open_store(output)
     root.check()
     return root.child(job)

@@ -16,10 +16,8 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from fewstep.contract import check_job_name
 from fewstep.settings import defaults
-from fewstep.storage import open_store
-from producer.options import JSON, OUTPUT
+from producer.options import JSON, OUTPUT, job_store
 from producer.status import JobStatus, StatusReader
 
 STATE_STYLES = {"done": "bold green", "failed": "bold red", "running": "bold cyan", "queued": "bold yellow"}
@@ -198,9 +196,7 @@ def status_command(
     Commit markers, failed markers, per-shard stats and worker heartbeats are read from
     storage; Redis is only asked how many shards still wait (unknown when it is gone).
     """
-    root = open_store(output)
-    root.check()
-    reader = StatusReader(root.child(check_job_name(job)), use_redis=not no_redis)
+    reader = StatusReader(job_store(output, job), use_redis=not no_redis)
     interval = interval or float(defaults()["status"]["watch_interval"])
     if follow and not as_json:
         watch(reader, interval)
