@@ -1,0 +1,36 @@
+"""The CPU benchmarks still run against the current code, at a tiny size (no timing is
+asserted: their figures live in docs/BENCHMARKS.md). A schema or API change that breaks a
+benchmark shows here, not on the day someone measures."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+
+def run_bench(script: str, *args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / script), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_fleet_commands_lays_out_a_job_and_reads_it_back():
+    out = run_bench("fleet_commands.py", "--shards", "10", "--rows", "8", "--heartbeats", "2")
+    assert "status cold read (10 parts, 10 stats objects)" in out
+    assert "finalize: 80 rows from 10 parts" in out
+
+
+def test_enqueue_diffusiondb_enqueues_every_row(tmp_path):
+    out = run_bench("enqueue_diffusiondb.py", "--rows", "2000", "--data", str(tmp_path))
+    record = json.loads(out.strip().splitlines()[-1])
+    counts = [record[k] for k in ("prompts", "shards", "enqueued", "queue_length")]
+    assert counts == [2000, 2, 2, 2]
