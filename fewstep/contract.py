@@ -5,7 +5,10 @@ name and ids only, never from dataset fields)::
 
     job.json                                  the job spec
     manifests/part-000001.parquet             the prompts of shard 1
-    images/part-000001/000000000042.png       one image, named by its global row id
+    images/part-000001/<attempt-id>/000000000042.png
+                                              one image, named by its global row id, in the
+                                              folder of the attempt that made it; the committed
+                                              metadata names the one attempt whose images count
     metadata/part-000001.parquet              shard 1's metadata: the commit marker, written last
     failed/part-000001.json                   shard 1 gave up after too many attempts
     attempts/part-000001/<attempt-id>.json    one record per delivery of shard 1 (worker, outcome)
@@ -40,7 +43,8 @@ import pyarrow as pa
 
 from fewstep import UserError
 
-FORMAT_VERSION = 1
+# 2: images are keyed by attempt (images/part-N/<attempt-id>/...); metadata has attempt_id.
+FORMAT_VERSION = 2
 TASK_NAME = "fewstep.generate_shard"
 
 JOB_SPEC_KEY = "job.json"
@@ -106,10 +110,39 @@ def new_attempt_id() -> str:
     return f"{now:%Y%m%dT%H%M%S.%f}Z-{secrets.token_hex(4)}"
 
 
-def attempt_key(shard: int, attempt_id: str) -> str:
+def _check_attempt_id(attempt_id: str) -> str:
     if not _ATTEMPT_ID.fullmatch(attempt_id) or ".." in attempt_id:
         raise ValueError(f"invalid attempt id {attempt_id!r}")
-    return f"{attempts_prefix(shard)}{attempt_id}.json"
+    return attempt_id
+
+
+def attempt_key(shard: int, attempt_id: str) -> str:
+    return f"{attempts_prefix(shard)}{_check_attempt_id(attempt_id)}.json"
+
+
+def parse_time(value: Any) -> dt.datetime | None:
+    """An ISO-8601 time (naive ones taken as UTC), or None."""
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
+
+
+def heartbeat_age(beat: dict[str, Any], now: dt.datetime) -> float | None:
+    """Seconds since a heartbeat object was written; None when it has no readable time."""
+    seen = parse_time(beat.get("last_seen"))
+    return (now - seen).total_seconds() if seen else None
+
+
+def heartbeat_live(beat: dict[str, Any], now: dt.datetime, stale_after_intervals: float) -> bool:
+    """Whether a heartbeat belongs to a worker still running: recent (within a few of its own
+    intervals) and not saying ``stopped``. The one rule for status and attempt liveness."""
+    age = heartbeat_age(beat, now)
+    interval = beat.get("interval_s") if isinstance(beat.get("interval_s"), int | float) else 5.0
+    return age is not None and age <= stale_after_intervals * interval and beat.get("state") != "stopped"
 
 
 def heartbeat_key(worker_id: str) -> str:
@@ -127,8 +160,30 @@ def image_name(row_id: int, ext: str) -> str:
     return f"{row_id:012d}.{ext}"
 
 
-def image_key(shard: int, row_id: int, ext: str) -> str:
-    return f"{IMAGES}/{part_name(shard)}/{image_name(row_id, ext)}"
+def attempt_images_prefix(shard: int, attempt_id: str) -> str:
+    """``images/part-000001/<attempt-id>/``: the images one attempt of a shard wrote.
+
+    Each attempt writes only under its own folder, so no attempt can overwrite another's
+    images: the committed metadata always describes exactly the bytes at its keys, whatever
+    a losing attempt does before or after the commit (``producer gc`` removes what losers
+    leave behind).
+    """
+    _check_attempt_id(attempt_id)
+    return f"{IMAGES}/{part_name(shard)}/{attempt_id}/"
+
+
+def image_key(shard: int, attempt_id: str, row_id: int, ext: str) -> str:
+    """``images/part-000001/<attempt-id>/000000000042.png``."""
+    return f"{attempt_images_prefix(shard, attempt_id)}{image_name(row_id, ext)}"
+
+
+_IMAGE_KEY = re.compile(r"^images/part-(\d{6,})/([^/]+)/\d{12,}\.[a-z]+$")
+
+
+def image_key_attempt(key: str) -> tuple[int, str] | None:
+    """(shard, attempt id) of an attempt-scoped image key; None for any other key."""
+    m = _IMAGE_KEY.match(key)
+    return (int(m.group(1)), m.group(2)) if m else None
 
 
 def dataset_metadata_key(index: int = 1, files: int = 1) -> str:
@@ -269,7 +324,8 @@ METADATA_CORE = pa.schema(
         pa.field("source_row", pa.int64()),
         pa.field("gen_ms", pa.float32()),
         pa.field("worker", pa.string()),
-        pa.field("attempt", pa.uint16()),
+        pa.field("attempt", pa.uint16()),  # the round (1 + `producer retry`s), not a delivery count
+        pa.field("attempt_id", pa.string()),  # the delivery that made the images (their key folder)
         pa.field("created_at", pa.timestamp("us", tz="UTC")),
         # How the bytes were made: format settings, encoder, and the worker's speed
         # options that change pixels (precision, VAE).

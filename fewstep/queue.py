@@ -149,6 +149,17 @@ def _envelope_kwargs(envelope: Any) -> dict[str, Any] | None:
         return None
 
 
+def message_of_envelope(envelope: Any) -> ShardMessage | None:
+    """The shard message of a parsed kombu message, or None if it is not a valid fewstep one."""
+    kwargs = _envelope_kwargs(envelope)
+    if not kwargs:
+        return None
+    try:
+        return ShardMessage.from_kwargs(kwargs)
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def pending_messages(client: redis.Redis, queue: str) -> Iterator[ShardMessage]:
     """Shard messages waiting in ``queue`` or delivered and not yet acknowledged."""
     for key in queue_keys(queue):

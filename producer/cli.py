@@ -11,6 +11,7 @@ from fewstep import console
 from fewstep.settings import load_config
 from producer import finalize, gallery, jobs, status_view
 from producer.enqueue import JobOptions, enqueue
+from producer.gc import gc_command
 from producer.options import JSON, OUTPUT
 from producer.reconcile import reconcile_command
 from producer.retry import retry_command
@@ -211,5 +212,6 @@ cli.add_command(gallery.gallery_command)
 cli.add_command(reconcile_command)
 cli.add_command(retry_command)
 cli.add_command(verify_command)
+cli.add_command(gc_command)
 
 main = functools.partial(console.run, cli)

@@ -15,7 +15,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from fewstep.contract import FAILED, STATS, WORKERS, part_name, shard_of_key
+from fewstep.contract import (
+    FAILED,
+    STATS,
+    WORKERS,
+    heartbeat_age,
+    heartbeat_live,
+    parse_time,
+    part_name,
+    shard_of_key,
+)
 from fewstep.queue import pending_messages, redis_client
 from fewstep.settings import defaults, describe_error
 from fewstep.storage import KeyMissing, Store
@@ -25,17 +34,6 @@ from producer.progress import Progress, read_progress
 RATE_WINDOW_S = 300.0
 # After Redis failed to answer, it is asked again only after this many seconds.
 REDIS_RETRY_S = 30.0
-
-
-def parse_time(value: Any) -> dt.datetime | None:
-    """An ISO-8601 time (naive ones taken as UTC), or None."""
-    if not isinstance(value, str):
-        return None
-    try:
-        parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
 
 
 def _load_json(data: bytes) -> dict[str, Any] | None:
@@ -257,14 +255,8 @@ class StatusReader:
         for _key, beat in self._fetch(keys):
             if not beat or not beat.get("worker"):
                 continue
-            seen = parse_time(beat.get("last_seen"))
-            age = (now - seen).total_seconds() if seen else None
-            interval = beat.get("interval_s") if isinstance(beat.get("interval_s"), int | float) else 5.0
-            live = (
-                age is not None
-                and age <= self.stale_after_intervals * interval
-                and beat.get("state") != "stopped"
-            )
+            age = heartbeat_age(beat, now)
+            live = heartbeat_live(beat, now, self.stale_after_intervals)
             workers.append({**beat, "age_s": None if age is None else round(max(age, 0.0), 1), "live": live})
         workers.sort(key=lambda w: (not w["live"], str(w.get("worker"))))
         return workers

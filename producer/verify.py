@@ -1,8 +1,9 @@
 """``producer verify JOB``: check every committed shard against storage and its manifest.
 
 For each committed shard: the metadata has the job's schema and exactly the manifest's
-rows (row ids, prompts byte for byte, seeds, source rows), keys built from ids, and every
-image exists with the size and sha256 the metadata records. Across shards, no row appears
+rows (row ids, prompts byte for byte, seeds, source rows), keys built from ids in the folder
+of the one attempt that committed, and every image exists with the size and sha256 the
+metadata records (each image is read back and hashed). Across shards, no row appears
 twice. Uncommitted shards are counted, not checked: readers trust committed shards only.
 """
 
@@ -18,7 +19,7 @@ import click
 
 from fewstep.contract import (
     IMAGE_EXTENSIONS,
-    IMAGES,
+    attempt_images_prefix,
     image_key,
     manifest_key,
     metadata_key,
@@ -82,10 +83,16 @@ def verify_shard(
             report.problem(f"{part}: column {column} differs from the manifest")
     rows = meta.to_pylist()
     ext = IMAGE_EXTENSIONS[spec["generation"]["format"]]
+    attempt_ids = {row["attempt_id"] for row in rows}
+    if len(attempt_ids) != 1 or None in attempt_ids:
+        report.problem(f"{part}: rows name {len(attempt_ids)} attempts; a commit holds exactly one")
+        return {row["row_id"] for row in rows}
+    attempt_id = attempt_ids.pop()
     for row in rows:
-        if row["part_id"] != shard or row["image_key"] != image_key(shard, row["row_id"], ext):
+        if row["part_id"] != shard or row["image_key"] != image_key(shard, attempt_id, row["row_id"], ext):
             report.problem(f"{part}: row {row['row_id']} has part {row['part_id']}, key {row['image_key']!r}")
-    stored = dict(store.list(f"{IMAGES}/{part}/"))
+    # The committed attempt's folder only: what losing attempts left is not this shard's.
+    stored = dict(store.list(attempt_images_prefix(shard, attempt_id)))
     checks = []
     for row in rows:
         key, size = row["image_key"], row["bytes"]

@@ -11,6 +11,7 @@ from fewstep.contract import (
     check_job_name,
     derive_seeds,
     image_key,
+    image_key_attempt,
     manifest_key,
     metadata_key,
     metadata_schema,
@@ -22,9 +23,14 @@ from fewstep.contract import (
 def test_keys_are_built_from_ids():
     assert manifest_key(1) == "manifests/part-000001.parquet"
     assert metadata_key(12) == "metadata/part-000012.parquet"
-    assert image_key(1, 42, "png") == "images/part-000001/000000000042.png"
+    attempt = "20250102T030405.123456Z-1a2b3c4d"
+    assert image_key(1, attempt, 42, "png") == f"images/part-000001/{attempt}/000000000042.png"
+    assert image_key_attempt(image_key(7, attempt, 42, "jpg")) == (7, attempt)
+    assert image_key_attempt("images/part-000001/part-000001.json") is None
     assert shard_of_key("metadata/part-000012.parquet") == 12
-    assert shard_of_key("images/part-000001/000000000042.png") is None
+    assert shard_of_key(image_key(1, attempt, 42, "png")) is None
+    with pytest.raises(ValueError):
+        image_key(1, "../other", 42, "png")
     with pytest.raises(ValueError):
         manifest_key(0)
 

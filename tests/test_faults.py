@@ -332,9 +332,12 @@ def test_g_crash_after_image_uploads_before_commit_redoes_only_that_shard(env, o
         a.kill()
     assert store.exists(metadata_key(1)) and not store.exists(metadata_key(2))
     assert len(keys_under(url, "images/part-000002/")) == 8  # every image written, no commit
+    crashed = {key.rsplit("/", 2)[-2] for key in keys_under(url, "images/part-000002/")}
     first = store.get(metadata_key(1))
     finish("precommit", output, env, tmp_path, 24)
     assert store.get(metadata_key(1)) == first  # shard 1 was not redone
+    # The redo wrote its own folder; the crashed attempt's images are left to `producer gc`.
+    assert set(committed_metadata(url).column("attempt_id").to_pylist()).isdisjoint(crashed)
     assert [r["state"] for r in attempt_records(url, 1)] == ["committed"]
     assert [r["state"] for r in attempt_records(url, 2)] == ["running", "committed"]
     assert [r["state"] for r in attempt_records(url, 3)] == ["committed"]
@@ -419,14 +422,21 @@ def test_a_worker_storage_refuses_stops_and_leaves_the_shards_queued(env, output
 # --- the commit itself, on real storage ---------------------------------------------------------
 
 
-def _shard_table(store, rows: int, worker: str) -> pa.Table:
+def _shard_table(store, rows: int, worker: str, attempt: str | None = None) -> pa.Table:
     from fewstep.contract import METADATA_CORE, image_key
 
-    keys = [image_key(1, r, "png") for r in range(rows)]
+    attempt = attempt or f"20250102T030405.000000Z-{worker}"
+    keys = [image_key(1, attempt, r, "png") for r in range(rows)]
     for key in keys:
         store.put(key, b"x" * 10)
     columns = {name: [None] * rows for name in METADATA_CORE.names}
-    columns.update(image_key=keys, sha256=["0" * 64] * rows, bytes=[10] * rows, worker=[worker] * rows)
+    columns.update(
+        image_key=keys,
+        sha256=["0" * 64] * rows,
+        bytes=[10] * rows,
+        worker=[worker] * rows,
+        attempt_id=[attempt] * rows,
+    )
     return pa.Table.from_pydict(columns, schema=METADATA_CORE)
 
 
@@ -436,13 +446,18 @@ def test_commit_is_conditional_and_refuses_a_partial_shard(env, output, tmp_path
 
     store = open_store(f"{output}/commit" if kind == "s3" else str(tmp_path / "out"))
     first, second = _shard_table(store, 3, "first"), _shard_table(store, 3, "second")
-    store.delete("images/part-000001/000000000002.png")
+    missing = first.column("image_key")[2].as_py()
+    store.delete(missing)
+    # The other attempt's complete folder does not make this attempt's shard complete.
     with pytest.raises(IncompleteShard, match="1 of 3 images missing"):
         commit(store, 1, first, 3)
     assert not store.exists(metadata_key(1))
     with pytest.raises(IncompleteShard, match="metadata has 3 rows, manifest 4"):
         commit(store, 1, first, 4)
-    store.put("images/part-000001/000000000002.png", b"x" * 10)
+    mixed = pa.concat_tables([first.slice(0, 2), second.slice(2)])
+    with pytest.raises(IncompleteShard, match="rows of 2 attempts"):
+        commit(store, 1, mixed, 3)
+    store.put(missing, b"x" * 10)
     assert commit(store, 1, first, 3) is True
     assert commit(store, 1, second, 3) is False  # lost the race: the marker is untouched
     assert commit(store, 1, first, 3) is True  # a retried write of our own bytes is ours

@@ -16,7 +16,15 @@ import pytest
 from PIL import Image
 
 from fewstep import UserError
-from fewstep.contract import ShardMessage, ShardStats, manifest_key, metadata_key, stats_key
+from fewstep.contract import (
+    ShardMessage,
+    ShardStats,
+    image_key,
+    manifest_key,
+    metadata_key,
+    new_attempt_id,
+    stats_key,
+)
 from fewstep.queue import pending_messages, queue_length, redis_client
 from fewstep.storage import open_store
 from tests.support import (
@@ -81,11 +89,12 @@ def test_a_failed_upload_stops_generation_and_nothing_is_committed(env, tmp_path
     job = enqueue("broken", output, env, "--format", "jpeg", "--shard-size", "256",
                   path=prompts(tmp_path, 256))  # fmt: skip
     # A directory where image 20 should go: that upload fails like a refused PUT.
-    (Path(output) / "broken" / "images" / "part-000001" / "000000000020.jpg").mkdir(parents=True)
+    attempt = new_attempt_id()
+    (Path(output) / "broken" / image_key(1, attempt, 20, "jpg")).mkdir(parents=True)
     runner = ShardRunner(synthetic(0.0), batch_size=8, max_batches_in_flight=2)
     try:
         with pytest.raises(OSError):
-            runner.run(ShardMessage(job["job_url"], 1, manifest_key(1)))
+            runner.run(ShardMessage(job["job_url"], 1, manifest_key(1)), attempt_id=attempt)
     finally:
         runner.close()
     store = open_store(job["job_url"])

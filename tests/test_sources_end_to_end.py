@@ -42,7 +42,8 @@ def test_diffusiondb_and_journeydb_jobs_run_end_to_end(env, output, tmp_path):
     assert table.column("source").to_pylist() == ["diffusiondb"] * 4
     # Keys come from ids only, whatever the source's image_name says.
     assert table.column("source_image_name").to_pylist()[2] == "../../etc/passwd"
-    assert table.column("image_key").to_pylist()[2] == "images/part-000002/000000000002.png"
+    attempt = table.column("attempt_id").to_pylist()[2]
+    assert table.column("image_key").to_pylist()[2] == f"images/part-000002/{attempt}/000000000002.png"
 
     table = committed_metadata(jdb["job_url"])
     assert table.column("prompt").to_pylist() == [r["Task2"]["Caption"] for r in JOURNEYDB_RECORDS]

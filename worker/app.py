@@ -25,6 +25,7 @@ from celery.exceptions import Reject
 from celery.platforms import EX_FAILURE
 from celery.worker import state as worker_state
 
+from fewstep.attempts import history, running_elsewhere
 from fewstep.contract import (
     ATTEMPT_COMMITTED,
     ATTEMPT_ERROR,
@@ -110,7 +111,8 @@ def _run(task, store: Store, message: ShardMessage, max_attempts: int, retry_del
     if store.exists(failed_key(message.shard)):
         log.info("%s of %s is marked failed, skipping", part, message.job_url)
         return {"shard": message.shard, "state": "failed"}
-    failures = commit.failures_since_retry(commit.history(store, message.shard))
+    records = history(store, message.shard)
+    failures = commit.failures_since_retry(records, running_elsewhere(store, records))
     if len(failures) >= max_attempts:
         # The earlier attempts lost their workers (killed, out of memory) or outlived the
         # visibility timeout: a shard that keeps coming back must stop.
@@ -124,7 +126,8 @@ def _run(task, store: Store, message: ShardMessage, max_attempts: int, retry_del
     attempt = Attempt.start(store, message, runner.worker_id, delivery)
     try:
         rows = shard_rows(runner.job_spec(store, message.job_url), message.shard)
-        result = runner.run(message, guard=ShardGuard(store, message, rows, visibility_timeout()))
+        guard = ShardGuard(store, message, rows, visibility_timeout())
+        result = runner.run(message, guard=guard, attempt_id=attempt.id)
     except Superseded:
         log.info("%s of %s was committed by another attempt; this one stopped", part, message.job_url)
         attempt.finish(ATTEMPT_SUPERSEDED)

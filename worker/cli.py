@@ -123,6 +123,7 @@ def start_worker(settings: WorkerSettings) -> int:
     from worker.encode import choose_jpeg_encoder
     from worker.gpu_claim import claim_gpu, cuda_device_count
     from worker.heartbeat import Activity, Heartbeat
+    from worker.liveness import Liveness
     from worker.model import load_model
     from worker.shard import ShardRunner
 
@@ -184,7 +185,13 @@ def start_worker(settings: WorkerSettings) -> int:
         worker_app.shutdown_grace,
     )
     activity = Activity(runner.worker_id, model_name, model.device, progress=runner.progress)
-    Heartbeat(activity, float(cfg["heartbeat_seconds"])).connect(signals).start()
+    heartbeat = Heartbeat(activity, float(cfg["heartbeat_seconds"])).connect(signals).start()
+    runner.on_shard_start = heartbeat.beat_now
+    # Liveness in Redis, so a killed worker's shard comes back within a minute (fewstep/recovery.py).
+    liveness = Liveness(runner.worker_id, queue)
+    signals.worker_ready.connect(liveness.start, weak=False)
+    signals.task_received.connect(liveness.beat_now, weak=False)
+    signals.worker_shutdown.connect(liveness.stop, weak=False)
     if settings.metrics_port is not None:
         from worker.metrics import serve_metrics
 

@@ -32,10 +32,9 @@ from fewstep.contract import (
     ATTEMPT_ERROR,
     ATTEMPT_RETRY_REQUESTED,
     ATTEMPT_RUNNING,
-    IMAGES,
     ShardMessage,
+    attempt_images_prefix,
     attempt_key,
-    attempts_prefix,
     failed_key,
     metadata_key,
     new_attempt_id,
@@ -47,8 +46,8 @@ from fewstep.storage import StorageError, Store
 log = logging.getLogger("fewstep.worker")
 
 #: Attempt states that count towards ``max_attempts``. "running" is a record whose worker
-#: never wrote an outcome: killed, out of memory, or still running past the visibility
-#: timeout (a redelivery loop, which must end too).
+#: never wrote an outcome: killed, out of memory, or lost; one whose worker still beats for
+#: it is not counted (:func:`fewstep.attempts.running_elsewhere`).
 FAILURE_STATES = frozenset({ATTEMPT_ERROR, ATTEMPT_RUNNING})
 
 
@@ -127,26 +126,16 @@ class Attempt:
                 _unwritten.append((self.store, self.key, dict(self.record)))
 
 
-def history(store: Store, shard: int) -> list[dict[str, Any]]:
-    """Every attempt record of a shard, oldest first (ids sort by time)."""
-    records = []
-    for key, _size in sorted(store.list(attempts_prefix(shard))):
-        if not key.endswith(".json"):
-            continue
-        try:
-            records.append(json.loads(store.get(key)))
-        except ValueError:
-            log.warning("unreadable attempt record %s ignored", key)
-    return records
-
-
-def failures_since_retry(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The failed or abandoned attempts since the last ``producer retry`` of the shard."""
+def failures_since_retry(
+    records: list[dict[str, Any]], running: set[str] = frozenset()
+) -> list[dict[str, Any]]:
+    """The failed or abandoned attempts since the last ``producer retry`` of the shard;
+    attempts in ``running`` (see :func:`running_elsewhere`) are still at work, not failures."""
     failures: list[dict[str, Any]] = []
     for record in records:
         if record.get("state") == ATTEMPT_RETRY_REQUESTED:
             failures = []
-        elif record.get("state") in FAILURE_STATES:
+        elif record.get("state") in FAILURE_STATES and record.get("id") not in running:
             failures.append(record)
     return failures
 
@@ -265,16 +254,22 @@ def _failpoint(name: str, shard: int) -> None:
 
 
 def check_complete(store: Store, shard: int, table: pa.Table, rows: int) -> None:
-    """Raise :class:`IncompleteShard` unless every row has its image in storage, of its size."""
+    """Raise :class:`IncompleteShard` unless every row has its image in storage, of its size,
+    in the folder of the one attempt the metadata names."""
     if table.num_rows != rows:
         raise IncompleteShard(f"{part_name(shard)}: metadata has {table.num_rows} rows, manifest {rows}")
-    for column in ("image_key", "sha256", "bytes"):
+    for column in ("image_key", "sha256", "bytes", "attempt_id"):
         if table.column(column).null_count:
             raise IncompleteShard(f"{part_name(shard)}: {column} missing for some rows")
+    attempt_ids = set(table.column("attempt_id").to_pylist())
+    if len(attempt_ids) != 1:
+        raise IncompleteShard(f"{part_name(shard)}: rows of {len(attempt_ids)} attempts in one commit")
+    prefix = attempt_images_prefix(shard, attempt_ids.pop())
     keys = table.column("image_key").to_pylist()
-    if len(set(keys)) != len(keys):
-        raise IncompleteShard(f"{part_name(shard)}: an image key appears twice")
-    stored = dict(store.list(f"{IMAGES}/{part_name(shard)}/"))
+    if len(set(keys)) != len(keys) or not all(k.startswith(prefix) for k in keys):
+        raise IncompleteShard(f"{part_name(shard)}: image keys repeat or lie outside {prefix}")
+    # Only this attempt's folder: what other attempts wrote is neither listed nor referenced.
+    stored = dict(store.list(prefix))
     wrong = [
         k for k, size in zip(keys, table.column("bytes").to_pylist(), strict=True) if stored.get(k) != size
     ]

@@ -12,6 +12,7 @@ A heartbeat object::
     {"worker": "gpu-host-3:4121:cuda:0", "host": "gpu-host-3", "pid": 4121,
      "model": "sdxs-512-0.9", "device": "cuda:0", "job": "parti",
      "state": "working" | "idle" | "stopped", "shard": 12, "attempt": 1,
+     "attempt_id": "20250102T030405.123456Z-1a2b3c4d",
      "shard_started_at": "...", "shards_done": 11, "images_done": 2816,
      "images_per_s": 310.2, "started_at": "...", "last_seen": "...", "interval_s": 5,
      "last_error": {"shard": 7, "error": "...", "at": "..."} | null, "version": "0.1.0"}
@@ -146,6 +147,9 @@ class Activity:
                 "state": state,
                 "shard": self.shard,
                 "attempt": self.attempt,
+                # The attempt record this worker is at: a "running" record with a live
+                # heartbeat naming it is no failure (worker.commit.running_elsewhere).
+                "attempt_id": live.get("attempt_id") if live else None,
                 "shard_started_at": self.shard_started_at,
                 # Images of the shard in progress uploaded so far (not yet committed).
                 "shard_images_uploaded": live["images_done"] if live else None,
@@ -191,6 +195,10 @@ class Heartbeat:
     def task_prerun(self, kwargs=None, **_):
         """A shard starts: beat now."""
         self.activity.shard_started(kwargs or {})
+        self._wake.set()
+
+    def beat_now(self) -> None:
+        """Write the heartbeat now (an attempt started: its id is in the next beat)."""
         self._wake.set()
 
     def task_postrun(self, retval=None, state=None, **_):

@@ -60,6 +60,7 @@ from fewstep.contract import (
     image_name,
     metadata_key,
     metadata_schema,
+    new_attempt_id,
     part_name,
     stats_key,
 )
@@ -102,13 +103,13 @@ def _now() -> dt.datetime:
 
 @dataclass
 class OpenShard:
-    """A shard ready to generate: message, job spec, manifest rows, keys."""
+    """A shard ready to generate: message, job spec, manifest rows. Its image keys belong to
+    an attempt (:class:`ShardRun`): a shard read ahead has no attempt yet."""
 
     message: ShardMessage
     spec: dict[str, Any]
     store: Store
     rows: dict[str, list]
-    keys: list[str]
     image_format: ImageFormat
     tokens: list[int]
     token_limit: int
@@ -117,6 +118,11 @@ class OpenShard:
     def label(self) -> str:
         """``job part-000042``, for logs."""
         return f"{self.spec['job']} {part_name(self.message.shard)}"
+
+    @property
+    def size(self) -> int:
+        """Rows (images) in the shard."""
+        return len(self.rows["row_id"])
 
     def is_for(self, message: ShardMessage) -> bool:
         """Whether ``message`` asks for this very shard (any attempt)."""
@@ -144,12 +150,17 @@ class Ahead:
 
 
 class ShardRun:
-    """One shard going through the stages: per-row results, stage timings, completion."""
+    """One attempt at a shard going through the stages: its image keys, per-row results,
+    stage timings, completion."""
 
-    def __init__(self, shard: OpenShard, batch_size: int, guard: ShardGuard | None = None):
+    def __init__(self, shard: OpenShard, batch_size: int, attempt_id: str, guard: ShardGuard | None = None):
         self.shard = shard
         self.guard = guard
-        n = len(shard.keys)
+        self.attempt_id = attempt_id
+        ext, number = shard.image_format.extension, shard.message.shard
+        # Keys in this attempt's own folder: no other attempt ever writes them.
+        self.keys = [image_key(number, attempt_id, r, ext) for r in shard.rows["row_id"]]
+        n = len(self.keys)
         self.batches = [(lo, min(lo + batch_size, n)) for lo in range(0, n, batch_size)]
         self.digests: list[tuple[str, int] | None] = [None] * n
         self.nsfw: list[bool | None] = [None] * n
@@ -369,6 +380,8 @@ class ShardRunner:
         self._current: ShardRun | None = None
         self._keep_on_device = model.device.startswith("cuda")
         self._closing = threading.Event()
+        #: Called on the task's thread when a shard's attempt starts running (heartbeat).
+        self.on_shard_start: Callable[[], None] = lambda: None
         self._device = threading.Thread(target=self._device_loop, name="generate", daemon=True)
         self._device.start()
 
@@ -470,7 +483,7 @@ class ShardRunner:
         if shard is None:
             return
         self._ahead = Ahead(shard, [])
-        n = len(shard.keys)
+        n = shard.size
         for lo in range(0, n, self.batch_size)[: self.slots.limit]:
             if self._stopping() or not self._device_calls.empty():
                 return
@@ -536,7 +549,7 @@ class ShardRunner:
             return
         try:
             start = time.perf_counter()
-            run.shard.store.put(run.shard.keys[row], data)
+            run.shard.store.put(run.keys[row], data)
             run.add("upload_s", time.perf_counter() - start)
             run.digests[row] = (hashlib.sha256(data).hexdigest(), len(data))
         except BaseException as e:
@@ -570,15 +583,17 @@ class ShardRunner:
             )
         rows = read_table(store, message.manifest_key).to_pydict()
         image_format = ImageFormat.from_generation(spec["generation"])
-        keys = [image_key(message.shard, r, image_format.extension) for r in rows["row_id"]]
         tokens, limit = self.model.count_tokens(rows["prompt"])
-        return OpenShard(message, spec, store, rows, keys, image_format, tokens, limit)
+        return OpenShard(message, spec, store, rows, image_format, tokens, limit)
 
-    def run(self, message: ShardMessage, guard: ShardGuard | None = None) -> ShardResult:
+    def run(
+        self, message: ShardMessage, guard: ShardGuard | None = None, attempt_id: str | None = None
+    ) -> ShardResult:
         """Generate, upload and commit one shard; the entry point of the Celery task.
 
         ``guard`` (see :mod:`worker.commit`) is asked before each batch's images are written
         and may stop the shard: another attempt committed it, or the shutdown grace ran out.
+        ``attempt_id`` (the task's attempt record) names the folder the images go to.
         """
         start, started_at = time.perf_counter(), _now()
         shard = self.lookahead.take(message)  # read ahead, checked not committed moments ago
@@ -590,9 +605,10 @@ class ShardRunner:
                 return ShardResult(message.shard, 0, False, 0.0, 0.0)
             shard = self.open_shard(message, store)
 
-        run = ShardRun(shard, self.batch_size, guard)
+        run = ShardRun(shard, self.batch_size, attempt_id or new_attempt_id(), guard)
         self.slots.reset_peak()
         self._current = run
+        self.on_shard_start()  # the heartbeat names this attempt at once, not a beat later
         self._device_calls.put((self._generate_shard, (run,), Future()))
         self._wait(run, start)
         self._current = None
@@ -601,7 +617,7 @@ class ShardRunner:
 
         commit_start = time.perf_counter()
         # Checked complete, then written only if absent: of two racing attempts one commits.
-        committed = commit(shard.store, message.shard, self._metadata(run), len(shard.keys))
+        committed = commit(shard.store, message.shard, self._metadata(run), shard.size)
         end = time.perf_counter()
         stats = self._stats(run, start, end, end - commit_start, started_at)
         if committed:
@@ -623,7 +639,7 @@ class ShardRunner:
             )
         else:
             log.warning("%s was committed by another attempt first; this attempt is discarded", shard.label)
-        return ShardResult(message.shard, len(shard.keys), committed, end - start, run.generate_s, stats)
+        return ShardResult(message.shard, shard.size, committed, end - start, run.generate_s, stats)
 
     def _wait(self, run: ShardRun, start: float) -> None:
         """Wait for the shard's stages to finish, logging its progress now and then."""
@@ -633,7 +649,7 @@ class ShardRunner:
                 "%s: %d/%d images uploaded, %.1f img/s",
                 run.shard.label,
                 run.uploaded,
-                len(run.shard.keys),
+                run.shard.size,
                 run.uploaded / elapsed,
             )
 
@@ -647,8 +663,9 @@ class ShardRunner:
             "job": run.shard.spec["job"],
             "shard": m.shard,
             "attempt": m.attempt,
+            "attempt_id": run.attempt_id,
             "images_done": run.uploaded,
-            "images": len(run.shard.keys),
+            "images": run.shard.size,
         }
 
     def _idle_seconds(self, start: float, end: float) -> float:
@@ -664,7 +681,7 @@ class ShardRunner:
         self, run: ShardRun, start: float, end: float, commit_s: float, started_at: dt.datetime
     ) -> ShardStats:
         shard, seconds = run.shard, end - start
-        images = len(shard.keys)
+        images = shard.size
         f = shard.image_format
         return ShardStats(
             job=shard.spec["job"],
@@ -707,7 +724,7 @@ class ShardRunner:
 
     def _metadata(self, run: ShardRun) -> pa.Table:
         shard = run.shard
-        spec, message, rows, keys = shard.spec, shard.message, shard.rows, shard.keys
+        spec, message, rows, keys = shard.spec, shard.message, shard.rows, run.keys
         gen, f = spec["generation"], shard.image_format
         n = len(keys)
         fields = spec["source"].get("fields", {})
@@ -736,6 +753,7 @@ class ShardRunner:
             "gen_ms": run.gen_ms,
             "worker": [self.worker_id] * n,
             "attempt": [message.attempt] * n,
+            "attempt_id": [run.attempt_id] * n,
             "created_at": run.created,
             "format_quality": [f.quality] * n,
             "png_level": [f.png_level] * n,
