@@ -112,7 +112,7 @@ def _run(task, store: Store, message: ShardMessage, max_attempts: int, retry_del
         log.info("%s of %s is marked failed, skipping", part, message.job_url)
         return {"shard": message.shard, "state": "failed"}
     records = history(store, message.shard)
-    failures = commit.failures_since_retry(records, running_elsewhere(store, records))
+    failures = commit.failures_since_retry(records, running_elsewhere(store, records, runner.worker_id))
     if len(failures) >= max_attempts:
         # The earlier attempts lost their workers (killed, out of memory) or outlived the
         # visibility timeout: a shard that keeps coming back must stop.

@@ -1,0 +1,187 @@
+"""Fault tests of a mixed, preemptible fleet (docs/RELIABILITY.md, tests (k) and (l)), against
+the session's real redis-server and SeaweedFS with real worker processes, and the recovery of a
+dead worker's messages (fewstep/recovery.py) against a real Redis.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections import defaultdict
+
+from fewstep.contract import TASK_NAME, ShardMessage, image_key_attempt, manifest_key
+from fewstep.queue import queue_length, redis_client
+from fewstep.recovery import UNACKED, UNACKED_INDEX, liveness_key, publish_liveness, restore_orphans
+from fewstep.storage import open_store
+from tests.support import (
+    attempt_records,
+    cli,
+    cli_json,
+    start_worker,
+    stop_worker,
+    verify_job,
+    wait_done,
+    wait_for,
+)
+from tests.test_end_to_end import SAMPLE, enqueue
+from tests.test_faults import assert_each_prompt_once, committed_count, half_written, log_text
+
+
+def attempt_folders(job_url: str) -> dict[tuple[int, str], int]:
+    """Objects per attempt folder under images/, as listed in storage."""
+    folders: dict[tuple[int, str], int] = defaultdict(int)
+    for key, _size in open_store(job_url).list("images/"):
+        owner = image_key_attempt(key)
+        assert owner is not None, f"{key} lies outside an attempt folder"
+        folders[owner] += 1
+    return dict(folders)
+
+
+# --- (k) mixed workers, overlapping attempts ------------------------------------------------------
+
+
+def test_k_mixed_batch_sizes_overlapping_attempts_verify_exact_and_gc_removes_only_losers(
+    env, output, tmp_path
+):
+    # Two workers with different batch sizes (different bytes for the same seed on CPUs) and a
+    # 2 s visibility timeout: every shard outlives it, so Redis hands running shards to the
+    # other worker and attempts really overlap.
+    short = {**env, "FEWSTEP_VISIBILITY_TIMEOUT": "2"}
+    logs = [tmp_path / "b1.log", tmp_path / "b4.log"]
+    workers = [
+        start_worker(short, "--batch-size", size, log_path=path)
+        for size, path in zip(("1", "4"), logs, strict=True)
+    ]
+    rows = 24
+    try:
+        wait_for(lambda: all(" ready." in log_text(p) for p in logs), 240, "both workers to be ready")
+        job = enqueue(
+            SAMPLE, "mixed", output, short, "--shard-size", "4", "--limit", str(rows), "--steps", "12"
+        )
+        url = job["job_url"]
+        wait_done("mixed", output, short, timeout=420)
+        records = {
+            s: wait_for(lambda s=s: _ended(attempt_records(url, s)), 240, f"shard {s}'s attempts to end")
+            for s in range(1, job["shards"] + 1)
+        }
+    finally:
+        for worker in workers:
+            stop_worker(worker)
+
+    states = [r["state"] for shard in records.values() for r in shard]
+    overlapping = [s for s, rs in records.items() if len(rs) > 1]
+    assert overlapping, f"no shard ran twice: the test did not exercise overlapping attempts ({states})"
+    assert all([r["state"] for r in rs].count("committed") == 1 for rs in records.values()), records
+    assert "error" not in states  # a live attempt is no failure, so nothing was marked failed
+    assert not list(open_store(url).list("failed/"))
+
+    table = assert_each_prompt_once(url, rows)  # every prompt exactly once
+    summary = verify_job("mixed", output, env)  # sha256 of every committed image
+    assert summary["mismatches"] == 0 and summary["images_checked"] == rows
+    committed = set(
+        zip(table.column("part_id").to_pylist(), table.column("attempt_id").to_pylist(), strict=True)
+    )
+    folders = attempt_folders(url)
+    losers = {owner: n for owner, n in folders.items() if owner not in committed}
+
+    # gc: dry run by default, lists exactly the losers' folders, touches nothing.
+    dry = cli_json("producer", "gc", "mixed", "--output", output, env=env)
+    assert not dry["deleted"]
+    assert {(f["shard"], f["attempt"]): f["objects"] for f in dry["folders"]} == losers
+    assert dry["kept_committed_objects"] == rows
+    assert attempt_folders(url) == folders
+    # Readers never list what losers left: status and verify count committed rows only.
+    status = cli_json("producer", "status", "mixed", "--output", output, env=env)
+    assert status["images_done"] == rows
+    done = cli_json("producer", "gc", "mixed", "--output", output, "--delete", env=env)
+    assert done["deleted"] and done["objects"] == sum(losers.values())
+    assert set(attempt_folders(url)) == committed
+    verify_job("mixed", output, env)  # the committed images were not touched
+
+
+def _ended(records: list[dict]) -> list[dict] | None:
+    return records if records and all(r["state"] != "running" for r in records) else None
+
+
+# --- (l) SIGKILL with the default visibility timeout --------------------------------------------
+
+
+def test_l_a_sigkilled_workers_shard_returns_without_the_visibility_timeout(env, output, tmp_path):
+    assert "FEWSTEP_VISIBILITY_TIMEOUT" not in env  # the default: an hour
+    job = enqueue(SAMPLE, "preempted", output, env, "--shard-size", "4", "--limit", "8", "--steps", "16")
+    url = job["job_url"]
+    a = start_worker(env, "--batch-size", "1", log_path=tmp_path / "a.log")
+    try:
+        shard = wait_for(lambda: half_written(url), 240, "worker A to be in the middle of a shard")
+        a.kill()  # SIGKILL: no ack, no requeue; its message stays in Redis' unacked set
+        a.wait(timeout=30)
+    finally:
+        a.kill()
+    killed_at = time.monotonic()
+    b = start_worker(env, log_path=tmp_path / "b.log")
+    try:
+        restored = 0
+        while time.monotonic() - killed_at < 120 and committed_count(url) < job["shards"]:
+            summary = cli_json("producer", "reconcile", "preempted", "--output", output, "--json", env=env)
+            restored += summary["restored_from_dead_workers"]
+            time.sleep(5)
+        wait_done("preempted", output, env, timeout=max(1.0, 120 - (time.monotonic() - killed_at)))
+        took = time.monotonic() - killed_at
+    finally:
+        stop_worker(b)
+    assert took < 120, f"job completed {took:.0f}s after the kill"
+    log = log_text(tmp_path / "b.log")
+    assert restored >= 1 or "from a worker that is gone" in log  # by reconcile, or by worker B
+    states = [r["state"] for r in attempt_records(url, shard)]
+    assert states == ["running", "committed"], states
+    assert_each_prompt_once(url, 8)
+    verify_job("preempted", output, env)
+    assert queue_length(redis_client(), job["queue"]) == 0
+
+
+# --- recovery of unacked messages, on a real Redis -------------------------------------------------
+
+
+def _deliver(client, queue: str, tag: str, message: ShardMessage, delivered_at: float, task: str = TASK_NAME):
+    """Put a message in kombu's unacked set as its Redis transport does on delivery."""
+    envelope = {
+        "body": json.dumps([[], message.to_kwargs(), {}]),
+        "content-type": "application/json",
+        "headers": {"task": task, "id": message.task_id},
+        "properties": {"delivery_tag": tag, "delivery_info": {"exchange": queue, "routing_key": queue}},
+    }
+    client.hset(UNACKED, tag, json.dumps([envelope, queue, queue]))
+    client.zadd(UNACKED_INDEX, {tag: delivered_at})
+
+
+def test_restore_orphans_returns_only_old_messages_no_live_worker_holds(env):
+    client = redis_client()
+    queue = f"recovery-{uuid.uuid4().hex[:8]}"
+    now = time.time()
+    tags = {name: f"{name}-{uuid.uuid4().hex[:8]}" for name in ("dead", "live", "recent", "foreign")}
+    for i, name in enumerate(tags, start=1):
+        task = "someone.else" if name == "foreign" else TASK_NAME
+        at = now - 5 if name == "recent" else now - 600
+        _deliver(client, queue, tags[name], ShardMessage("s3://b/job", i, manifest_key(i)), at, task)
+    publish_liveness(client, "host:1:cpu", queue, {tags["live"]}, ttl=30)
+    try:
+        first = restore_orphans(client, queue, min_age=30)
+        again = restore_orphans(client, queue, min_age=30)  # a second recoverer finds nothing left
+    finally:
+        for tag in tags.values():
+            client.hdel(UNACKED, tag)
+            client.zrem(UNACKED_INDEX, tag)
+        client.delete(liveness_key("host:1:cpu"))
+    assert [m.shard for m in first.restored] == [1]
+    assert (first.held_by_live_workers, first.too_recent) == (1, 1)
+    assert again.restored == []
+    queued = [json.loads(raw) for raw in client.lrange(queue, 0, -1)]
+    client.delete(queue)
+    assert len(queued) == 1 and queued[0]["headers"]["redelivered"] is True
+    assert queued[0]["properties"]["delivery_info"]["redelivered"] is True
+
+
+def test_gc_of_a_missing_job_is_one_line_and_non_zero(env, output):
+    result = cli("producer", "gc", "no-such-job", "--output", output, env=env, check=False)
+    assert result.returncode != 0 and "no job at" in result.stderr and "Traceback" not in result.stderr
