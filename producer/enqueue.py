@@ -36,7 +36,7 @@ from fewstep.contract import (
 from fewstep.presets import check_generation, check_runnable, resolve_model
 from fewstep.queue import celery_app, check_broker, pending_messages, redis_client, send_shards
 from fewstep.settings import defaults, queue_prefix
-from fewstep.storage import Store, open_store
+from fewstep.storage import Store, check_conditional_writes, open_store
 from producer.progress import Progress as JobProgress
 from producer.progress import read_progress, read_spec
 from producer.selection import Selection, Selector
@@ -243,6 +243,8 @@ def enqueue(
     root.check()
     check_broker()
     job_store = root.child(opts.job)
+    # Commits and job.json rely on create-if-absent writes: refuse a backend that ignores them.
+    check_conditional_writes(job_store)
     spec["job_url"] = job_store.url
     queue = queue_name(queue_prefix(), spec["model"]["name"])
 
