@@ -48,6 +48,9 @@ class _Handler(BaseHTTPRequestHandler):
         gateway = self.server.gateway
         if self.headers.get(IGNORED_HEADER) is not None:
             gateway.ignored += 1
+            if gateway.reject:
+                self._not_implemented()
+                return
         headers = {k: v for k, v in self.headers.items() if k.lower() not in _REQUEST_DROP | {IGNORED_HEADER}}
         request = AWSRequest(
             method=self.command, url=gateway.upstream + self.path, data=body, headers=headers
@@ -71,6 +74,17 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(data)
 
+    def _not_implemented(self) -> None:
+        body = (
+            b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>NotImplemented</Code>'
+            b"<Message>A header you provided implies functionality that is not implemented</Message></Error>"
+        )
+        self.send_response(501)
+        self.send_header("Content-Type", "application/xml")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
     do_GET = do_PUT = do_HEAD = do_DELETE = do_POST = _forward
 
 
@@ -80,10 +94,23 @@ class _Server(ThreadingHTTPServer):
 
 
 class IgnoringGateway:
-    """``with IgnoringGateway(endpoint, key, secret) as gw:`` serves at ``gw.url`` until the block ends."""
+    """``with IgnoringGateway(endpoint, key, secret) as gw:`` serves at ``gw.url`` until the block ends.
 
-    def __init__(self, upstream: str, access_key: str, secret_key: str, region: str = "us-east-1"):
+    With ``reject``, it plays a backend that knows no conditional writes and says so (501).
+    """
+
+    def __init__(
+        self,
+        upstream: str,
+        access_key: str,
+        secret_key: str,
+        region: str = "us-east-1",
+        *,
+        reject: bool = False,
+    ):
         self.upstream = upstream.rstrip("/")
+        #: Answer a request carrying the header 501 NotImplemented instead of dropping the header.
+        self.reject = reject
         self.credentials = Credentials(access_key, secret_key)
         self.region = region
         #: How many requests carried the header this gateway ignores.

@@ -10,6 +10,7 @@ talk to it over HTTP exactly as they would to a misbehaving S3 service.
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -113,6 +114,20 @@ def test_a_backend_ignoring_if_none_match_fails_the_probe_in_one_line(
     assert list(store.list()) == []  # the probe deleted itself
     with pytest.raises(ConditionalWritesIgnored):  # a failed check is not cached
         check_conditional_writes(store)
+
+
+def test_a_backend_rejecting_if_none_match_is_refused_in_one_line(
+    env, local_services, fresh_checks, monkeypatch
+):
+    svc = local_services
+    with IgnoringGateway(svc.s3_endpoint, svc.access_key, svc.secret_key, reject=True) as gateway:
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", gateway.url)
+        store = open_store(f"s3://{BUCKET}/rejected")
+        start = time.monotonic()
+        with pytest.raises(ConditionalWritesIgnored, match="NotImplemented") as e:
+            check_conditional_writes(store)
+    assert time.monotonic() - start < 10  # a 501 is an answer, not an outage to wait out
+    assert "\n" not in str(e.value) and gateway.url in str(e.value)
 
 
 def _enqueue(env, output: str, job: str, *extra: str):
