@@ -138,8 +138,8 @@ def _enqueue(env, prompts: Path, model: str, images: int, shard_size: int, job_a
     job = "bench-" + uuid.uuid4().hex[:8]
     result = subprocess.run(
         [sys.executable, "-m", "producer", "enqueue", "partiprompts", "--path", str(prompts),
-         "--model", model, "--job", job, "--output", f"s3://{BUCKET}/bench", "--limit", str(images),
-         "--shard-size", str(shard_size), "--json", *job_args],
+         "--model", model, "--allow-synthetic", "--job", job, "--output", f"s3://{BUCKET}/bench",
+         "--limit", str(images), "--shard-size", str(shard_size), "--json", *job_args],
         env=env, capture_output=True, text=True, check=False,
     )  # fmt: skip
     if result.returncode != 0:

@@ -15,6 +15,9 @@ from fewstep.settings import defaults, load_config
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 
+#: Environment variable behind ``producer enqueue --allow-synthetic``.
+ALLOW_SYNTHETIC_ENV = "FEWSTEP_ALLOW_SYNTHETIC"
+
 
 def presets() -> dict[str, dict[str, Any]]:
     """All presets by name."""
@@ -42,6 +45,31 @@ def resolve_model(model: str) -> dict[str, Any]:
         f"unknown model {model!r}: not a preset ({', '.join(sorted(known))}), "
         "a hub id (owner/name) or a local directory"
     )
+
+
+def availability(preset: dict[str, Any]) -> str:
+    """The preset's status: available, benchmarks only (``benchmark_only``) or unavailable."""
+    if preset.get("unavailable"):
+        return "unavailable"
+    return "benchmarks only" if preset.get("benchmark_only") else "available"
+
+
+def check_runnable(preset: dict[str, Any], *, allow_benchmark: bool = False) -> dict[str, Any]:
+    """``preset`` if its jobs can run, else a :class:`UserError` saying why in one line.
+
+    A preset marked ``unavailable`` (the reason, as data in ``config/models.toml``) is always
+    refused; a ``benchmark_only`` one (``synthetic``: no weights, no real images) only
+    without the opt-in, so a dataset job never gets fake images by a slip of ``--model``.
+    """
+    state = availability(preset)
+    if state == "unavailable":
+        raise UserError(f"model {preset['name']} is unavailable: {preset['unavailable']}")
+    if state == "benchmarks only" and not allow_benchmark:
+        raise UserError(
+            f"model {preset['name']} is for benchmarks only (no weights, no real images): "
+            f"pass --allow-synthetic or set {ALLOW_SYNTHETIC_ENV}=1 to enqueue it"
+        )
+    return preset
 
 
 def samplers(preset: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -18,6 +18,7 @@ import random
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from functools import cache
 from pathlib import Path
@@ -63,6 +64,14 @@ class StorageAccessError(UserError):
     """Storage refuses this client: no or wrong credentials, or TLS failure. A configuration error."""
 
 
+class ConditionalWritesIgnored(StorageAccessError):
+    """The backend does not honour ``If-None-Match: *``: two racing attempts could both commit.
+
+    A configuration error like a refused credential: a worker stops rather than fail (and
+    so drain) every shard, and ``producer enqueue`` queues nothing.
+    """
+
+
 def _check_key(key: str) -> str:
     # Keys come from ids, never from data; this guards the invariant.
     if not key or key.startswith("/") or "\x00" in key or ".." in key.split("/"):
@@ -80,6 +89,11 @@ class Store:
     """Objects under one root URL."""
 
     url: str
+
+    @property
+    def backend(self) -> str:
+        """Where the objects live, for messages and per-backend caches (never credentials)."""
+        raise NotImplementedError
 
     def child(self, name: str) -> Store:
         """The store rooted at ``{url}/{name}``."""
@@ -194,6 +208,10 @@ class S3Store(Store):
         self._client = s3_client(max_attempts)
         self.endpoint = self._client.meta.endpoint_url
 
+    @property
+    def backend(self) -> str:
+        return f"S3 at {self.endpoint} (bucket {self.bucket!r})"
+
     def child(self, name: str) -> S3Store:
         return S3Store(
             self.bucket,
@@ -235,7 +253,8 @@ class S3Store(Store):
                     f"S3 at {self.endpoint} rejected the credentials for bucket "
                     f"{self.bucket!r} ({code or status})"
                 ) from None
-            if (status and status >= 500) or status == 429 or code in _THROTTLING:
+            # 501 Not Implemented is a permanent answer (e.g. an unsupported header), not an outage.
+            if (status and status >= 500 and status != 501) or status == 429 or code in _THROTTLING:
                 raise StorageUnavailable(f"S3 at {where} failed while {what}: {code} ({status})") from None
             raise StorageError(f"S3 at {where} refused {what}: {code} ({status})") from None
 
@@ -402,6 +421,10 @@ class LocalStore(Store):
         self.url = self.root.as_uri()
         self._lock = threading.Lock()
 
+    @property
+    def backend(self) -> str:
+        return f"output directory {self.root}"
+
     def child(self, name: str) -> LocalStore:
         return LocalStore(self.root / _check_key(name))
 
@@ -482,6 +505,63 @@ class LocalStore(Store):
             raise UserError(f"cannot use output directory {self.root}: {e.strerror}") from None
         if not os.access(self.root, os.W_OK):
             raise UserError(f"output directory {self.root} is not writable")
+
+
+# --- conditional writes -----------------------------------------------------------
+
+#: The conditional-write probe's key under the store it checks (deleted after): a file at the
+#: top, so a local directory keeps no folder of it.
+PROBE_PREFIX = ".fewstep-probe-"
+
+_verified: set[str] = set()
+_probe_locks: dict[str, threading.Lock] = {}
+_probe_locks_guard = threading.Lock()
+
+
+def check_conditional_writes(store: Store) -> None:
+    """Raise :class:`ConditionalWritesIgnored` unless ``store``'s backend honours ``If-None-Match: *``.
+
+    The commit protocol (and the job spec's create-if-absent) rely on a second
+    ``put(..., if_absent=True)`` of a key being refused; a backend that ignores the header
+    lets two racing attempts both "commit". The probe writes a unique key under ``store``
+    twice and deletes it. A backend passes once per process (cached by
+    :attr:`Store.backend`; threads checking the same backend wait for one probe); a failed
+    check is not cached, so a fixed backend passes on the next try.
+    """
+    backend = store.backend
+    if backend in _verified:
+        return
+    with _probe_locks_guard:
+        lock = _probe_locks.setdefault(backend, threading.Lock())
+    with lock:
+        if backend in _verified:
+            return
+        _probe(store)
+        _verified.add(backend)
+        log.debug("%s honours conditional writes", backend)
+
+
+def _probe(store: Store) -> None:
+    key = f"{PROBE_PREFIX}{uuid.uuid4().hex}"
+    refused = (
+        f"{store.backend} does not honour conditional writes (If-None-Match: *), so two racing "
+        "attempts could both commit a shard; use a backend that does (AWS S3 and SeaweedFS do)"
+    )
+    try:
+        try:
+            first = store.put(key, b"probe 1", if_absent=True)
+            second = store.put(key, b"probe 2", if_absent=True)
+        except StorageUnavailable:
+            raise
+        except StorageError as e:  # the backend rejects the header itself (400, 501, ...)
+            raise ConditionalWritesIgnored(f"{refused}: {e}") from None
+    finally:
+        with contextlib.suppress(StorageError, StorageAccessError):
+            store.delete(key)
+    if not first:
+        raise ConditionalWritesIgnored(f"{refused}: a write of a new key was refused as if it existed")
+    if second:
+        raise ConditionalWritesIgnored(f"{refused}: a second write of one key was accepted")
 
 
 def open_store(url: str, *, max_attempts: int | None = None, retry_seconds: float | None = None) -> Store:

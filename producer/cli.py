@@ -8,6 +8,7 @@ import json
 import click
 
 from fewstep import console
+from fewstep.presets import ALLOW_SYNTHETIC_ENV
 from fewstep.settings import load_config
 from producer import finalize, gallery, jobs, status_view
 from producer.enqueue import JobOptions, enqueue
@@ -26,6 +27,12 @@ from producer.verify import verify_command
 def _job_option_list(image_format_flags: tuple[str, ...]) -> list:
     return [
         click.option("--model", required=True, help="Preset name, hub id or local directory."),
+        click.option(
+            "--allow-synthetic",
+            is_flag=True,
+            envvar=ALLOW_SYNTHETIC_ENV,
+            help=f"Allow the benchmark-only 'synthetic' model (no real images) [env {ALLOW_SYNTHETIC_ENV}].",
+        ),
         click.option("--job", required=True, help="Job name (letters, digits, . _ -)."),
         OUTPUT,
         click.option("--shard-size", type=click.IntRange(min=1), help="Prompts per shard [256]."),

@@ -33,10 +33,10 @@ from fewstep.contract import (
     queue_name,
     spec_identity,
 )
-from fewstep.presets import check_generation, resolve_model
+from fewstep.presets import check_generation, check_runnable, resolve_model
 from fewstep.queue import celery_app, check_broker, pending_messages, redis_client, send_shards
 from fewstep.settings import defaults, queue_prefix
-from fewstep.storage import Store, open_store
+from fewstep.storage import Store, check_conditional_writes, open_store
 from producer.progress import Progress as JobProgress
 from producer.progress import read_progress, read_spec
 from producer.selection import Selection, Selector
@@ -61,6 +61,8 @@ class JobOptions:
     image_format: str | None = None
     quality: int | None = None
     png_level: int | None = None
+    #: Opt-in to a benchmark-only preset (``synthetic``): its images are not real.
+    allow_synthetic: bool = False
 
 
 def _pick(flag, fallback):
@@ -70,7 +72,7 @@ def _pick(flag, fallback):
 def build_spec(source: PromptSource, opts: JobOptions, selector: Selector) -> dict[str, Any]:
     """The job spec without counts: everything that defines what the job produces."""
     check_job_name(opts.job)
-    preset = resolve_model(opts.model)
+    preset = check_runnable(resolve_model(opts.model), allow_benchmark=opts.allow_synthetic)
     out = defaults()["output"]
     shard_size = _pick(opts.shard_size, defaults()["producer"]["shard_size"])
     if shard_size < 1:
@@ -241,6 +243,8 @@ def enqueue(
     root.check()
     check_broker()
     job_store = root.child(opts.job)
+    # Commits and job.json rely on create-if-absent writes: refuse a backend that ignores them.
+    check_conditional_writes(job_store)
     spec["job_url"] = job_store.url
     queue = queue_name(queue_prefix(), spec["model"]["name"])
 

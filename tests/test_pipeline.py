@@ -44,9 +44,10 @@ BATCH_BYTES = 8 * 512 * 512 * 3
 
 
 def enqueue(job: str, output: str, env, *extra: str, model: str = "synthetic", path: Path = SAMPLE) -> dict:
+    """``producer enqueue`` (the synthetic model is benchmark-only: opted in, harmless for others)."""
     return cli_json(
         "producer", "enqueue", "partiprompts", "--path", str(path), "--model", model,
-        "--job", job, "--output", output, *extra, env=env,
+        "--allow-synthetic", "--job", job, "--output", output, *extra, env=env,
     )  # fmt: skip
 
 

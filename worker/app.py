@@ -41,7 +41,13 @@ from fewstep.contract import (
 )
 from fewstep.queue import celery_app
 from fewstep.settings import defaults, describe_error, visibility_timeout
-from fewstep.storage import StorageAccessError, StorageUnavailable, Store, open_store
+from fewstep.storage import (
+    StorageAccessError,
+    StorageUnavailable,
+    Store,
+    check_conditional_writes,
+    open_store,
+)
 from worker import commit
 from worker.commit import Attempt, ShardGuard, ShutdownRequested, Superseded
 from worker.shard import ShardRunner
@@ -85,6 +91,7 @@ def generate_shard(self, job_url: str, shard: int, manifest_key: str, attempt: i
     try:
         _in_progress = f"{part} of {job_url}"
         store = open_store(job_url)
+        check_conditional_writes(store)  # once per bucket; refused like a bad credential
         commit.flush_unwritten()
         return _run(self, store, message, int(cfg["max_attempts"]), float(cfg["error_retry_delay"]))
     except StorageAccessError as e:

@@ -17,7 +17,7 @@ import click
 
 from fewstep import UserError, console
 from fewstep.contract import queue_name
-from fewstep.presets import presets, samplers
+from fewstep.presets import availability, check_runnable, presets, resolve_model, samplers
 from fewstep.queue import check_broker, queue_length, redis_client
 from fewstep.settings import broker_url, defaults, queue_prefix, redact_url, visibility_timeout
 from worker.encode import JPEG_ENCODERS
@@ -327,6 +327,8 @@ def cli(
         return
     if not model:
         raise UserError("--model is required (a preset from `worker models`, a hub id or a local directory)")
+    # Before the broker, the GPUs or the weights: a preset that cannot run is refused in one line.
+    check_runnable(resolve_model(model), allow_benchmark=True)
     if gpus:
         from worker.launcher import launch
 
@@ -352,9 +354,14 @@ def cli(
 
 @cli.command("models")
 def list_models() -> None:
-    """List the model presets: steps, guidance, resolution, dtype, samplers, licence."""
-    rows = [("preset", "steps", "cfg", "size", "dtype", "samplers", "licence")]
+    """List the model presets: steps, guidance, resolution, dtype, samplers, status, licence.
+
+    Under the table, why each preset that is not simply available is so.
+    """
+    rows = [("preset", "steps", "cfg", "size", "dtype", "samplers", "status", "licence")]
+    notes = []
     for name, p in sorted(presets().items()):
+        status = availability(p)
         rows.append(
             (
                 name,
@@ -363,12 +370,22 @@ def list_models() -> None:
                 f"{p['width']}x{p['height']}",
                 p.get("dtype", ""),
                 ",".join(samplers(p)),
+                status.replace(" ", "-"),
                 p.get("license", ""),
             )
         )
+        if status != "available":
+            try:
+                check_runnable(p)
+            except UserError as e:
+                notes.append(str(e))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for r in rows:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1])
+    if notes:
+        click.echo("")
+        for note in notes:
+            click.echo(note)
 
 
 main = functools.partial(console.run, cli)

@@ -41,7 +41,7 @@ from fewstep.contract import (
     part_name,
 )
 from fewstep.settings import describe_error
-from fewstep.storage import StorageError, Store
+from fewstep.storage import StorageError, Store, check_conditional_writes
 
 log = logging.getLogger("fewstep.worker")
 
@@ -283,8 +283,10 @@ def check_complete(store: Store, shard: int, table: pa.Table, rows: int) -> None
 def commit(store: Store, shard: int, table: pa.Table, rows: int) -> bool:
     """Write the shard's metadata parquet, the commit marker, if absent and the shard is complete.
 
-    Returns False when another attempt committed first (this attempt is discarded).
+    Returns False when another attempt committed first (this attempt is discarded). Raises
+    :class:`~fewstep.storage.ConditionalWritesIgnored` on a backend that would let both win.
     """
+    check_conditional_writes(store)  # once per bucket and process
     check_complete(store, shard, table, rows)
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression="zstd")
