@@ -122,7 +122,8 @@ def dataset_card(spec: dict[str, Any], facts: dict[str, Any]) -> str:
         "",
         *[f"- `{f}`: the metadata, {facts['rows']:,} rows in all" for f in files[:1]],
         *[f"- `{f}`" for f in files[1:]],
-        "- `images/part-NNNNNN/NNNNNNNNNNNN.<ext>`: the images, named by global row id (column `image_key`)",
+        "- `images/part-NNNNNN/<attempt-id>/NNNNNNNNNNNN.<ext>`: the images, named by global row id, in the "
+        "folder of the attempt that committed the part (column `image_key`)",
     ]
     if facts.get("json_parts"):
         lines.append("- `images/part-NNNNNN/part-NNNNNN.json`: DiffusionDB-style prompts per part")

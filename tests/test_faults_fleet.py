@@ -53,7 +53,7 @@ def test_k_mixed_batch_sizes_overlapping_attempts_verify_exact_and_gc_removes_on
         start_worker(short, "--batch-size", size, log_path=path)
         for size, path in zip(("1", "4"), logs, strict=True)
     ]
-    rows = 24
+    rows = 12
     try:
         wait_for(lambda: all(" ready." in log_text(p) for p in logs), 240, "both workers to be ready")
         job = enqueue(
