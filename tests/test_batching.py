@@ -33,11 +33,11 @@ def out_of_memory_above(limit: int, calls: list[int]):
 
 
 def test_out_of_memory_halves_the_batch_and_the_size_is_kept_for_that_resolution():
-    sizes, calls = BatchSizes(fixed=8), []
-    assert sizes.fit(512, 512, out_of_memory_above(2, calls)) == ("batch of 2", 2, 2)
-    assert calls == [8, 4, 2]
-    assert sizes.size(512, 512) == 2  # later batches and shards start where it fitted
-    assert sizes.size(1024, 512) == 8  # other resolutions keep theirs
+    sizes, calls = BatchSizes(fixed=6), []
+    assert sizes.fit(512, 512, out_of_memory_above(2, calls)) == ("batch of 1", 1, (6, 3))
+    assert calls == [6, 3, 1]
+    assert sizes.size(512, 512) == 1  # later batches and shards start where it fitted
+    assert sizes.size(1024, 512) == 6  # other resolutions keep theirs
 
 
 def test_out_of_memory_at_batch_size_one_and_other_errors_are_raised():

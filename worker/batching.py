@@ -90,17 +90,17 @@ class BatchSizes:
             self._sizes[resolution] = self._measure(width, height)
         return self._sizes[resolution]
 
-    def fit(self, width: int, height: int, run: Callable[[int], T]) -> tuple[T, int, int]:
+    def fit(self, width: int, height: int, run: Callable[[int], T]) -> tuple[T, int, tuple[int, ...]]:
         """``run(size)`` at this resolution's batch size, halving it after each out-of-memory
-        error; returns ``run``'s result, the size it ran at and how many times it was halved.
+        error; returns ``run``'s result, the size it ran at and the sizes that ran out of memory.
 
         An out-of-memory error at size 1, and any other error, is raised.
         """
-        halved = 0
+        too_large: tuple[int, ...] = ()
         while True:
             size = self.size(width, height)
             try:
-                return run(size), size, halved
+                return run(size), size, too_large
             except Exception as e:
                 if size == 1 or not is_out_of_memory(e):
                     raise
@@ -108,7 +108,7 @@ class BatchSizes:
             # tensors, are gone, so the cached memory can really be given back.
             free_cached_memory()
             self._sizes[(width, height)] = size // 2
-            halved += 1
+            too_large += (size,)
             log.warning(
                 "out of memory at batch size %d for %dx%d: retrying these rows at %d, "
                 "kept for this resolution",

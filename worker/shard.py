@@ -142,7 +142,7 @@ class Generated:
     sampler: str
     rows: tuple[int, int] = (0, 0)  # the shard's rows [lo, hi) it holds
     batch_size: int = 0  # the batch size it ran at (its rows, but for a shard's last batch)
-    halved: int = 0  # out-of-memory errors that halved the batch size before it fitted
+    too_large: tuple[int, ...] = ()  # batch sizes that ran out of memory before it fitted
 
 
 @dataclass
@@ -191,9 +191,9 @@ class ShardRun:
         """Record the batch size a batch ran at (device thread): ``batch_size`` is the size
         the shard started with, ``min_batch_size`` the smallest it ran at after halvings."""
         if not self.batch_size:
-            self.batch_size = generated.batch_size << generated.halved
+            self.batch_size = (*generated.too_large, generated.batch_size)[0]
         self.min_batch_size = min(self.min_batch_size or generated.batch_size, generated.batch_size)
-        self.oom_retries += generated.halved
+        self.oom_retries += len(generated.too_large)
 
     def batch_started(self) -> None:
         """A generated batch entered the encode and upload stages."""
@@ -435,10 +435,10 @@ class ShardRunner:
     def _generate_fitting(self, shard: OpenShard, lo: int) -> Generated:
         """The batch from row ``lo`` at the batch size for the shard's resolution, halved
         after each out-of-memory error (device thread; see :meth:`BatchSizes.fit`)."""
-        generated, size, halved = self.batch_sizes.fit(
+        generated, size, too_large = self.batch_sizes.fit(
             *shard.resolution, lambda size: self._generate(shard, lo, min(lo + size, len(shard.keys)))
         )
-        return replace(generated, batch_size=size, halved=halved)
+        return replace(generated, batch_size=size, too_large=too_large)
 
     def _generate_shard(self, run: ShardRun) -> None:
         """The generate stage for one shard (device thread)."""
