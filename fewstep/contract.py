@@ -405,7 +405,7 @@ class ShardStats:
     worker: str
     model: str
     images: int
-    batch_size: int
+    batch_size: int  # the size the shard started with, for its resolution (fixed or measured)
     seconds: float  # wall time of the task, start to commit
     generate_s: float  # model time spent on this shard's batches
     encode_s: float
@@ -425,6 +425,10 @@ class ShardStats:
     started_at: str
     finished_at: str
     stats_version: int = 1
+    # Out-of-memory recovery (absent from older stats): batches halved, and the smallest
+    # size the shard then ran at (= batch_size when none ran out of memory).
+    oom_retries: int = 0
+    min_batch_size: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The stats object's JSON fields."""

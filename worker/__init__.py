@@ -2,5 +2,6 @@
 
 Reading order: ``cli`` (start-up: load the model once, then consume) → ``app`` (the Celery
 task) → ``shard`` (manifest → generate → encode → upload → commit) with ``model``
-(preset → pipeline → images) and ``encode`` (pixels → PNG/JPEG/WebP bytes).
+(preset → pipeline → images), ``batching`` (batch size per resolution, out-of-memory
+retries) and ``encode`` (pixels → PNG/JPEG/WebP bytes).
 """

@@ -65,7 +65,7 @@ class IdleExit:
 
 
 class BatchSize(click.ParamType):
-    """A positive integer, or ``auto``: measured at start-up."""
+    """A positive integer, or ``auto``: measured per resolution on its first use."""
 
     name = "N|auto"
 
@@ -82,17 +82,19 @@ class BatchSize(click.ParamType):
         return number
 
 
-def _batch_size(model, runner, asked: int | str | None, cfg: dict) -> int:
-    """The flag's size, else the preset's, else measured on CUDA (or with ``auto``), else the CPU default."""
+def _batch_sizes(model, asked: int | str | None, cfg: dict):
+    """The flag's size, else the preset's, else measured on CUDA (or with ``auto``), else the
+    CPU default. Measured sizes are measured per resolution, when a shard first asks for it."""
     from worker import speed
+    from worker.batching import BatchSizes
 
     if isinstance(asked, int):
-        return asked
+        return BatchSizes(fixed=asked)
     if asked is None and model.preset.get("batch_size"):
-        return int(model.preset["batch_size"])
+        return BatchSizes(fixed=int(model.preset["batch_size"]))
     if asked == "auto" or model.device.startswith("cuda"):
-        return runner.on_device(speed.auto_batch_size, model, int(cfg["auto_batch_max"]))
-    return int(cfg["batch_size_cpu"])
+        return BatchSizes(measure=functools.partial(speed.auto_batch_size, model, int(cfg["auto_batch_max"])))
+    return BatchSizes(fixed=int(cfg["batch_size_cpu"]))
 
 
 @dataclass
@@ -143,7 +145,7 @@ def start_worker(settings: WorkerSettings) -> int:
     cfg = defaults()["worker"]
     runner = ShardRunner(
         model,
-        batch_size=1,
+        batch_size=_batch_sizes(model, settings.batch_size, cfg),
         upload_threads=int(cfg["upload_threads"]),
         max_batches_in_flight=int(cfg["max_batches_in_flight"]),
         encode_threads=settings.encode_threads or int(cfg["encode_threads"]) or None,
@@ -152,8 +154,7 @@ def start_worker(settings: WorkerSettings) -> int:
         speed=applied,
         progress_every=float(cfg["progress_every"]),
     )
-    runner.batch_size = _batch_size(model, runner, settings.batch_size, cfg)
-    if speed.compile_denoiser(model, settings.speed.compile):  # after choosing the size: no recompiles
+    if speed.compile_denoiser(model, settings.speed.compile):
         runner.speed["compile"] = settings.speed.compile
     if model.pipeline is not None:  # first calls pay for lazy set-up (and compiling): not in any rate
         if model.device == "cpu" and settings.speed.compile == "off":
@@ -161,8 +162,10 @@ def start_worker(settings: WorkerSettings) -> int:
             # full batches at the native size could take minutes on a CPU.
             batches, size, images = 1, min(128, int(model.preset["width"]), int(model.preset["height"])), 1
         else:
-            batches, size, images = int(cfg["warmup_batches"]), None, runner.batch_size
-        seconds = runner.on_device(speed.warm_up, model, images, batches, size)
+            # Under auto the sizes are measured at each resolution's first use, which warms
+            # them up too; this absorbs the device's own lazy set-up.
+            batches, size, images = int(cfg["warmup_batches"]), None, runner.batch_sizes.fixed or 1
+        seconds = runner.on_device(speed.warm_up, model, images, batches, size, size)
         log.info("warm-up: %d batches in %.1fs (not counted in any rate)", batches, seconds)
     worker_app.runner = runner
     if settings.shutdown_grace is not None:
@@ -172,12 +175,12 @@ def start_worker(settings: WorkerSettings) -> int:
     gc.collect()
     gc.freeze()
     log.info(
-        "worker for %s on queue %s, broker %s, batch size %d, %d encode threads, JPEG on %s, %s; "
+        "worker for %s on queue %s, broker %s, batch size %s, %d encode threads, JPEG on %s, %s; "
         "visibility timeout %ds, shutdown grace %ds",
         model_name,
         queue,
         redact_url(broker_url()),
-        runner.batch_size,
+        runner.batch_sizes,
         runner.encode_threads,
         "the GPU" if runner.gpu_jpeg else "the CPU",
         ", ".join(f"{k}={v}" for k, v in {"dtype": model.dtype, **runner.speed}.items()),
@@ -235,7 +238,8 @@ def start_worker(settings: WorkerSettings) -> int:
 @click.option(
     "--batch-size",
     type=BatchSize(),
-    help="Images per pipeline call, or 'auto': measured at start-up [CUDA: auto].",
+    help="Images per pipeline call, or 'auto': measured per resolution on first use [CUDA: auto]; "
+    "halved after running out of memory.",
 )
 @click.option(
     "--dtype", type=click.Choice(DTYPES), help="Precision on CUDA (float16, bfloat16) [the preset's]."

@@ -27,6 +27,7 @@ import numpy as np
 
 from fewstep import UserError
 from fewstep.presets import check_generation, resolve_model, sampler_spec
+from worker.batching import out_of_memory_failpoint
 
 log = logging.getLogger("fewstep.worker")
 
@@ -84,6 +85,7 @@ class Model:
         """
         import torch
 
+        out_of_memory_failpoint(len(prompts))
         # Fixed timesteps: diffusers would run them whatever `steps` says, and the metadata lie.
         check_generation(self.preset, {"steps": steps})
         kwargs = dict(self.preset.get("call") or {})

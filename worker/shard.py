@@ -66,6 +66,7 @@ from fewstep.contract import (
 )
 from fewstep.queue import peek_next, redis_client
 from fewstep.storage import StorageError, Store, open_store, read_table
+from worker.batching import BatchSizes
 from worker.commit import ShardGuard, commit, shutdown
 from worker.encode import PILLOW, HostPixels, ImageFormat, encode, encode_jpeg_on_device, to_host
 from worker.model import Batch, Model
@@ -124,6 +125,12 @@ class OpenShard:
         """Rows (images) in the shard."""
         return len(self.rows["row_id"])
 
+    @property
+    def resolution(self) -> tuple[int, int]:
+        """The (width, height) the job asks for: batch sizes are kept per resolution."""
+        gen = self.spec["generation"]
+        return int(gen["width"]), int(gen["height"])
+
     def is_for(self, message: ShardMessage) -> bool:
         """Whether ``message`` asks for this very shard (any attempt)."""
         m = self.message
@@ -139,6 +146,9 @@ class Generated:
     started: dt.datetime
     created: dt.datetime
     sampler: str
+    rows: tuple[int, int] = (0, 0)  # the shard's rows [lo, hi) it holds
+    batch_size: int = 0  # the batch size it ran at (its rows, but for a shard's last batch)
+    too_large: tuple[int, ...] = ()  # batch sizes that ran out of memory before it fitted
 
 
 @dataclass
@@ -153,7 +163,7 @@ class ShardRun:
     """One attempt at a shard going through the stages: its image keys, per-row results,
     stage timings, completion."""
 
-    def __init__(self, shard: OpenShard, batch_size: int, attempt_id: str, guard: ShardGuard | None = None):
+    def __init__(self, shard: OpenShard, attempt_id: str, guard: ShardGuard | None = None):
         self.shard = shard
         self.guard = guard
         self.attempt_id = attempt_id
@@ -161,7 +171,7 @@ class ShardRun:
         # Keys in this attempt's own folder: no other attempt ever writes them.
         self.keys = [image_key(number, attempt_id, r, ext) for r in shard.rows["row_id"]]
         n = len(self.keys)
-        self.batches = [(lo, min(lo + batch_size, n)) for lo in range(0, n, batch_size)]
+        self.batch_size = self.min_batch_size = self.oom_retries = 0  # see count_batch
         self.digests: list[tuple[str, int] | None] = [None] * n
         self.nsfw: list[bool | None] = [None] * n
         self.gen_ms: list[float] = [0.0] * n
@@ -187,6 +197,14 @@ class ShardRun:
         with self._lock:
             if self.error is None:
                 self.error = error
+
+    def count_batch(self, generated: Generated) -> None:
+        """Record the batch size a batch ran at (device thread): ``batch_size`` is the size
+        the shard started with, ``min_batch_size`` the smallest it ran at after halvings."""
+        if not self.batch_size:
+            self.batch_size = (*generated.too_large, generated.batch_size)[0]
+        self.min_batch_size = min(self.min_batch_size or generated.batch_size, generated.batch_size)
+        self.oom_retries += len(generated.too_large)
 
     def batch_started(self) -> None:
         """A generated batch entered the encode and upload stages."""
@@ -350,7 +368,7 @@ class ShardRunner:
         self,
         model: Model,
         *,
-        batch_size: int,
+        batch_size: int | BatchSizes,
         upload_threads: int = 16,
         max_batches_in_flight: int = 2,
         encode_threads: int | None = None,
@@ -360,7 +378,8 @@ class ShardRunner:
         progress_every: float = 10.0,
     ):
         self.model = model
-        self.batch_size = batch_size
+        # Per resolution; a plain number is a fixed size (see worker.batching).
+        self.batch_sizes = batch_size if isinstance(batch_size, BatchSizes) else BatchSizes(fixed=batch_size)
         self.gpu_jpeg = gpu_jpeg  # the nvJPEG encoder's label when JPEG is encoded on the GPU
         self.speed = dict(speed or {})
         self.progress_every = progress_every
@@ -424,30 +443,42 @@ class ShardRunner:
         with self._busy_lock:
             self._busy.append(busy)
             self._running_since = None
-        return Generated(batch, busy, started, _now(), self.model.sampler)
+        return Generated(batch, busy, started, _now(), self.model.sampler, (lo, hi))
+
+    def _generate_fitting(self, shard: OpenShard, lo: int) -> Generated:
+        """The batch from row ``lo`` at the batch size for the shard's resolution, halved
+        after each out-of-memory error (device thread; see :meth:`BatchSizes.fit`)."""
+        generated, size, too_large = self.batch_sizes.fit(
+            *shard.resolution, lambda size: self._generate(shard, lo, min(lo + size, shard.size))
+        )
+        return replace(generated, batch_size=size, too_large=too_large)
 
     def _generate_shard(self, run: ShardRun) -> None:
         """The generate stage for one shard (device thread)."""
         ahead = self._claim_ahead(run.shard)
         run.batches_ahead = len(ahead)
+        shard, lo, looking_ahead = run.shard, 0, False
         try:
-            for index, (lo, hi) in enumerate(run.batches):
-                if run.error is not None:
-                    break
-                if index == max(0, len(run.batches) - 3):  # early enough to be ready at the end
-                    self.lookahead.start(run.shard.message)
+            while lo < shard.size and run.error is None:
+                # Three batches before the end: early enough to be ready at the end.
+                if not looking_ahead and shard.size - lo <= 3 * self.batch_sizes.size(*shard.resolution):
+                    self.lookahead.start(shard.message)
+                    looking_ahead = True
                 if ahead:
-                    generated = ahead.pop(0)
+                    generated = ahead.pop(0)  # generated from row 0 on, batch after batch
                 else:
                     run.add("wait_s", self.slots.take())
                     try:
-                        generated = self._generate(run.shard, lo, hi)
+                        generated = self._generate_fitting(shard, lo)
                     except BaseException:
                         self.slots.free()
                         raise
+                lo, hi = generated.rows
                 run.first_batch_at = run.first_batch_at or generated.started
                 run.add("generate_s", generated.busy[1] - generated.busy[0])
+                run.count_batch(generated)
                 self._sink(run, lo, hi, generated)
+                lo = hi
         except BaseException as e:
             run.fail(e)
         finally:
@@ -480,20 +511,22 @@ class ShardRunner:
             if self._stopping() or not self._device_calls.empty() or time.monotonic() > deadline:
                 return
         shard = self.lookahead.result()
-        if shard is None:
+        # A resolution not measured yet is measured by the task: a hint must not hold the device.
+        if shard is None or not self.batch_sizes.known(*shard.resolution):
             return
         self._ahead = Ahead(shard, [])
-        n = shard.size
-        for lo in range(0, n, self.batch_size)[: self.slots.limit]:
+        lo = 0
+        while lo < shard.size and len(self._ahead.batches) < self.slots.limit:
             if self._stopping() or not self._device_calls.empty():
                 return
             self.slots.take()
             try:
-                self._ahead.batches.append(self._generate(shard, lo, min(lo + self.batch_size, n)))
+                self._ahead.batches.append(self._generate_fitting(shard, lo))
             except Exception as e:
                 self.slots.free()
                 log.debug("generating ahead failed: %s", e)  # the task will generate it again
                 return
+            lo = self._ahead.batches[-1].rows[1]
 
     def _stopping(self) -> bool:
         # A worker shutting down takes no next shard: nothing to generate ahead.
@@ -605,7 +638,7 @@ class ShardRunner:
                 return ShardResult(message.shard, 0, False, 0.0, 0.0)
             shard = self.open_shard(message, store)
 
-        run = ShardRun(shard, self.batch_size, attempt_id or new_attempt_id(), guard)
+        run = ShardRun(shard, attempt_id or new_attempt_id(), guard)
         self.slots.reset_peak()
         self._current = run
         self.on_shard_start()  # the heartbeat names this attempt at once, not a beat later
@@ -690,7 +723,9 @@ class ShardRunner:
             worker=self.worker_id,
             model=self.model.name,
             images=images,
-            batch_size=self.batch_size,
+            batch_size=run.batch_size,
+            min_batch_size=run.min_batch_size,
+            oom_retries=run.oom_retries,
             seconds=round(seconds, 6),
             generate_s=round(run.generate_s, 6),
             encode_s=round(run.encode_s, 6),

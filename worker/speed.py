@@ -9,8 +9,8 @@
   Compiling happens in the warm-up, before the first shard, so it counts in no reported rate.
 - **tiny VAE** (``--vae tiny``): decode with AutoencoderTiny — ``taesd`` for SD1/SD2,
   ``taesdxl`` for SDXL. Their latents are not interchangeable, so the family decides.
-- **batch size** (``--batch-size auto``, the default on CUDA): measured at start-up, see
-  :func:`choose_batch_size`.
+- **batch size** (``--batch-size auto``, the default on CUDA): measured per resolution the
+  first time a shard asks for it, see :func:`choose_batch_size` and :mod:`worker.batching`.
 
 The options that change pixels (precision, VAE) are recorded in every metadata row; all of
 them are in the per-shard stats.
@@ -26,6 +26,7 @@ from typing import Any
 
 from fewstep import UserError
 from fewstep.settings import defaults
+from worker.batching import free_cached_memory
 from worker.model import Model, _dtype_kwarg, _from_pretrained, _torch_dtype
 
 log = logging.getLogger("fewstep.worker")
@@ -120,7 +121,9 @@ def apply(model: Model, options: SpeedOptions) -> dict[str, Any]:
 def compile_denoiser(model: Model, mode: str) -> bool:
     """torch.compile the UNet or transformer (lazily: the warm-up compiles it); False if none.
 
-    Call it after the batch size is chosen, so probing other sizes does not recompile.
+    Under ``--batch-size auto`` the sizes probed at a resolution's first use compile too
+    (torch.compile turns the batch dimension dynamic after the first new shape); a fixed
+    ``--batch-size`` compiles once, in the warm-up.
     """
     denoiser = _denoiser(model.pipeline) if model.pipeline is not None else None
     if mode == "off" or denoiser is None:
@@ -143,26 +146,28 @@ def _use_sdpa(denoiser) -> str:
     return "default"  # other architectures' processors (SD3, Flux, ...) already use SDPA
 
 
-def run_batch(model: Model, batch_size: int, size: int | None = None) -> None:
-    """One batch of ``batch_size`` at the preset's steps and size (or ``size`` square):
-    probes, warm-up, benchmarks."""
+def run_batch(model: Model, batch_size: int, width: int | None = None, height: int | None = None) -> None:
+    """One batch of ``batch_size`` at the preset's steps, at ``width`` x ``height`` (default:
+    the preset's size): probes, warm-up, benchmarks."""
     preset = model.preset
     model.generate(
         [PROBE_PROMPT] * batch_size,
         list(range(batch_size)),
         steps=int(preset["steps"]),
         guidance=float(preset["guidance"]),
-        width=size or int(preset["width"]),
-        height=size or int(preset["height"]),
+        width=width or int(preset["width"]),
+        height=height or int(preset["height"]),
     )
 
 
-def warm_up(model: Model, batch_size: int, batches: int, size: int | None = None) -> float:
+def warm_up(
+    model: Model, batch_size: int, batches: int, width: int | None = None, height: int | None = None
+) -> float:
     """Run ``batches`` batches so lazy set-up, compilation and autotuning happen before the
     first shard; returns the seconds it took."""
     start = time.perf_counter()
     for _ in range(batches):
-        run_batch(model, batch_size, size)
+        run_batch(model, batch_size, width, height)
     return time.perf_counter() - start
 
 
@@ -193,25 +198,29 @@ def choose_batch_size(
     return measured[-1][0], measured
 
 
-def auto_batch_size(model: Model, limit: int) -> int:
-    """Measure this model on its device and choose a batch size (see :func:`choose_batch_size`)."""
+def auto_batch_size(model: Model, limit: int, width: int | None = None, height: int | None = None) -> int:
+    """Measure this model on its device at ``width`` x ``height`` (default: the preset's size)
+    and choose a batch size (see :func:`choose_batch_size`)."""
     import torch
+
+    width, height = width or int(model.preset["width"]), height or int(model.preset["height"])
 
     def measure(n: int) -> float:
         try:
-            run_batch(model, n)  # the first call of a size pays for allocation and autotuning
+            run_batch(model, n, width, height)  # the first call of a size pays for allocation and autotuning
             start = time.perf_counter()
-            run_batch(model, n)
+            run_batch(model, n, width, height)
             return time.perf_counter() - start
         except torch.OutOfMemoryError:
-            if model.device.startswith("cuda"):
-                torch.cuda.empty_cache()
+            free_cached_memory()
             raise
 
     size, measured = choose_batch_size(measure, limit=limit, out_of_memory=(torch.OutOfMemoryError,))
     log.info(
-        "batch size %d chosen by measurement (%s)",
+        "batch size %d chosen by measurement at %dx%d (%s)",
         size,
+        width,
+        height,
         ", ".join(f"{n}: {rate:.1f} img/s" for n, rate in measured),
     )
     return size
