@@ -2,15 +2,14 @@
 
 The worker counts a shard's tokens on the read-ahead thread and the task thread while the
 device thread runs the pipeline, whose own calls set padding and truncation on its
-tokenizer. These tests use the real ``tiny`` model and its real CLIP tokenizer, and check
-every count against a fresh tokenizer loaded here from the model's files.
+tokenizer. This test uses real pipelines and tokenizers (the ``tiny`` model's CLIP, the
+PixArt replica's T5) and checks every count against a fresh tokenizer loaded here from the
+model's files. Fault test (m), through a real worker, is ``tests/test_faults_tokens.py``.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
-import os
 import random
 import sys
 import threading
@@ -20,9 +19,6 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from fewstep.contract import stats_key
-from fewstep.storage import open_store
-from tests.support import cli_json, committed_metadata, run_worker_until_done
 from worker import tiny
 from worker.model import load_model
 
@@ -146,49 +142,3 @@ def test_token_counts_from_several_threads_match_a_fresh_tokenizer_while_the_pip
     assert wrong == [], f"{len(wrong)} wrong counts (counted, right), e.g. {wrong[:5]}"
     assert errors == [], f"{len(errors)} calls raised, e.g. {errors[:3]}"
     assert encodes[0] > 0  # the pipeline really ran alongside
-
-
-def write_prompt_file(path: Path, prompts: list[str]) -> Path:
-    """A PartiPrompts-style TSV of ``prompts``."""
-    lines = ["Prompt\tCategory\tChallenge\tNote"] + [f"{p}\tTokens\tLength\t" for p in prompts]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def forced_thread_switching(env: dict[str, str], directory: Path) -> dict[str, str]:
-    """``env`` for a process that switches threads every 10 µs from its start: a
-    ``sitecustomize`` module (which Python imports at start-up) first on its path."""
-    directory.mkdir()
-    (directory / "sitecustomize.py").write_text("import sys\n\nsys.setswitchinterval(1e-5)\n")
-    path = os.pathsep.join(p for p in (str(directory), env.get("PYTHONPATH", "")) if p)
-    return {**env, "PYTHONPATH": path}
-
-
-def test_m_worker_reading_ahead_records_every_rows_token_count_and_truncation_right(env, output, tmp_path):
-    prompts = prompts_from_1_to_300_tokens(40, seed=1)
-    job = cli_json(
-        "producer", "enqueue", "partiprompts", "--path", str(write_prompt_file(tmp_path / "p.tsv", prompts)),
-        "--model", "tiny", "--job", "tokens", "--output", output, "--shard-size", "2",
-        "--width", "64", "--height", "64", env=env,
-    )  # fmt: skip
-    assert job["prompts"] == len(prompts) and job["shards"] == 20
-    run_worker_until_done(
-        forced_thread_switching(env, tmp_path / "switching"), output, "tokens",
-        args=("--batch-size", "1"), log_path=tmp_path / "worker.log", timeout=240,
-    )  # fmt: skip
-
-    table = committed_metadata(job["job_url"])
-    assert table.column("prompt").to_pylist() == prompts
-    expected = fresh_counts(tiny_directory(), prompts)
-    assert min(expected) == 1 + 2 and max(expected) == 300 + 2  # begin and end tokens counted
-    recorded = table.column("prompt_tokens").to_pylist()
-    wrong = [(r, e) for r, e in zip(recorded, expected, strict=True) if r != e]
-    assert wrong == [], f"{len(wrong)} rows with wrong prompt_tokens (recorded, right): {wrong[:5]}"
-    assert table.column("truncated").to_pylist() == [e > 77 for e in expected]
-    # The read-ahead really ran: shards opened (and counted) on the read-ahead thread while
-    # the device thread generated the shard before, then batches generated ahead from them.
-    store = open_store(job["job_url"])
-    ahead = [json.loads(store.get(stats_key(s)))["batches_ahead"] for s in range(1, job["shards"] + 1)]
-    assert sum(1 for n in ahead if n > 0) >= job["shards"] // 2, ahead
-    log = (tmp_path / "worker.log").read_text(errors="replace")
-    assert "Traceback" not in log and "failed" not in log.lower(), log[-3000:]
