@@ -318,6 +318,11 @@ METADATA_CORE = pa.schema(
         pa.field("sha256", pa.string()),
         pa.field("bytes", pa.int64()),
         pa.field("nsfw", pa.bool_()),
+        # Every token the (first) text encoder's tokenizer makes of the whole prompt, untruncated,
+        # its begin and end tokens included (CLIP adds both, T5 only the end one); 0 without
+        # a tokenizer. `truncated`: prompt_tokens exceeds the tokenizer's model_max_length,
+        # which counts those tokens too (CLIP: 77, so at most 75 tokens of text), so the
+        # text encoder saw a cut prompt.
         pa.field("prompt_tokens", pa.int32()),
         pa.field("truncated", pa.bool_()),
         pa.field("source", pa.string()),

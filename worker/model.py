@@ -17,7 +17,9 @@ generator per image, so an image depends on its seed and prompt, not on its batc
 
 from __future__ import annotations
 
+import copy
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,9 +45,49 @@ class Batch:
     seconds: float
 
 
+class TokenCounter:
+    """Prompt token counts for any thread but the device thread, which owns the pipeline.
+
+    transformers 5's Rust-backed tokenizers keep padding and truncation as state of the
+    backend object, set by every call: the pipeline's tokenizer, called by the device thread
+    with ``padding="max_length", truncation=True``, gives a thread counting with it at the
+    same moment wrong counts (the other call's padding or truncation) and the pipeline
+    "Unable to create tensor" or over-long inputs. Each counting thread therefore gets a deep
+    copy of its own (a new Rust backend, not a shared one), copied from a template taken at
+    load time, before any thread runs the pipeline, and never called itself.
+
+    A count is every token the tokenizer makes of the prompt, its begin and end tokens
+    included (CLIP adds both, T5 only the end token); ``limit`` is the tokenizer's
+    ``model_max_length``, which counts them the same way, so a prompt is cut exactly when its
+    count exceeds the limit.
+    """
+
+    def __init__(self, tokenizer: Any):
+        self._template = copy.deepcopy(tokenizer)
+        self.limit = int(tokenizer.model_max_length)
+        self._local = threading.local()
+        self._copying = threading.Lock()
+
+    def _tokenizer(self) -> Any:
+        tokenizer = getattr(self._local, "tokenizer", None)
+        if tokenizer is None:
+            with self._copying:  # the template is only read, but one copy at a time costs nothing
+                tokenizer = self._local.tokenizer = copy.deepcopy(self._template)
+        return tokenizer
+
+    def count(self, prompts: list[str]) -> list[int]:
+        """Each prompt's token count, untruncated, begin and end tokens included."""
+        ids = self._tokenizer()(list(prompts), truncation=False, add_special_tokens=True)["input_ids"]
+        return [len(i) for i in ids]
+
+
 @dataclass
 class Model:
-    """A pinned, loaded model."""
+    """A pinned, loaded model.
+
+    Only the device thread uses ``pipeline`` (and so its tokenizers); other threads count
+    tokens through ``tokens``, which gives each its own tokenizer.
+    """
 
     name: str
     preset: dict[str, Any]
@@ -59,6 +101,8 @@ class Model:
     scheduler_config: Any = None
     #: (safety checker, feature extractor), taken out of the pipeline so that it only flags.
     safety: tuple[Any, Any] | None = None
+    #: Token counting off the device thread (None: the pipeline has no tokenizer).
+    tokens: TokenCounter | None = None
 
     def use_sampler(self, label: str | None) -> None:
         """Switch to one of the preset's samplers (None: keep the current one)."""
@@ -131,12 +175,11 @@ class Model:
         return [bool(f) for f in flags]
 
     def count_tokens(self, prompts: list[str]) -> tuple[list[int], int]:
-        """Token count of each prompt (untruncated) and the text encoder's limit."""
-        tokenizer = getattr(self.pipeline, "tokenizer", None)
-        if tokenizer is None:
+        """Token count of each prompt (untruncated, begin and end tokens included) and the
+        text encoder's limit, counted the same way; safe from any thread (see TokenCounter)."""
+        if self.tokens is None:
             return [0] * len(prompts), 0
-        ids = tokenizer(list(prompts), truncation=False, add_special_tokens=True)["input_ids"]
-        return [len(i) for i in ids], int(tokenizer.model_max_length)
+        return self.tokens.count(prompts), self.tokens.limit
 
 
 def _torch_dtype(name: str, device: str):
@@ -341,6 +384,8 @@ def load_model(name: str, device: str = "auto") -> Model:
         sampler=type(pipe.scheduler).__name__,
         scheduler_config=pipe.scheduler.config,
         safety=safety,
+        # Copied now, while this is the only thread: the pipeline's tokenizer stays its own.
+        tokens=TokenCounter(pipe.tokenizer) if getattr(pipe, "tokenizer", None) is not None else None,
     )
     model.use_sampler(preset.get("sampler"))
     model.load_seconds = time.perf_counter() - start

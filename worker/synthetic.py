@@ -46,7 +46,8 @@ def pictures(width: int, height: int) -> np.ndarray:
 
 @dataclass
 class SyntheticModel(Model):
-    """Fixed latency per batch with the GIL released; images chosen by seed."""
+    """Fixed latency per batch with the GIL released; images chosen by seed. No tokenizer:
+    ``count_tokens`` gives zero tokens and no limit."""
 
     batch_seconds: float = 0.0
     _pictures: dict[tuple[int, int], np.ndarray] = field(default_factory=dict, repr=False)
@@ -71,10 +72,6 @@ class SyntheticModel(Model):
         if remaining > 0:
             time.sleep(remaining)  # releases the GIL, as a device kernel would
         return Batch(images=images, nsfw=[None] * len(prompts), seconds=time.perf_counter() - start)
-
-    def count_tokens(self, prompts: list[str]) -> tuple[list[int], int]:
-        """No tokenizer: zero tokens, no limit."""
-        return [0] * len(prompts), 0
 
 
 def load(name: str, preset: dict[str, Any], device: str) -> SyntheticModel:
