@@ -33,6 +33,7 @@ carries references only (:class:`ShardMessage`), never prompts or credentials.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import re
 import secrets
 from dataclasses import asdict, dataclass, fields
@@ -42,6 +43,8 @@ import numpy as np
 import pyarrow as pa
 
 from fewstep import UserError
+
+log = logging.getLogger("fewstep.contract")
 
 # 2: images are keyed by attempt (images/part-N/<attempt-id>/...); metadata has attempt_id.
 FORMAT_VERSION = 2
@@ -60,6 +63,9 @@ WEBDATASET = "webdataset"
 GALLERY = "gallery"
 DUPLICATES_KEY = "duplicates.parquet"
 ATTEMPTS = "attempts"
+
+#: The largest shard id (and attempt round) a message may carry: far above any real job.
+MAX_SHARD = 10**9
 
 _JOB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 _PART = re.compile(r"part-(\d{6,})\.(parquet|json)$")
@@ -238,12 +244,33 @@ class ShardMessage:
 
     @classmethod
     def from_kwargs(cls, kwargs: dict[str, Any]) -> ShardMessage:
-        return cls(
-            job_url=str(kwargs["job_url"]),
-            shard=int(kwargs["shard"]),
-            manifest_key=str(kwargs["manifest_key"]),
-            attempt=int(kwargs.get("attempt", 1)),
-        )
+        """The message of a task's kwargs; :class:`ValueError` naming what is wrong if malformed."""
+        if not isinstance(kwargs, dict):
+            raise ValueError(f"kwargs are a {type(kwargs).__name__}, not a dict")
+        missing = [k for k in ("job_url", "shard", "manifest_key") if k not in kwargs]
+        if missing:
+            raise ValueError(f"kwargs lack {', '.join(missing)}")
+        job_url, shard = kwargs["job_url"], kwargs["shard"]
+        manifest, attempt = kwargs["manifest_key"], kwargs.get("attempt", 1)
+        for name, value in (("job_url", job_url), ("manifest_key", manifest)):
+            if not isinstance(value, str) or not value or len(value) > 2048:
+                raise ValueError(f"{name} is not a non-empty string of at most 2048 characters")
+        if not job_url.startswith(("s3://", "file:///")):  # what enqueue writes: never a relative path
+            raise ValueError("job_url is neither s3://... nor file:///...")
+        for name, value in (("shard", shard), ("attempt", attempt)):
+            # bool is an int in Python; JSON gives true/false for it.
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_SHARD:
+                raise ValueError(f"{name} is not an integer from 1 to {MAX_SHARD}")
+        return cls(job_url, shard, manifest, attempt)
+
+    @classmethod
+    def parse(cls, kwargs: Any) -> ShardMessage | None:
+        """The message of a task's kwargs, or None (logged at debug level) if malformed."""
+        try:
+            return cls.from_kwargs(kwargs)
+        except ValueError as e:
+            log.debug("malformed shard message skipped: %s", e)
+            return None
 
     @property
     def task_id(self) -> str:

@@ -15,6 +15,8 @@ from urllib.parse import urlsplit
 
 import redis
 from celery import Celery
+from celery.app.events import Events
+from celery.events.dispatcher import EventDispatcher
 
 from fewstep import UserError
 from fewstep.contract import TASK_NAME, ShardMessage
@@ -44,11 +46,37 @@ def transport_options(vt: int) -> dict[str, Any]:
     }
 
 
+#: How often an event (Flower's worker heartbeats, task events) is retried while Redis is down.
+EVENT_RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.5, "interval_max": 0.5}
+
+
+class BoundedEventDispatcher(EventDispatcher):
+    """Celery's event dispatcher, with a bounded retry where Celery asks for an unbounded one.
+
+    Celery sends its periodic ``worker-heartbeat`` event with ``retry=True`` and no policy,
+    which kombu reads as "retry forever": with Redis down, the worker's main thread then sits
+    in kombu's ``retry_over_time`` and never sees SIGTERM's shutdown request. An event is
+    worth a short retry at most (an unsent one is buffered by Celery and sent later).
+    """
+
+    def send(self, type, *args, retry=False, retry_policy=None, **fields):
+        """Send an event; a retry asked without a policy is bounded by :data:`EVENT_RETRY_POLICY`."""
+        if retry and not retry_policy:
+            retry_policy = EVENT_RETRY_POLICY
+        return super().send(type, *args, retry=retry, retry_policy=retry_policy, **fields)
+
+
+class BoundedEvents(Events):
+    """Celery's events, sent through :class:`BoundedEventDispatcher`."""
+
+    dispatcher_cls = "fewstep.queue:BoundedEventDispatcher"
+
+
 def celery_app(url: str | None = None) -> Celery:
     """The Celery app with fewstep's locked-down configuration."""
     url = url or broker_url()
     vt = visibility_timeout()
-    app = Celery("fewstep", broker=url, set_as_current=False)
+    app = Celery("fewstep", broker=url, set_as_current=False, events=BoundedEvents)
     app.conf.update(
         # JSON only: a pickled message from the broker would be code execution.
         task_serializer="json",
@@ -123,17 +151,21 @@ def queue_length(client: redis.Redis, queue: str) -> int:
     return sum(pipe.execute())
 
 
-def _task_kwargs(raw: bytes | str) -> dict[str, Any] | None:
-    """The task kwargs of a raw kombu message, or None if it is not a fewstep task."""
+def _task_message(raw: bytes | str) -> ShardMessage | None:
+    """The shard message of a raw kombu message, or None if it is not a well-formed fewstep task."""
     try:
         envelope = json.loads(raw)
     except ValueError:
         return None
-    return _envelope_kwargs(envelope)
+    return message_of_envelope(envelope)
 
 
-def _envelope_kwargs(envelope: Any) -> dict[str, Any] | None:
-    """The task kwargs of a parsed kombu message, or None if it is not a fewstep task."""
+def message_of_envelope(envelope: Any) -> ShardMessage | None:
+    """The shard message of a parsed kombu message, or None if it is not a well-formed fewstep task.
+
+    Total: whatever the queue holds (another app's messages, damaged or hostile ones), the
+    readers (status, reconcile, resume, the read-ahead) skip it instead of failing.
+    """
     try:
         if envelope.get("headers", {}).get("task") != TASK_NAME:
             return None
@@ -141,32 +173,21 @@ def _envelope_kwargs(envelope: Any) -> dict[str, Any] | None:
             return None
         body = envelope["body"]
         if envelope.get("properties", {}).get("body_encoding") == "base64":
-            body = base64.b64decode(body)
+            body = base64.b64decode(body, validate=True)
         args = json.loads(body)
-        kwargs = args[1] if isinstance(args, list) and len(args) >= 2 else None
-        return kwargs if isinstance(kwargs, dict) else None
-    except (ValueError, KeyError, TypeError, AttributeError):  # not a message of ours: skipped
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):  # not a message of ours
         return None
-
-
-def message_of_envelope(envelope: Any) -> ShardMessage | None:
-    """The shard message of a parsed kombu message, or None if it is not a valid fewstep one."""
-    kwargs = _envelope_kwargs(envelope)
-    if not kwargs:
-        return None
-    try:
-        return ShardMessage.from_kwargs(kwargs)
-    except (KeyError, TypeError, ValueError):
-        return None
+    kwargs = args[1] if isinstance(args, list) and len(args) >= 2 else None
+    return ShardMessage.parse(kwargs)
 
 
 def pending_messages(client: redis.Redis, queue: str) -> Iterator[ShardMessage]:
     """Shard messages waiting in ``queue`` or delivered and not yet acknowledged."""
     for key in queue_keys(queue):
         for raw in client.lrange(key, 0, -1):
-            kwargs = _task_kwargs(raw)
-            if kwargs:
-                yield ShardMessage.from_kwargs(kwargs)
+            message = _task_message(raw)
+            if message is not None:
+                yield message
     for raw in client.hvals(_UNACKED):
         try:
             envelope, _exchange, routing_key = json.loads(raw)
@@ -174,9 +195,9 @@ def pending_messages(client: redis.Redis, queue: str) -> Iterator[ShardMessage]:
             continue
         if routing_key != queue:
             continue
-        kwargs = _envelope_kwargs(envelope)
-        if kwargs:
-            yield ShardMessage.from_kwargs(kwargs)
+        message = message_of_envelope(envelope)
+        if message is not None:
+            yield message
 
 
 def peek_next(client: redis.Redis, queue: str) -> ShardMessage | None:
@@ -188,8 +209,7 @@ def peek_next(client: redis.Redis, queue: str) -> ShardMessage | None:
     for key in queue_keys(queue):
         raw = client.lindex(key, -1)
         if raw is not None:
-            kwargs = _task_kwargs(raw)
-            return ShardMessage.from_kwargs(kwargs) if kwargs else None
+            return _task_message(raw)
     return None
 
 

@@ -46,6 +46,17 @@ _THROTTLING = frozenset(
 # Backoff between whole-call retries (botocore's own retries come first, within each call).
 _FIRST_WAIT = 0.5
 _MAX_WAIT = 8.0
+# Set when retrying is pointless (a worker's shutdown grace is over): calls fail at once.
+_stop_retrying = threading.Event()
+
+
+def stop_retrying() -> None:
+    """Make every storage call of this process give up instead of waiting to retry, from now on.
+
+    A worker whose shutdown grace is over must not sit out a storage outage: what it could
+    not write is left to the next attempt (and to ``producer reconcile``).
+    """
+    _stop_retrying.set()
 
 
 class KeyMissing(KeyError):
@@ -273,10 +284,10 @@ class S3Store(Store):
                 with self._errors(what):
                     return operation()
             except StorageUnavailable as e:
-                if time.monotonic() + wait > deadline:
+                if _stop_retrying.is_set() or time.monotonic() + wait > deadline:
                     raise
                 log.info("%s; retrying in %.1fs", e, wait)
-                time.sleep(wait * (0.5 + random.random() / 2))
+                _stop_retrying.wait(wait * (0.5 + random.random() / 2))
                 wait = min(wait * 2, _MAX_WAIT)
 
     def put(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:

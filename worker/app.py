@@ -13,17 +13,29 @@ to the message:
 - any other error: sent again later until ``max_attempts`` failures, then the shard is
   marked failed and the message acknowledged, so it no longer blocks the queue;
 - the worker shuts down and the grace period runs out: rejected back onto the queue.
+
+Whatever is down, a worker sent SIGTERM exits within its grace period plus
+``[worker] shutdown_hard_exit_after`` seconds: when the grace is over, storage calls stop
+retrying, and a watchdog ends the process if it is still running after that margin
+(blocked in a library call that waits for a broker or storage that is gone). What it could
+not acknowledge stays in Redis' ``unacked`` hash, and what it could not write is redone by
+the next attempt: recovery never depends on a clean exit.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import threading
+import time
 from typing import Any
 
 from celery import signals
-from celery.exceptions import Reject
+from celery.exceptions import InvalidTaskError, Reject
 from celery.platforms import EX_FAILURE
 from celery.worker import state as worker_state
+from celery.worker.strategy import default as default_strategy
+from kombu.exceptions import ContentDisallowed, DecodeError
 
 from fewstep.attempts import history, running_elsewhere
 from fewstep.contract import (
@@ -47,6 +59,7 @@ from fewstep.storage import (
     Store,
     check_conditional_writes,
     open_store,
+    stop_retrying,
 )
 from worker import commit
 from worker.commit import Attempt, ShardGuard, ShutdownRequested, Superseded
@@ -70,8 +83,41 @@ def _on_shutting_down(how: str = "Warm", **_: Any) -> None:
     # the shard loop checks it between batches.
     grace = 0.0 if how == "Cold" else shutdown_grace
     commit.shutdown.request(grace)
+    _start_watchdog(float(defaults()["worker"]["shutdown_hard_exit_after"]))
     if _in_progress:
         log.warning("shutting down: %s has %.0fs to finish, then goes back to the queue", _in_progress, grace)
+
+
+_watchdog: threading.Thread | None = None
+
+
+def _start_watchdog(margin: float) -> None:
+    """Once per process: end storage retries when the grace is over, and the process ``margin`` later."""
+    global _watchdog
+    if _watchdog is None:
+        _watchdog = threading.Thread(
+            target=_watch_shutdown, args=(margin,), name="shutdown-watchdog", daemon=True
+        )
+        _watchdog.start()
+
+
+def _watch_shutdown(margin: float) -> None:
+    def sleep_until(end: float) -> None:
+        while (left := end - time.monotonic()) > 0:
+            time.sleep(min(left, 0.5))
+
+    # The deadline only ever moves earlier (a second SIGTERM is a cold shutdown): re-read it.
+    while (deadline := commit.shutdown.deadline) is not None and time.monotonic() < deadline:
+        sleep_until(min(deadline, time.monotonic() + 0.5))
+    stop_retrying()
+    sleep_until(commit.shutdown.deadline + margin)
+    log.error(
+        "still running %.0fs after the shutdown grace (broker or storage unreachable): exiting now; "
+        "an unacknowledged shard returns through `producer reconcile` or the visibility timeout",
+        margin,
+    )
+    logging.shutdown()
+    os._exit(EX_FAILURE)
 
 
 def _backoff(first: float, retries: int) -> int:
@@ -79,7 +125,40 @@ def _backoff(first: float, retries: int) -> int:
     return int(min(first * 2**retries, 300, visibility_timeout() / 4))
 
 
-@app.task(name=TASK_NAME, bind=True, max_retries=None)
+def guarded_strategy(task, app, consumer, **options):
+    """Celery's default strategy for the shard task, behind a check of each message's shape.
+
+    A message with fewstep's task name whose body is not ``[[], {shard kwargs}, {...}]``
+    (another app's, damaged, hostile) is acknowledged and dropped with one log line: left to
+    Celery, some shapes raise out of its consumer and stop the worker, others fail in the
+    task with a traceback. Undecodable bodies stay with Celery, which logs and drops them.
+    """
+    handle = default_strategy(task, app, consumer, **options)
+
+    def handler(message, body, ack, reject, callbacks, **kwargs):
+        payload = message.payload  # DecodeError / ContentDisallowed: Celery's own handling
+        shaped = isinstance(payload, list | tuple) and len(payload) == 3 and payload[0] in ([], ())
+        problem = None if shaped and ShardMessage.parse(payload[1]) else "not [[], {shard kwargs}, {...}]"
+        if problem is None:
+            try:
+                return handle(message, body, ack, reject, callbacks, **kwargs)
+            except (InvalidTaskError, ContentDisallowed, DecodeError):
+                raise
+            except Exception as e:  # anything Celery's strategy chokes on
+                problem = describe_error(e, 300)
+        log.error("dropped a malformed %s message (id %s): %s", TASK_NAME, _message_id(message), problem)
+        message.ack()
+        return None
+
+    return handler
+
+
+def _message_id(message) -> str:
+    headers = message.headers if isinstance(message.headers, dict) else {}
+    return str(headers.get("id"))[:100]
+
+
+@app.task(name=TASK_NAME, bind=True, max_retries=None, Strategy="worker.app:guarded_strategy")
 def generate_shard(self, job_url: str, shard: int, manifest_key: str, attempt: int = 1) -> dict:
     """Generate, upload and commit one shard. Arguments are references only."""
     if runner is None:
@@ -132,7 +211,7 @@ def _run(task, store: Store, message: ShardMessage, max_attempts: int, retry_del
     }
     attempt = Attempt.start(store, message, runner.worker_id, delivery)
     try:
-        rows = shard_rows(runner.job_spec(store, message.job_url), message.shard)
+        rows = shard_rows(runner.job_spec(store, message.job_url, fresh=True), message.shard)
         guard = ShardGuard(store, message, rows, visibility_timeout())
         result = runner.run(message, guard=guard, attempt_id=attempt.id)
     except Superseded:

@@ -28,6 +28,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from fewstep import UserError
 from fewstep.contract import (
     ATTEMPT_ERROR,
     ATTEMPT_RETRY_REQUESTED,
@@ -41,7 +42,7 @@ from fewstep.contract import (
     part_name,
 )
 from fewstep.settings import describe_error
-from fewstep.storage import StorageError, Store, check_conditional_writes
+from fewstep.storage import StorageError, Store, check_conditional_writes, open_store
 
 log = logging.getLogger("fewstep.worker")
 
@@ -77,12 +78,26 @@ _unwritten_lock = threading.Lock()
 
 
 def flush_unwritten() -> None:
-    """Write attempt outcomes held back during a storage outage (raises if still down)."""
+    """Write attempt outcomes held back during a storage outage, best effort and quickly.
+
+    Each record is tried once, without retries, and a store that fails is not tried again
+    until the next call: a job whose storage is still down costs one failed request, never
+    a stall of the other jobs' shards. What fails stays held for the next call.
+    """
     with _unwritten_lock:
-        while _unwritten:
-            store, key, record = _unwritten[0]
-            store.put(key, json.dumps(record).encode())
-            _unwritten.pop(0)
+        held, _unwritten[:] = list(_unwritten), []
+    kept, down = [], set()
+    for store, key, record in held:
+        if store.url not in down:
+            try:
+                open_store(store.url, retry_seconds=0).put(key, json.dumps(record).encode())
+                continue
+            except Exception as e:  # anything a store raises: keep the record
+                down.add(store.url)
+                log.info("attempt records for %s still unwritten: %s", store.url, describe_error(e, 300))
+        kept.append((store, key, record))
+    with _unwritten_lock:
+        _unwritten[:0] = kept
 
 
 @dataclass
@@ -121,7 +136,7 @@ class Attempt:
             self.record["error"] = describe_error(error)
         try:
             self.store.put(self.key, json.dumps(self.record).encode())
-        except StorageError:
+        except (StorageError, UserError):  # unreachable, or its bucket gone: kept for later
             with _unwritten_lock:
                 _unwritten.append((self.store, self.key, dict(self.record)))
 

@@ -244,7 +244,9 @@ class Heartbeat:
             return
         record = self.activity.record(state, self.interval)
         try:
-            open_store(job_url).put(heartbeat_key(self.activity.worker), json.dumps(record).encode())
+            # No retries: the next beat is seconds away, and a worker shutting down waits for this one.
+            store = open_store(job_url, retry_seconds=0)
+            store.put(heartbeat_key(self.activity.worker), json.dumps(record).encode())
         except Exception as e:  # a heartbeat never stops the work
             if not self._warned:
                 log.warning("cannot write heartbeat to %s: %s", job_url, describe_error(e, 500))

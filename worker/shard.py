@@ -593,11 +593,18 @@ class ShardRunner:
 
     # -- the task's thread --
 
-    def job_spec(self, store: Store, job_url: str) -> dict[str, Any]:
-        """The job spec, read once per job."""
+    def job_spec(self, store: Store, job_url: str, *, fresh: bool = False) -> dict[str, Any]:
+        """The job spec, read once per job, or again with ``fresh`` (each task's start: a job
+        deleted and created again under the same name must run with its new spec). An unchanged
+        spec stays the same object, so what was read ahead with it stays usable."""
         with self._specs_lock:
-            if job_url not in self._specs:
-                self._specs[job_url] = json.loads(store.get(JOB_SPEC_KEY))
+            cached = self._specs.get(job_url)
+        if cached is not None and not fresh:
+            return cached
+        spec = json.loads(store.get(JOB_SPEC_KEY))
+        with self._specs_lock:
+            if self._specs.get(job_url) != spec:
+                self._specs[job_url] = spec
             return self._specs[job_url]
 
     def _open_ahead(self, message: ShardMessage) -> OpenShard | None:
@@ -630,6 +637,8 @@ class ShardRunner:
         """
         start, started_at = time.perf_counter(), _now()
         shard = self.lookahead.take(message)  # read ahead, checked not committed moments ago
+        if shard is not None and shard.spec is not self._specs.get(message.job_url):
+            shard = None  # read ahead with a spec the job no longer has
         if shard is None:
             store = open_store(message.job_url)
             if store.exists(metadata_key(message.shard)):
