@@ -27,12 +27,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from harness import BUCKET, local_services
 
-from fewstep.contract import heartbeat_key, metadata_key, metadata_schema, stats_key
+from fewstep.contract import (
+    FORMAT_VERSION,
+    heartbeat_key,
+    image_key,
+    metadata_key,
+    metadata_schema,
+    stats_key,
+)
 from fewstep.storage import open_store
 from producer.finalize import finalize
 from producer.status import StatusReader
 
 FIELDS = {"category": "string", "challenge": "string", "note": "string"}
+ATTEMPT = "20261128T000000.000000Z-bench000"
 
 
 def part_table(shard: int, rows: int) -> bytes:
@@ -46,11 +54,12 @@ def part_table(shard: int, rows: int) -> bytes:
         "step": [1] * rows, "cfg": [0.0] * rows, "sampler": ["euler-trailing"] * rows,
         "width": [512] * rows, "height": [512] * rows, "model": ["sdxs-512-0.9"] * rows,
         "model_revision": ["main"] * rows, "row_id": list(range(lo, lo + rows)),
-        "image_key": [f"images/part-{shard:06d}/{r:012d}.png" for r in range(lo, lo + rows)],
+        "image_key": [image_key(shard, ATTEMPT, r, "png") for r in range(lo, lo + rows)],
         "format": ["png"] * rows, "sha256": ["0" * 64] * rows, "bytes": [300_000] * rows,
         "nsfw": [False] * rows, "prompt_tokens": [14] * rows, "truncated": [False] * rows,
         "source": ["partiprompts"] * rows, "source_row": list(range(lo, lo + rows)),
         "gen_ms": [3.0] * rows, "worker": [f"gpu-{shard % 8}:1:cuda:0"] * rows, "attempt": [1] * rows,
+        "attempt_id": [ATTEMPT] * rows,
         "created_at": [now] * rows, "category": ["Animals"] * rows, "challenge": ["Basic"] * rows,
         "note": [""] * rows, "format_quality": [None] * rows, "png_level": [6] * rows,
         "encoder": ["pillow-11.0.0"] * rows, "dtype": ["float16"] * rows, "vae": ["default"] * rows,
@@ -63,7 +72,7 @@ def part_table(shard: int, rows: int) -> bytes:
 def lay_out(job_url: str, shards: int, rows: int, heartbeats: int) -> None:
     store = open_store(job_url)
     spec = {
-        "format_version": 1, "job": "bench", "job_url": job_url, "queue": "bench.sdxs-512-0.9",
+        "format_version": FORMAT_VERSION, "job": "bench", "job_url": job_url, "queue": "bench.sdxs-512-0.9",
         "source": {"name": "partiprompts", "path": "bench", "fields": FIELDS, "selection": {}},
         "model": {"name": "sdxs-512-0.9", "kind": "preset", "repo": "IDKiro/sdxs-512-0.9",
                   "revision": "main"},

@@ -41,7 +41,7 @@ from fewstep.contract import (
     part_name,
 )
 from fewstep.storage import Store, read_table
-from producer.options import JSON, OUTPUT, job_store
+from producer.options import JSON, OUTPUT, abandoned_after, job_store
 from producer.progress import read_progress
 
 # Attempts that ended without committing: their folder will never be referenced.
@@ -149,14 +149,9 @@ def collect(store: Store, abandoned_after: float, delete: bool) -> dict[str, Any
 @click.argument("job")
 @OUTPUT
 @click.option("--delete", is_flag=True, help="Delete what was found (default: only list it).")
-@click.option(
-    "--abandoned-after",
-    type=click.FloatRange(min=0),
-    default=3600,
-    show_default=True,
-    metavar="SECONDS",
-    help="An open shard's attempt still 'running' this long after it started, with no live worker "
-    "heartbeat naming it, is abandoned.",
+@abandoned_after(
+    "An open shard's attempt still 'running' this long after it started, with no live worker "
+    "heartbeat naming it, is abandoned."
 )
 @JSON
 def gc_command(job: str, output: str, delete: bool, abandoned_after: float, as_json: bool) -> None:

@@ -22,6 +22,19 @@ OUTPUT = click.option(
 JSON = click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 
 
+def abandoned_after(help_text: str) -> Callable:
+    """``--abandoned-after SECONDS`` (default an hour): when something left unfinished counts as
+    abandoned; ``help_text`` says what."""
+    return click.option(
+        "--abandoned-after",
+        type=click.FloatRange(min=0),
+        default=3600,
+        show_default=True,
+        metavar="SECONDS",
+        help=help_text,
+    )
+
+
 def job_store(output: str, job: str) -> Store:
     """The store of ``job`` under ``output``, after checking the job's name and that the
     output is reachable."""

@@ -23,7 +23,7 @@ from fewstep.recovery import restore_orphans
 from fewstep.settings import defaults
 from fewstep.storage import Store
 from producer.enqueue import resend_open_shards
-from producer.options import JSON, OUTPUT, job_store
+from producer.options import JSON, OUTPUT, abandoned_after, job_store
 from producer.progress import read_progress
 
 
@@ -45,14 +45,7 @@ def reconcile(store: Store, abandoned_after: float) -> dict[str, Any]:
 @click.command("reconcile")
 @click.argument("job")
 @OUTPUT
-@click.option(
-    "--abandoned-after",
-    type=click.FloatRange(min=0),
-    default=3600,
-    show_default=True,
-    metavar="SECONDS",
-    help="Abort partial uploads under the job that started longer ago than this.",
-)
+@abandoned_after("Abort partial uploads under the job that started longer ago than this.")
 @JSON
 def reconcile_command(job: str, output: str, abandoned_after: float, as_json: bool) -> None:
     """Re-enqueue every shard of JOB with no commit marker that is not queued (after a Redis loss)."""

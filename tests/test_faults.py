@@ -338,6 +338,10 @@ def test_g_crash_after_image_uploads_before_commit_redoes_only_that_shard(env, o
     assert store.get(metadata_key(1)) == first  # shard 1 was not redone
     # The redo wrote its own folder; the crashed attempt's images are left to `producer gc`.
     assert set(committed_metadata(url).column("attempt_id").to_pylist()).isdisjoint(crashed)
+    garbage = cli_json("producer", "gc", "precommit", "--output", output, "--delete", env=env)
+    assert [(f["shard"], f["attempt"], f["objects"]) for f in garbage["folders"]] == [(2, crashed.pop(), 8)]
+    assert garbage["kept_committed_objects"] == 24
+    verify_job("precommit", output, env)
     assert [r["state"] for r in attempt_records(url, 1)] == ["committed"]
     assert [r["state"] for r in attempt_records(url, 2)] == ["running", "committed"]
     assert [r["state"] for r in attempt_records(url, 3)] == ["committed"]
