@@ -20,31 +20,40 @@ from fewstep.settings import defaults, describe_error
 log = logging.getLogger("fewstep.worker")
 
 
-def held_delivery_tags() -> set[str]:
-    """Delivery tags of every message this Celery worker holds: running, reserved, or waiting
-    for a retry countdown (``celery.worker.state.requests`` holds all three)."""
-    from celery.worker import state
-
+def _snapshot(collection) -> list:
+    # Another thread (the consumer) may change it while we copy: copy again.
     for _ in range(5):
         try:
-            requests = list(state.requests.values())
-            break
-        except RuntimeError:  # changed size while the consumer thread updated it
+            return list(collection)
+        except RuntimeError:
             continue
-    else:
-        return set()
+    return []
+
+
+def held_delivery_tags(consumer=None) -> set[str]:
+    """Delivery tags of every message this Celery worker holds: running, reserved, or waiting for
+    a retry countdown (``celery.worker.state.requests``), and any delivered but not yet
+    acknowledged (kombu's QoS of the consumer's channel: a finished task's message stays there
+    until its ack is flushed, after the request left ``state.requests``)."""
+    from celery.worker import state
+
     tags = set()
-    for request in requests:
+    for request in _snapshot(state.requests.values()):
         tag = getattr(getattr(request, "message", None), "delivery_tag", None)
         if tag is not None:
             tags.add(str(tag))
+    qos = getattr(getattr(getattr(consumer, "task_consumer", None), "channel", None), "qos", None)
+    delivered = getattr(qos, "_delivered", None)
+    if delivered is not None:
+        dirty = set(_snapshot(getattr(qos, "_dirty", ())))
+        tags.update(str(tag) for tag in _snapshot(delivered.keys()) if tag not in dirty)
     return tags
 
 
 class Liveness:
     """Publishes this worker's liveness and restores dead workers' messages, in a thread."""
 
-    def __init__(self, worker_id: str, queue: str, held: Callable[[], set[str]] = held_delivery_tags):
+    def __init__(self, worker_id: str, queue: str, held: Callable[..., set[str]] = held_delivery_tags):
         cfg = defaults()["recovery"]
         self.worker_id = worker_id
         self.queue = queue
@@ -56,10 +65,13 @@ class Liveness:
         self._wake = threading.Event()
         self._stopped = threading.Event()
         self._client = None
+        self._consumer = None
         self._thread = threading.Thread(target=self._run, name="liveness", daemon=True)
 
-    def start(self, **_) -> Liveness:
-        """Start the thread (also a receiver of Celery's ``worker_ready`` signal)."""
+    def start(self, sender=None, **_) -> Liveness:
+        """Start the thread (also a receiver of Celery's ``worker_ready`` signal, whose sender is
+        the consumer: its channel knows the messages delivered and not yet acknowledged)."""
+        self._consumer = sender if sender is not None else self._consumer
         if not self._thread.is_alive() and not self._stopped.is_set():
             self._thread.start()
         return self
@@ -84,7 +96,8 @@ class Liveness:
         while not self._stopped.is_set():
             try:
                 self._client = self._client or redis_client()
-                publish_liveness(self._client, self.worker_id, self.queue, self.held(), self.ttl)
+                held = self.held(self._consumer)
+                publish_liveness(self._client, self.worker_id, self.queue, held, self.ttl)
                 if time.monotonic() - last_scan >= self.scan_every:
                     last_scan = time.monotonic()
                     found = restore_orphans(self._client, self.queue, self.min_age)
