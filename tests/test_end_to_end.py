@@ -43,7 +43,7 @@ def check_job(job_url: str, source: dict[str, list], rows: int) -> list[bytes]:
         image.load()
         assert image.format == "PNG" and image.size == (row["width"], row["height"]) == (128, 128)
         assert row["image_name"] == f"{row['row_id']:012d}.png"
-        assert row["image_key"] == f"images/part-{row['part_id']:06d}/{row['image_name']}"
+        assert row["image_key"] == f"images/part-{row['part_id']:06d}/{row['attempt_id']}/{row['image_name']}"
         assert (row["step"], row["cfg"], row["sampler"], row["model"]) == (1, 0.0, "euler-trailing", "tiny")
         images.append(data)
     return images

@@ -39,7 +39,7 @@ from tests.test_end_to_end import SAMPLE, enqueue
 
 PROMPTS = parse(SAMPLE.read_bytes(), str(SAMPLE))["prompt"]
 # Columns that differ between two runs of the same spec; everything else must be equal.
-PER_RUN = {"worker", "created_at", "gen_ms", "attempt"}
+PER_RUN = {"worker", "created_at", "gen_ms", "attempt", "attempt_id", "image_key"}
 
 
 def assert_each_prompt_once(job_url: str, rows: int = len(PROMPTS)) -> pa.Table:
@@ -156,8 +156,9 @@ def test_b_shard_outliving_the_visibility_timeout_commits_once_and_equals_a_clea
     columns = [c for c in late.column_names if c not in PER_RUN]
     assert late.select(columns).equals(reference.select(columns))
     late_store, clean_store = open_store(url), open_store(clean["job_url"])
-    for key in late.column("image_key").to_pylist():
-        assert late_store.get(key) == clean_store.get(key)
+    keys = zip(late.column("image_key").to_pylist(), reference.column("image_key").to_pylist(), strict=True)
+    for late_key, clean_key in keys:
+        assert late_store.get(late_key) == clean_store.get(clean_key)
 
 
 # --- (c) SIGTERM ------------------------------------------------------------------------------

@@ -35,7 +35,8 @@ HOSTILE = [
 ]
 KEPT = [row for row in HOSTILE if row[0].strip()]
 KEY = re.compile(
-    r"job\.json|manifests/part-\d{6}\.parquet|metadata/part-\d{6}\.parquet|images/part-\d{6}/\d{12}\.png"
+    r"job\.json|manifests/part-\d{6}\.parquet|metadata/part-\d{6}\.parquet"
+    r"|images/part-\d{6}/\d{8}T\d{6}\.\d{6}Z-[0-9a-f]{8}/\d{12}\.png"
     r"|attempts/part-\d{6}/\d{8}T\d{6}\.\d{6}Z-[0-9a-f]{8}\.json|stats/part-\d{6}\.json|workers/[A-Za-z0-9_.-]+\.json"
 )
 
