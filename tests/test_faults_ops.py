@@ -246,12 +246,6 @@ def test_a_job_recreated_under_the_same_name_runs_with_its_new_spec(env, output,
     assert table.column("seed").to_pylist() == expected
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="kombu's Redis transport and Celery's consumer raise out of the consumer loop on a broken "
-    "envelope (bad base64 body, headers not an object, not a JSON object): Celery logs "
-    "'Unrecoverable error' and the worker stops. Not fixed yet.",
-)
 def test_o_a_broken_envelope_never_stops_the_worker(env, tmp_path):
     queue, client = f"{env['FEWSTEP_QUEUE_PREFIX']}.tiny", redis_client()
     good = {"job_url": "s3://fewstep-test/nowhere/job", "shard": 1, "manifest_key": "manifests/x.parquet"}
