@@ -161,7 +161,7 @@ def _task_message(raw: bytes | str) -> ShardMessage | None:
     """The shard message of a raw kombu message, or None if it is not a well-formed fewstep task."""
     try:
         envelope = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested past the parser's depth
         return None
     return message_of_envelope(envelope)
 
@@ -197,7 +197,7 @@ def pending_messages(client: redis.Redis, queue: str) -> Iterator[ShardMessage]:
     for raw in client.hvals(_UNACKED):
         try:
             envelope, _exchange, routing_key = json.loads(raw)
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, RecursionError):
             continue
         if routing_key != queue:
             continue
