@@ -46,6 +46,9 @@ def transport_options(vt: int) -> dict[str, Any]:
     }
 
 
+#: kombu's Redis transport with a delivery path that survives malformed entries (imported lazily).
+GUARDED_TRANSPORT = "fewstep.transport:GuardedRedisTransport"
+
 #: How often an event (Flower's worker heartbeats, task events) is retried while Redis is down.
 EVENT_RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.5, "interval_max": 0.5}
 
@@ -96,6 +99,9 @@ def celery_app(url: str | None = None) -> Celery:
         result_backend_transport_options={"visibility_timeout": vt},
         visibility_timeout=vt,
         broker_use_ssl=broker_tls(url),
+        # kombu's Redis transport, behind a check of every delivered entry: a malformed one is
+        # dropped with one log line instead of stopping the worker (fewstep/transport.py).
+        broker_transport=GUARDED_TRANSPORT if urlsplit(url).scheme in ("redis", "rediss") else None,
         # Without this a broker reconnect re-runs late-acked tasks while they still run.
         worker_cancel_long_running_tasks_on_connection_loss=True,
         broker_connection_retry_on_startup=True,
@@ -155,7 +161,7 @@ def _task_message(raw: bytes | str) -> ShardMessage | None:
     """The shard message of a raw kombu message, or None if it is not a well-formed fewstep task."""
     try:
         envelope = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested past the parser's depth
         return None
     return message_of_envelope(envelope)
 
@@ -191,7 +197,7 @@ def pending_messages(client: redis.Redis, queue: str) -> Iterator[ShardMessage]:
     for raw in client.hvals(_UNACKED):
         try:
             envelope, _exchange, routing_key = json.loads(raw)
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, RecursionError):
             continue
         if routing_key != queue:
             continue

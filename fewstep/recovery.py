@@ -106,7 +106,7 @@ def restore_orphans(client: redis.Redis, queue: str, min_age: float) -> Recovery
             continue
         try:
             envelope, _exchange, routing_key = json.loads(raw)
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, RecursionError):
             continue
         if routing_key != queue or not isinstance(envelope, dict):
             continue

@@ -48,6 +48,13 @@ _FIRST_WAIT = 0.5
 _MAX_WAIT = 8.0
 # Set when retrying is pointless (a worker's shutdown grace is over): calls fail at once.
 _stop_retrying = threading.Event()
+# Backends (endpoint and bucket) whose last call used up its whole retry window and failed:
+# until a call to one succeeds, calls to it are tried once and not retried. A worker serves
+# many jobs one task at a time; without this, every delivery of a shard whose storage is down
+# would hold the task thread for ``retry_seconds`` per call, and the shards of jobs on other
+# storage would wait behind it for the whole outage.
+_unavailable: set[str] = set()
+_unavailable_lock = threading.Lock()
 
 
 def stop_retrying() -> None:
@@ -275,20 +282,33 @@ class S3Store(Store):
         botocore's standard mode retries 5xx, throttling, timeouts and resets, but within
         about a second (50 ms base backoff) and not while a response body streams; a
         restarting server or a short outage needs longer. Past ``retry_seconds`` the
-        :class:`StorageUnavailable` propagates: the worker then retries the task later.
+        :class:`StorageUnavailable` propagates: the worker then retries the task later. From
+        then on until a call succeeds, calls to this backend are tried once (see
+        ``_unavailable``): an outage costs a worker one retry window, not one per call.
         """
-        deadline = time.monotonic() + self._retry_seconds
+        deadline = time.monotonic() + (0 if self.backend in _unavailable else self._retry_seconds)
         wait = _FIRST_WAIT
         while True:
             try:
                 with self._errors(what):
-                    return operation()
+                    result = operation()
             except StorageUnavailable as e:
-                if _stop_retrying.is_set() or time.monotonic() + wait > deadline:
+                # Another call may have used up its window meanwhile: the outage is known, stop.
+                known = self.backend in _unavailable
+                if _stop_retrying.is_set() or known or time.monotonic() + wait > deadline:
+                    if self._retry_seconds > 0:  # a whole window failed (single tries prove nothing)
+                        with _unavailable_lock:
+                            _unavailable.add(self.backend)
                     raise
                 log.info("%s; retrying in %.1fs", e, wait)
                 _stop_retrying.wait(wait * (0.5 + random.random() / 2))
                 wait = min(wait * 2, _MAX_WAIT)
+            else:
+                if self.backend in _unavailable:
+                    with _unavailable_lock:
+                        _unavailable.discard(self.backend)
+                    log.info("%s is reachable again", self.backend)
+                return result
 
     def put(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
         kwargs = {"IfNoneMatch": "*"} if if_absent else {}

@@ -239,7 +239,10 @@ def test_a_rediss_broker_is_used_with_its_certificate_verified(env, output, tls_
         wait_done("tls", output, trusted)
     finally:
         stop_worker(worker)
-    assert "Connected to rediss://:**@127.0.0.1" in log.read_text()
+    # fewstep's own start-up line names the URL; Celery's names the transport class it selects
+    # for redis:// and rediss:// (fewstep/transport.py), TLS included.
+    assert "broker rediss://:***@127.0.0.1" in log.read_text()
+    assert "Connected to fewstep.transport:GuardedRedisTransport://:**@127.0.0.1" in log.read_text()
     assert env["CELERY_BROKER_URL"].split("@")[0].rsplit(":", 1)[1] not in log.read_text()
 
 

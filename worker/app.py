@@ -12,7 +12,8 @@ to the message:
 - storage unavailable: sent again later (``retry``), not counted as a failure;
 - any other error: sent again later until ``max_attempts`` failures, then the shard is
   marked failed and the message acknowledged, so it no longer blocks the queue;
-- the worker shuts down and the grace period runs out: rejected back onto the queue.
+- the worker shuts down and the grace period runs out, or storage is unavailable while it
+  shuts down: rejected back onto the queue.
 
 Whatever is down, a worker sent SIGTERM exits within its grace period plus
 ``[worker] shutdown_hard_exit_after`` seconds: when the grace is over, storage calls stop
@@ -179,6 +180,11 @@ def generate_shard(self, job_url: str, shard: int, manifest_key: str, attempt: i
         worker_state.should_stop = EX_FAILURE
         raise Reject(str(e), requeue=True) from None
     except StorageUnavailable as e:
+        if commit.shutdown.requested:
+            # A retry would be a new message with a countdown; the shard goes back as it came.
+            log.warning("%s of %s: storage unavailable while shutting down; returning it to the queue", part,
+                        job_url)  # fmt: skip
+            raise Reject(str(e), requeue=True) from None
         if self.request.retries >= int(cfg["storage_retries"]):
             log.error("%s of %s: storage still unavailable, giving up on this message: %s", part, job_url, e)
             raise
@@ -225,7 +231,8 @@ def _run(task, store: Store, message: ShardMessage, max_attempts: int, retry_del
     except StorageAccessError:
         raise
     except StorageUnavailable as e:
-        attempt.finish(ATTEMPT_STORAGE_UNAVAILABLE, e)
+        # Shutting down, the message goes back to the queue (see generate_shard): interrupted.
+        attempt.finish(ATTEMPT_INTERRUPTED if commit.shutdown.requested else ATTEMPT_STORAGE_UNAVAILABLE, e)
         raise
     except Exception as e:
         attempt.finish(ATTEMPT_ERROR, e)

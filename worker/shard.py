@@ -67,7 +67,7 @@ from fewstep.contract import (
 from fewstep.queue import peek_next, redis_client
 from fewstep.storage import StorageError, Store, open_store, read_table
 from worker.batching import BatchSizes
-from worker.commit import ShardGuard, commit, shutdown
+from worker.commit import ShardGuard, ShutdownRequested, commit, shutdown
 from worker.encode import PILLOW, HostPixels, ImageFormat, encode, encode_jpeg_on_device, to_host
 from worker.model import Batch, Model
 
@@ -684,16 +684,29 @@ class ShardRunner:
         return ShardResult(message.shard, shard.size, committed, end - start, run.generate_s, stats)
 
     def _wait(self, run: ShardRun, start: float) -> None:
-        """Wait for the shard's stages to finish, logging its progress now and then."""
-        while not run.done.wait(self.progress_every):
-            elapsed = time.perf_counter() - start
-            log.info(
-                "%s: %d/%d images uploaded, %.1f img/s",
-                run.shard.label,
-                run.uploaded,
-                run.shard.size,
-                run.uploaded / elapsed,
-            )
+        """Wait for the shard's stages to finish, logging its progress now and then.
+
+        When the worker's shutdown grace is over, stop waiting at once: uploads may be stuck
+        retrying a storage that is down and the device may be inside a long batch, so the
+        guard between batches could be reached too late. The shard fails with
+        :class:`ShutdownRequested` (its message goes back to the queue) and the stages wind
+        down by themselves (no batch is generated or uploaded after the shard's error).
+        """
+        next_log = time.monotonic() + self.progress_every
+        while not run.done.wait(0.25):
+            if shutdown.expired():
+                run.fail(ShutdownRequested(f"{run.shard.label}: shutdown grace period over"))
+                return
+            if time.monotonic() >= next_log:
+                next_log += self.progress_every
+                elapsed = time.perf_counter() - start
+                log.info(
+                    "%s: %d/%d images uploaded, %.1f img/s",
+                    run.shard.label,
+                    run.uploaded,
+                    run.shard.size,
+                    run.uploaded / elapsed,
+                )
 
     def progress(self) -> dict[str, Any] | None:
         """The shard in progress (job, shard, images uploaded of total), for heartbeats."""
