@@ -82,7 +82,9 @@ def test_one_unet_call_at_t1000_then_noise_plus_velocity_is_decoded(model):
     pipe = model.pipeline
     with torch.no_grad():
         embeds, _ = pipe.encode_prompt(["a photo of a cat", "two blue cubes"], "cpu", 1, False)
-        noise = torch.cat([torch.randn((1, 4, 32, 32), generator=torch.Generator().manual_seed(s)) for s in (1, 2)])
+        noise = torch.cat(
+            [torch.randn((1, 4, 32, 32), generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
+        )
         velocity = pipe.unet(noise, torch.full((2,), 1000.0), encoder_hidden_states=embeds).sample
         decoded = pipe.vae.decode((noise + velocity) / pipe.vae.config.scaling_factor).sample
     expected = ((decoded / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()

@@ -50,7 +50,9 @@ def test_sdxl_turbo_decodes_with_its_own_vae_and_fp16_fix_on_request(hub):
     assert same_weights(model.pipeline.vae, fix)
     assert applied["vae"] == f"fp16-fix:{spec['repo']}@{spec['revision']}"
 
-    with pytest.raises(UserError, match="unknown --vae 'fp32' for model sdxl-turbo: use default, tiny, fp16-fix"):
+    with pytest.raises(
+        UserError, match="unknown --vae 'fp32' for model sdxl-turbo: use default, tiny, fp16-fix"
+    ):
         apply(model, SpeedOptions(vae="fp32"))
 
 
@@ -94,7 +96,12 @@ def test_worker_models_lists_revision_gating_vram_modes_vaes_and_notes():
     rows = {line.split()[0]: line.split() for line in lines}
     columns = header.split()
     turbo = dict(zip(columns, rows["sdxl-turbo"], strict=False))
-    assert (turbo["revision"], turbo["gated"], turbo["vram"], turbo["modes"]) == ("pinned", "no", UNMEASURED, "text")
+    assert (turbo["revision"], turbo["gated"], turbo["vram"], turbo["modes"]) == (
+        "pinned",
+        "no",
+        UNMEASURED,
+        "text",
+    )
     assert (turbo["vaes"], turbo["commercial"]) == ("default,fp16-fix", "no")
     assert dict(zip(columns, rows["sd35-large-turbo"], strict=False))["gated"] == "yes"
     assert dict(zip(columns, rows["yoso-sd15-1step"], strict=False))["revision"] == "unpinned"

@@ -95,7 +95,11 @@ def _load_preset_vae(model: Model, name: str):
     spec = model.preset["vaes"][name]
     cls = _diffusers_class(spec["class"], "component")
     vae = _from_pretrained(
-        cls, spec["repo"], f"{model.name} --vae {name}", **_source(spec), **{_dtype_kwarg(): getattr(torch, model.dtype)}
+        cls,
+        spec["repo"],
+        f"{model.name} --vae {name}",
+        **_source(spec),
+        **{_dtype_kwarg(): getattr(torch, model.dtype)},
     )
     return vae.to(model.device), f"{name}:{spec['repo']}@{spec.get('revision', 'main')}"
 
@@ -128,7 +132,8 @@ def apply(model: Model, options: SpeedOptions) -> dict[str, Any]:
     elif options.vae in (model.preset.get("vaes") or {}):
         pipe.vae, applied["vae"] = _load_preset_vae(model, options.vae)
     elif options.vae != "default":
-        raise UserError(f"unknown --vae {options.vae!r} for model {model.name}: use {', '.join(vae_choices(model.preset))}")
+        choices = ", ".join(vae_choices(model.preset))
+        raise UserError(f"unknown --vae {options.vae!r} for model {model.name}: use {choices}")
     denoiser = _denoiser(pipe)
     if options.channels_last if options.channels_last is not None else cuda:
         for module in (denoiser, getattr(pipe, "vae", None)):

@@ -48,7 +48,11 @@ def sources(presets_only: set[str] | None = None) -> dict[tuple[str, str], list[
         if preset["repo"].startswith("builtin:") or (presets_only is not None and name not in presets_only):
             continue
         found[(preset["repo"], preset["revision"])]
-        extras = [*preset.get("components", {}).values(), *preset.get("vaes", {}).values(), preset.get("lora")]
+        extras = [
+            *preset.get("components", {}).values(),
+            *preset.get("vaes", {}).values(),
+            preset.get("lora"),
+        ]
         for spec in filter(None, extras):
             files = found[(spec["repo"], spec.get("revision", "main"))]
             if spec.get("file") and spec["file"] not in files:
