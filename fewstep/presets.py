@@ -105,3 +105,40 @@ def check_generation(preset: dict[str, Any], generation: dict[str, Any]) -> dict
             f"steps must be {len(timesteps)}, not {generation['steps']}"
         )
     return generation
+
+
+#: What ``worker models`` shows where a preset has no GPU measurement of its memory yet.
+UNMEASURED = "unmeasured"
+
+
+def pinned(preset: dict[str, Any]) -> bool:
+    """Whether the base repository and every part from another one load at a fixed commit
+    (a branch such as ``main`` can move under a job)."""
+    parts = [preset, *(preset.get("components") or {}).values(), preset.get("lora") or {}]
+    return all(
+        re.fullmatch(r"[0-9a-f]{40}", str(p.get("revision", ""))) for p in parts if p.get("repo")
+    ) or str(preset.get("repo", "")).startswith("builtin:")
+
+
+def listing(preset: dict[str, Any]) -> dict[str, str]:
+    """The facts ``worker models`` shows for a preset, as text, read from its data.
+
+    ``gated`` and ``conditioning`` are data each preset declares (``?`` where one does not);
+    ``vram`` is a GPU measurement once one exists, else "unmeasured".
+    """
+    gated = preset.get("gated")
+    return {
+        "steps": str(preset["steps"]),
+        "cfg": f"{preset['guidance']:g}",
+        "size": f"{preset['width']}x{preset['height']}",
+        "dtype": preset.get("dtype", ""),
+        "samplers": ",".join(samplers(preset)) or "-",
+        "status": availability(preset).replace(" ", "-"),
+        "revision": "pinned" if pinned(preset) else "unpinned",
+        "gated": "?" if gated is None else "yes" if gated else "no",
+        "vram": str(preset.get("vram") or UNMEASURED),
+        "modes": ",".join(preset.get("conditioning") or ["?"]),
+        "vaes": ",".join(["default", *(preset.get("vaes") or {})]),
+        "commercial": str(preset.get("commercial", "?")),
+        "licence": preset.get("license", ""),
+    }

@@ -17,12 +17,12 @@ import click
 
 from fewstep import UserError, console
 from fewstep.contract import queue_name
-from fewstep.presets import availability, check_runnable, presets, resolve_model, samplers
+from fewstep.presets import check_runnable, listing, presets, resolve_model
 from fewstep.queue import check_broker, queue_length, redis_client
 from fewstep.settings import broker_url, defaults, queue_prefix, redact_url, visibility_timeout
 from worker.encode import JPEG_ENCODERS
 from worker.model import DTYPES
-from worker.speed import COMPILE_MODES, VAES, SpeedOptions
+from worker.speed import COMPILE_MODES, SpeedOptions
 
 log = logging.getLogger("fewstep.worker")
 
@@ -246,10 +246,10 @@ def start_worker(settings: WorkerSettings) -> int:
 )
 @click.option(
     "--vae",
-    type=click.Choice(VAES),
     default="default",
     show_default=True,
-    help="'tiny': decode with AutoencoderTiny (taesd for SD1/SD2, taesdxl for SDXL).",
+    help="'tiny': decode with AutoencoderTiny (taesd for SD1/SD2, taesdxl for SDXL); or a VAE the "
+    "preset names in its `vaes` (`worker models` lists them, e.g. sdxl-turbo's fp16-fix).",
 )
 @click.option(
     "--compile",
@@ -358,33 +358,26 @@ def cli(
 
 @cli.command("models")
 def list_models() -> None:
-    """List the model presets: steps, guidance, resolution, dtype, samplers, status, licence.
+    """List the model presets: steps, guidance, size, dtype, samplers, status, whether the
+    revision is pinned, gating, VRAM class, conditioning modes, VAEs, commercial use, licence.
 
-    Under the table, why each preset that is not simply available is so.
+    Under the table, why each preset that is not simply available or not pinned is so.
     """
-    rows = [("preset", "steps", "cfg", "size", "dtype", "samplers", "status", "licence")]
+    columns = list(listing(presets()["tiny"]))
+    rows = [("preset", *columns)]
     notes = []
     for name, p in sorted(presets().items()):
-        status = availability(p)
-        rows.append(
-            (
-                name,
-                str(p["steps"]),
-                f"{p['guidance']:g}",
-                f"{p['width']}x{p['height']}",
-                p.get("dtype", ""),
-                ",".join(samplers(p)),
-                status.replace(" ", "-"),
-                p.get("license", ""),
-            )
-        )
-        if status != "available":
+        facts = listing(p)
+        rows.append((name, *(facts[c] for c in columns)))
+        if facts["status"] != "available":
             try:
                 check_runnable(p)
             except UserError as e:
                 notes.append(str(e))
+        if p.get("revision_note"):
+            notes.append(f"model {name}: {p['revision_note']}")
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-    for r in rows:
+    for r in rows:  # the licence, free text, last and unpadded
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1])
     if notes:
         click.echo("")

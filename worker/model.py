@@ -243,10 +243,20 @@ def _dtype_kwarg() -> str:
     return "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
 
 
+#: Pipelines fewstep defines itself (module, class), for models diffusers ships no pipeline for.
+PROJECT_PIPELINES = {"InstaFlowPipeline": ("worker.instaflow", "InstaFlowPipeline")}
+
+
 def _diffusers_class(name: str, what: str):
-    """A class diffusers itself defines: no class name can pull in code from a repository."""
+    """A class diffusers itself defines, or one of fewstep's own pipelines: no class name can
+    pull in code from a repository."""
+    import importlib
+
     import diffusers
 
+    if what == "pipeline" and name in PROJECT_PIPELINES:
+        module, attribute = PROJECT_PIPELINES[name]
+        return getattr(importlib.import_module(module), attribute)
     cls = getattr(diffusers, name, None)
     if cls is None or not hasattr(cls, "from_pretrained" if what != "scheduler" else "from_config"):
         raise UserError(f"preset names unknown {what} class {name!r}")

@@ -9,6 +9,8 @@
   Compiling happens in the warm-up, before the first shard, so it counts in no reported rate.
 - **tiny VAE** (``--vae tiny``): decode with AutoencoderTiny — ``taesd`` for SD1/SD2,
   ``taesdxl`` for SDXL. Their latents are not interchangeable, so the family decides.
+- **a preset's other VAE** (``--vae NAME``, the preset's ``vaes`` table): e.g. SDXL-Turbo's
+  ``fp16-fix``, which stays finite in float16 where the card's VAE is upcast to float32.
 - **batch size** (``--batch-size auto``, the default on CUDA): measured per resolution the
   first time a shard asks for it, see :func:`choose_batch_size` and :mod:`worker.batching`.
 
@@ -27,11 +29,12 @@ from typing import Any
 from fewstep import UserError
 from fewstep.settings import defaults
 from worker.batching import free_cached_memory
-from worker.model import Model, _dtype_kwarg, _from_pretrained, _torch_dtype
+from worker.model import Model, _diffusers_class, _dtype_kwarg, _from_pretrained, _source, _torch_dtype
 
 log = logging.getLogger("fewstep.worker")
 
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
+#: Every model takes these; a preset may name others in its ``vaes`` table.
 VAES = ("default", "tiny")
 PROBE_PROMPT = "a photograph of a lighthouse on a cliff at sunset, detailed"
 
@@ -79,6 +82,28 @@ def _load_tiny_vae(repo: str, torch_dtype):
         raise UserError(f"{e} (offline? point [tiny_vae] in config/defaults.toml at a local copy)") from None
 
 
+def vae_choices(preset: dict[str, Any]) -> tuple[str, ...]:
+    """The ``--vae`` values a preset takes: the built-in ones, then its own ``vaes``."""
+    return (*VAES, *(preset.get("vaes") or {}))
+
+
+def _load_preset_vae(model: Model, name: str):
+    """The preset's VAE ``name`` (class, repo, revision), on the model's device and dtype;
+    returns it and how the metadata names it (``name:repo@revision``)."""
+    import torch
+
+    spec = model.preset["vaes"][name]
+    cls = _diffusers_class(spec["class"], "component")
+    vae = _from_pretrained(
+        cls,
+        spec["repo"],
+        f"{model.name} --vae {name}",
+        **_source(spec),
+        **{_dtype_kwarg(): getattr(torch, model.dtype)},
+    )
+    return vae.to(model.device), f"{name}:{spec['repo']}@{spec.get('revision', 'main')}"
+
+
 def _denoiser(pipe):
     return getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
 
@@ -104,8 +129,11 @@ def apply(model: Model, options: SpeedOptions) -> dict[str, Any]:
         repo = tiny_vae_repo(family(model))
         pipe.vae = _load_tiny_vae(repo, getattr(torch, model.dtype)).to(model.device)
         applied["vae"] = f"tiny:{repo}"
+    elif options.vae in (model.preset.get("vaes") or {}):
+        pipe.vae, applied["vae"] = _load_preset_vae(model, options.vae)
     elif options.vae != "default":
-        raise UserError(f"unknown --vae {options.vae!r}: use {' or '.join(VAES)}")
+        choices = ", ".join(vae_choices(model.preset))
+        raise UserError(f"unknown --vae {options.vae!r} for model {model.name}: use {choices}")
     denoiser = _denoiser(pipe)
     if options.channels_last if options.channels_last is not None else cuda:
         for module in (denoiser, getattr(pipe, "vae", None)):

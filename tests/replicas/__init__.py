@@ -23,6 +23,7 @@ BUILDERS = {
     "stabilityai/sd-turbo": stable_diffusion.sd_turbo,
     "stable-diffusion-v1-5/stable-diffusion-v1-5": stable_diffusion.sd15,
     "SimianLuo/LCM_Dreamshaper_v7": stable_diffusion.lcm_dreamshaper,
+    "XCLiu/instaflow_0_9B_from_sd_1_5": stable_diffusion.instaflow,
     "latent-consistency/lcm-lora-sdv1-5": stable_diffusion.sd15_lora,
     "Luo-Yihong/yoso_sd1.5_lora": stable_diffusion.sd15_lora,
     "ByteDance/Hyper-SD": stable_diffusion.sd15_lora,
@@ -39,14 +40,19 @@ BUILDERS = {
 }
 
 
-def sources() -> dict[tuple[str, str], list[str]]:
-    """Every (repository, revision) the presets load from, with the files they name in it."""
+def sources(presets_only: set[str] | None = None) -> dict[tuple[str, str], list[str]]:
+    """Every (repository, revision) the presets (or ``presets_only``) load from, with the files
+    they name in it."""
     found: dict[tuple[str, str], list[str]] = defaultdict(list)
-    for preset in presets().values():
-        if preset["repo"].startswith("builtin:"):
+    for name, preset in presets().items():
+        if preset["repo"].startswith("builtin:") or (presets_only is not None and name not in presets_only):
             continue
         found[(preset["repo"], preset["revision"])]
-        extras = [*preset.get("components", {}).values(), preset.get("lora")]
+        extras = [
+            *preset.get("components", {}).values(),
+            *preset.get("vaes", {}).values(),
+            preset.get("lora"),
+        ]
         for spec in filter(None, extras):
             files = found[(spec["repo"], spec.get("revision", "main"))]
             if spec.get("file") and spec["file"] not in files:
@@ -54,10 +60,11 @@ def sources() -> dict[tuple[str, str], list[str]]:
     return dict(found)
 
 
-def build(root: Path) -> HubCache:
-    """Write every replica into a hub cache at ``root``."""
+def build(root: Path, presets_only: set[str] | None = None) -> HubCache:
+    """Write the replicas into a hub cache at ``root``: every repository the presets name, or
+    only those ``presets_only`` load from (a test of a few presets need not build them all)."""
     hub = HubCache(root)
-    for (repo, revision), files in sorted(sources().items()):
+    for (repo, revision), files in sorted(sources(presets_only).items()):
         if repo not in BUILDERS:
             raise KeyError(f"no replica for hub repository {repo} (add one to tests/replicas)")
         BUILDERS[repo](hub.snapshot(repo, revision), files)

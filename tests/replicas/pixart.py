@@ -72,6 +72,10 @@ def pixart_512(snapshot: Path, files: list[str]) -> None:
             scheduler=DPMSolverMultistepScheduler.from_config(DPM),
         )
         pipe.save_pretrained(snapshot, safe_serialization=True)
+        # As on the hub: fp16 files for the T5 and the VAE, none for the transformer.
+        for name in ("text_encoder", "vae"):
+            part = getattr(pipe, name).to(torch.float16)
+            part.save_pretrained(snapshot / name, safe_serialization=True, variant="fp16")
         parts.replace_t5_tokenizer(snapshot, "tokenizer", Path(scratch))
     _legacy_class_name(snapshot / "model_index.json", "transformer")
     _legacy_class_name(snapshot / "transformer" / "config.json")

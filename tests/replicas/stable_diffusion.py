@@ -1,8 +1,9 @@
 """Replicas of the Stable Diffusion 1.5/2.x repositories (SDXS, SD-Turbo, SD 1.5, LCM
-Dreamshaper) and of the LoRAs fused into SD 1.5 (LCM-LoRA, YOSO, Hyper-SD)."""
+Dreamshaper, InstaFlow) and of the LoRAs fused into SD 1.5 (LCM-LoRA, YOSO, Hyper-SD)."""
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
@@ -20,6 +21,16 @@ BETAS = {
 }
 PNDM = {**BETAS, "skip_prk_steps": True, "steps_offset": 1, "set_alpha_to_one": False, "clip_sample": False}
 EULER_TRAILING = {**BETAS, "steps_offset": 1, "timestep_spacing": "trailing", "prediction_type": "epsilon"}
+# IDKiro/sdxs-512-0.9 at 1190a73, scheduler/scheduler_config.json (its PNDM-era keys included).
+SDXS_EULER = {
+    **EULER_TRAILING,
+    "clip_sample": False,
+    "interpolation_type": "linear",
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "use_karras_sigmas": False,
+}
 LCM = {
     **BETAS,
     "original_inference_steps": 50,
@@ -65,9 +76,10 @@ def _pipeline(
 
 
 def sdxs_09(snapshot: Path, files: list[str]) -> None:
-    from diffusers import PNDMScheduler
+    """SDXS-512-0.9 ships Euler with trailing spacing (its scheduler_config.json)."""
+    from diffusers import EulerDiscreteScheduler
 
-    _pipeline(snapshot, 10, vae=parts.vae_tiny(10), scheduler=PNDMScheduler.from_config(PNDM))
+    _pipeline(snapshot, 10, vae=parts.vae_tiny(10), scheduler=EulerDiscreteScheduler.from_config(SDXS_EULER))
 
 
 def sdxs_dreamshaper(snapshot: Path, files: list[str]) -> None:
@@ -127,3 +139,22 @@ def sd15_lora(snapshot: Path, files: list[str]) -> None:
     base = unet(SD15_SEED + 2)
     for i, filename in enumerate(files):
         parts.write_lora(StableDiffusionPipeline, base, snapshot, filename, seed=60 + i)
+
+
+INSTAFLOW_SEED = 70
+
+
+def instaflow(snapshot: Path, files: list[str]) -> None:
+    """InstaFlow-0.9B: SD 1.5's layout (float32 files only, PNDM config, safety checker) under a
+    model_index.json naming the authors' community RectifiedFlowPipeline, as the hub has it."""
+    from diffusers import PNDMScheduler
+
+    _pipeline(
+        snapshot,
+        INSTAFLOW_SEED,
+        vae=parts.vae_kl(INSTAFLOW_SEED),
+        scheduler=PNDMScheduler.from_config(PNDM),
+        checker=parts.safety_checker(INSTAFLOW_SEED, flags_everything=False),
+    )
+    index = snapshot / "model_index.json"
+    index.write_text(json.dumps({**json.loads(index.read_text()), "_class_name": "RectifiedFlowPipeline"}))
