@@ -13,7 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from fewstep.presets import presets
-from tests.replicas import flow, pixart, sdxl, stable_diffusion
+from tests.replicas import flow, pixart, sana, sdxl, stable_diffusion, z_image
 from tests.replicas.hub import HubCache
 
 # Hub repository → builder(snapshot folder, files the presets ask of it).
@@ -36,14 +36,19 @@ BUILDERS = {
     "Luo-Yihong/yoso_pixart1024": pixart.yoso_1024,
     "black-forest-labs/FLUX.1-schnell": flow.flux_schnell,
     "stabilityai/stable-diffusion-3.5-large-turbo": flow.sd35_large_turbo,
+    "Efficient-Large-Model/Sana_Sprint_0.6B_1024px_diffusers": sana.sana_sprint(600),
+    "Efficient-Large-Model/Sana_Sprint_1.6B_1024px_diffusers": sana.sana_sprint(610),
+    "Tongyi-MAI/Z-Image-Turbo": z_image.z_image_turbo,
+    "PixArt-alpha/PixArt-Alpha-DMD-XL-2-512x512": pixart.dmd_512,
 }
 
 
-def sources() -> dict[tuple[str, str], list[str]]:
-    """Every (repository, revision) the presets load from, with the files they name in it."""
+def sources(presets_only: set[str] | None = None) -> dict[tuple[str, str], list[str]]:
+    """Every (repository, revision) the presets (or ``presets_only``) load from, with the files
+    they name in it."""
     found: dict[tuple[str, str], list[str]] = defaultdict(list)
-    for preset in presets().values():
-        if preset["repo"].startswith("builtin:"):
+    for name, preset in presets().items():
+        if preset["repo"].startswith("builtin:") or (presets_only and name not in presets_only):
             continue
         found[(preset["repo"], preset["revision"])]
         extras = [*preset.get("components", {}).values(), preset.get("lora")]
@@ -54,10 +59,10 @@ def sources() -> dict[tuple[str, str], list[str]]:
     return dict(found)
 
 
-def build(root: Path) -> HubCache:
-    """Write every replica into a hub cache at ``root``."""
+def build(root: Path, presets_only: set[str] | None = None) -> HubCache:
+    """Write every replica into a hub cache at ``root`` (or only those ``presets_only`` load)."""
     hub = HubCache(root)
-    for (repo, revision), files in sorted(sources().items()):
+    for (repo, revision), files in sorted(sources(presets_only).items()):
         if repo not in BUILDERS:
             raise KeyError(f"no replica for hub repository {repo} (add one to tests/replicas)")
         BUILDERS[repo](hub.snapshot(repo, revision), files)
