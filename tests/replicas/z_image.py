@@ -26,7 +26,7 @@ def z_image_turbo(snapshot: Path, files: list[str]) -> None:
         n_kv_heads=2,
         cap_feat_dim=parts.HIDDEN,
         axes_dims=[4, 6, 6],
-        axes_lens=[64, 32, 32],
+        axes_lens=[1024, 512, 512],  # the real ones: the first indexes caption positions up to 512
     )
     pipe = ZImagePipeline(
         # The repository's scheduler config: a fixed shift of 3, no resolution-dependent shift.
