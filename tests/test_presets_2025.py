@@ -68,10 +68,11 @@ class Calls(Denoiser):
 def generate(model, prompts=("a photo of a cat", "two blue cubes"), seeds=(1, 2), steps=None):
     calls = Calls(model)
     try:
+        steps = steps or model.preset["steps"]
+        guidance = model.preset["guidance"]
         batch = model.generate(
-            list(prompts), list(seeds), steps=steps or model.preset["steps"], guidance=model.preset["guidance"],
-            width=64, height=64,
-        )  # fmt: skip
+            list(prompts), list(seeds), steps=steps, guidance=guidance, width=64, height=64
+        )
     finally:
         calls.handle.remove()
     return batch, calls
@@ -181,8 +182,9 @@ def test_worker_records_a_row_for_z_image_turbo(hub, env, output, tmp_path):
     """A real worker holding Z-Image-Turbo writes rows with the card's steps and cfg, the
     flow-match sampler, the model and its revision, and the prompt's token count."""
     job = cli_json(
-        "producer", "enqueue", "partiprompts", "--path", str(SAMPLE), "--model", "z-image-turbo", "--job", "zit",
-        "--output", output, "--limit", "2", "--shard-size", "2", "--width", "64", "--height", "64", env=env,
+        "producer", "enqueue", "partiprompts", "--path", str(SAMPLE), "--model", "z-image-turbo",
+        "--job", "zit", "--output", output, "--limit", "2", "--shard-size", "2", "--width", "64",
+        "--height", "64", env=env,
     )  # fmt: skip
     run_worker_until_done(
         env,
