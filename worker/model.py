@@ -57,14 +57,16 @@ class TokenCounter:
     load time, before any thread runs the pipeline, and never called itself.
 
     A count is every token the tokenizer makes of the prompt, its begin and end tokens
-    included (CLIP adds both, T5 only the end token); ``limit`` is the tokenizer's
-    ``model_max_length``, which counts them the same way, so a prompt is cut exactly when its
-    count exceeds the limit.
+    included (CLIP adds both, T5 only the end token, Gemma only the begin token); ``limit`` is
+    the tokenizer's ``model_max_length``, which counts them the same way, so a prompt is cut
+    exactly when its count exceeds the limit. Pipelines that cut at their own
+    ``max_sequence_length`` instead (SANA, Z-Image: their tokenizers' limit is unbounded) give
+    ``limit``: the preset's ``token_limit``, counted the same way.
     """
 
-    def __init__(self, tokenizer: Any):
+    def __init__(self, tokenizer: Any, limit: int | None = None):
         self._template = copy.deepcopy(tokenizer)
-        self.limit = int(tokenizer.model_max_length)
+        self.limit = int(limit if limit is not None else tokenizer.model_max_length)
         self._local = threading.local()
         self._copying = threading.Lock()
 
@@ -133,6 +135,10 @@ class Model:
         # Fixed timesteps: diffusers would run them whatever `steps` says, and the metadata lie.
         check_generation(self.preset, {"steps": steps})
         kwargs = dict(self.preset.get("call") or {})
+        # Arguments the pipeline accepts only at some step counts (TOML has no null to say so).
+        for arg, at_steps in (self.preset.get("call_none_unless_steps") or {}).items():
+            if steps not in at_steps:
+                kwargs[arg] = None
         if self.preset.get("timesteps"):
             kwargs["timesteps"] = list(self.preset["timesteps"])
         generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
@@ -328,6 +334,8 @@ def _scheduler(config: Any, spec: dict[str, Any]):
 
 def build_pipeline(preset: dict[str, Any], location: str, torch_dtype) -> Any:
     """The preset's pipeline on the CPU: components, pipeline, fused LoRA (its sampler comes after)."""
+    import diffusers
+
     label = preset["name"]
     kwargs: dict[str, Any] = {_dtype_kwarg(): torch_dtype}
     if preset["kind"] != "local" and not preset["repo"].startswith("builtin:"):
@@ -337,9 +345,9 @@ def build_pipeline(preset: dict[str, Any], location: str, torch_dtype) -> Any:
         if "file" in spec:
             kwargs[name] = _checkpoint(cls, name, spec, preset, label).to(torch_dtype)
         else:
-            kwargs[name] = _from_pretrained(
-                cls, spec["repo"], label, **_source(spec), **{_dtype_kwarg(): torch_dtype}
-            )
+            # A scheduler (PixArt-DMD ships its own) has no weights, so no dtype.
+            weights = {} if issubclass(cls, diffusers.SchedulerMixin) else {_dtype_kwarg(): torch_dtype}
+            kwargs[name] = _from_pretrained(cls, spec["repo"], label, **_source(spec), **weights)
     pipeline_cls = _diffusers_class(preset.get("pipeline", "DiffusionPipeline"), "pipeline")
     pipe = _from_pretrained(pipeline_cls, location, label, **kwargs)
     lora = preset.get("lora")
@@ -395,7 +403,11 @@ def load_model(name: str, device: str = "auto") -> Model:
         scheduler_config=pipe.scheduler.config,
         safety=safety,
         # Copied now, while this is the only thread: the pipeline's tokenizer stays its own.
-        tokens=TokenCounter(pipe.tokenizer) if getattr(pipe, "tokenizer", None) is not None else None,
+        tokens=(
+            TokenCounter(pipe.tokenizer, preset.get("token_limit"))
+            if getattr(pipe, "tokenizer", None) is not None
+            else None
+        ),
     )
     model.use_sampler(preset.get("sampler"))
     model.load_seconds = time.perf_counter() - start

@@ -13,7 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from fewstep.presets import presets
-from tests.replicas import flow, pixart, sdxl, stable_diffusion
+from tests.replicas import flow, pixart, sana, sdxl, stable_diffusion, z_image
 from tests.replicas.hub import HubCache
 
 # Hub repository → builder(snapshot folder, files the presets ask of it).
@@ -37,6 +37,10 @@ BUILDERS = {
     "Luo-Yihong/yoso_pixart1024": pixart.yoso_1024,
     "black-forest-labs/FLUX.1-schnell": flow.flux_schnell,
     "stabilityai/stable-diffusion-3.5-large-turbo": flow.sd35_large_turbo,
+    "Efficient-Large-Model/Sana_Sprint_0.6B_1024px_diffusers": sana.sana_sprint(600),
+    "Efficient-Large-Model/Sana_Sprint_1.6B_1024px_diffusers": sana.sana_sprint(610),
+    "Tongyi-MAI/Z-Image-Turbo": z_image.z_image_turbo,
+    "PixArt-alpha/PixArt-Alpha-DMD-XL-2-512x512": pixart.dmd_512,
 }
 
 

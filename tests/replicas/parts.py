@@ -186,3 +186,82 @@ def write_checkpoint(model, path: Path, seed: int, dtype=torch.float16) -> None:
         for p in other.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     save_file({k: v.to(dtype).contiguous() for k, v in other.state_dict().items()}, path)
+
+
+# Letters as single tokens and "▁" + letter merged, as SentencePiece BPE tokenizers (Gemma) do,
+# so that a space before a word joins the word: SANA's instruction prefix ends in a space.
+_LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def gemma2(seed: int):
+    """(GemmaTokenizer, tiny Gemma2Model), SANA's text encoder in miniature.
+
+    The tokenizer is Gemma's: byte fallback for every other character, a begin token and no
+    end token, and no ``model_max_length`` of its own (the real one's is unbounded too)."""
+    from transformers import Gemma2Config, Gemma2Model, GemmaTokenizer
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<mask>": 4}
+    vocab.update({f"<0x{b:02X}>": 5 + b for b in range(256)})
+    for token in [*_LETTERS, "▁", *(f"▁{c}" for c in _LETTERS)]:
+        vocab.setdefault(token, len(vocab))
+    tokenizer = GemmaTokenizer(
+        vocab=vocab, merges=[("▁", c) for c in _LETTERS], add_bos_token=True, add_eos_token=False
+    )
+    torch.manual_seed(seed)
+    encoder = Gemma2Model(
+        Gemma2Config(
+            vocab_size=len(vocab),
+            hidden_size=HIDDEN,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+        )
+    )
+    return tokenizer, encoder
+
+
+# The part of Qwen3's chat template that ZImagePipeline's one user message with
+# add_generation_prompt and enable_thinking=True renders (no system prompt, no <think> block).
+QWEN3_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}"
+    "{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{%- endif %}"
+)
+
+
+def qwen3(seed: int):
+    """(Qwen2Tokenizer, tiny Qwen3Model), Z-Image's text encoder in miniature.
+
+    Byte-level BPE over all 256 bytes, with "user" and "assistant" merged into single tokens as
+    in Qwen's vocabulary, so the chat template costs the same number of tokens as the real one."""
+    from transformers import Qwen2Tokenizer, Qwen3Config, Qwen3Model
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {c: i for i, c in enumerate(bytes_to_unicode().values())}
+    merges = []
+    for word in ("user", "assistant"):
+        for end in range(2, len(word) + 1):
+            merges.append((word[: end - 1], word[end - 1]))
+            vocab.setdefault(word[:end], len(vocab))
+    for special in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"):
+        vocab[special] = len(vocab)
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, chat_template=QWEN3_CHAT_TEMPLATE)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    torch.manual_seed(seed)
+    encoder = Qwen3Model(
+        Qwen3Config(
+            vocab_size=len(vocab),
+            hidden_size=HIDDEN,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+        )
+    )
+    return tokenizer, encoder

@@ -89,3 +89,27 @@ def yoso_512(snapshot: Path, files: list[str]) -> None:
 def yoso_1024(snapshot: Path, files: list[str]) -> None:
     transformer(220, sample_size=128).save_pretrained(snapshot)
     _legacy_class_name(snapshot / "config.json")
+
+
+# DDPM settings of PixArt-α's training noise schedule (linear betas), which the DMD student
+# was distilled on; the repository ships them as its `scheduler` folder.
+DDPM = {k: DPM[k] for k in ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps")}
+
+
+def dmd_512(snapshot: Path, files: list[str]) -> None:
+    """PixArt-Alpha-DMD-XL-2-512x512 as the hub has it: a `transformer` and a DDPM `scheduler`
+    folder and a model_index.json, no text encoder, tokenizer or VAE (those come from the base)."""
+    from diffusers import DDPMScheduler
+
+    transformer(230, sample_size=64).save_pretrained(snapshot / "transformer")
+    _legacy_class_name(snapshot / "transformer" / "config.json")
+    DDPMScheduler(**DDPM, prediction_type="epsilon").save_pretrained(snapshot / "scheduler")
+    index = {
+        "_class_name": "PixArtAlphaPipeline",
+        "scheduler": ["diffusers", "DDPMScheduler"],
+        "text_encoder": ["transformers", "T5EncoderModel"],
+        "tokenizer": ["transformers", "T5Tokenizer"],
+        "transformer": ["diffusers", "Transformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    (snapshot / "model_index.json").write_text(json.dumps(index, indent=2))
