@@ -60,13 +60,28 @@ class TokenCounter:
     included (CLIP adds both, T5 only the end token); ``limit`` is the tokenizer's
     ``model_max_length``, which counts them the same way, so a prompt is cut exactly when its
     count exceeds the limit.
+
+    Pipelines with an LLM text encoder (FLUX.2 klein, Qwen-Image, ...) cut elsewhere: at their
+    ``max_sequence_length`` (``max_length``, from the preset), counted on the prompt wrapped
+    in their template (``prompt_template``: "chat" for the tokenizer's chat template, else a format
+    string with ``{}``: the part of the pipeline's template that falls within its cut). The
+    limit is then the prompt tokens that fit beside the template's own tokens.
     """
 
-    def __init__(self, tokenizer: Any):
+    def __init__(self, tokenizer: Any, max_length: int | None = None, prompt_template: str | None = None):
         self._template = copy.deepcopy(tokenizer)
         self.limit = int(tokenizer.model_max_length)
+        if max_length is not None:
+            self.limit = int(max_length) - self._template_tokens(prompt_template)
         self._local = threading.local()
         self._copying = threading.Lock()
+
+    def _template_tokens(self, prompt_template: str | None) -> int:
+        """Tokens the pipeline's prompt template adds (counted on the copy: no thread runs yet)."""
+        if prompt_template is None:
+            return 0
+        wrapped = wrap_prompt(self._template, prompt_template, "")
+        return len(self._template(wrapped)["input_ids"]) - len(self._template("")["input_ids"])
 
     def _tokenizer(self) -> Any:
         tokenizer = getattr(self._local, "tokenizer", None)
@@ -79,6 +94,18 @@ class TokenCounter:
         """Each prompt's token count, untruncated, begin and end tokens included."""
         ids = self._tokenizer()(list(prompts), truncation=False, add_special_tokens=True)["input_ids"]
         return [len(i) for i in ids]
+
+
+def wrap_prompt(tokenizer: Any, template: str, prompt: str) -> str:
+    """``prompt`` as a pipeline with an LLM text encoder hands it to its tokenizer: in the
+    tokenizer's chat template ("chat": one user turn, the assistant's turn opened, thinking
+    off, as FLUX.2 klein and Z-Image do) or in a format string (``{}``: the prompt)."""
+    if template == "chat":
+        messages = [{"role": "user", "content": prompt}]
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, enable_thinking=False
+        )
+    return template.format(prompt)
 
 
 @dataclass
@@ -135,13 +162,17 @@ class Model:
         kwargs = dict(self.preset.get("call") or {})
         if self.preset.get("timesteps"):
             kwargs["timesteps"] = list(self.preset["timesteps"])
+        if self.preset.get("max_sequence_length"):  # where the pipeline cuts the prompt, as counted
+            kwargs["max_sequence_length"] = int(self.preset["max_sequence_length"])
+        # Pipelines with true CFG (Qwen-Image) take the scale as `true_cfg_scale`; their
+        # `guidance_scale` feeds a guidance embedding the model may not have.
+        kwargs[self.preset.get("guidance_argument", "guidance_scale")] = guidance
         generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
         start = time.perf_counter()
         with torch.inference_mode():
             out = self.pipeline(
                 prompt=list(prompts),
                 num_inference_steps=steps,
-                guidance_scale=guidance,
                 width=width,
                 height=height,
                 generator=generators,
@@ -310,8 +341,13 @@ def _checkpoint(cls, name: str, spec: dict[str, Any], preset: dict[str, Any], la
 
 
 def _scheduler(config: Any, spec: dict[str, Any]):
-    """The sampler's scheduler, derived from the repository's own scheduler config."""
+    """The sampler's scheduler, derived from the repository's own scheduler config.
+
+    ``unset`` lists config keys to set to None (TOML has no null), where a card clears a
+    setting the repository's config has (Qwen-Image-Lightning: ``shift_terminal``).
+    """
     spec = dict(spec)
+    spec.update(dict.fromkeys(spec.pop("unset", ()), None))
     cls = _diffusers_class(spec.pop("class", None) or config["_class_name"], "scheduler")
     return cls.from_config(config, **spec)
 
@@ -346,6 +382,13 @@ def build_pipeline(preset: dict[str, Any], location: str, torch_dtype) -> Any:
         pipe.fuse_lora(lora_scale=float(lora.get("scale", 1.0)))
         pipe.unload_lora_weights()  # keeps the fused weights, drops the adapter layers
     return pipe
+
+
+def _token_counter(pipe: Any, preset: dict[str, Any]) -> TokenCounter | None:
+    """Counting for the pipeline's (first) tokenizer, cut where the preset says the pipeline cuts."""
+    if getattr(pipe, "tokenizer", None) is None:
+        return None
+    return TokenCounter(pipe.tokenizer, preset.get("max_sequence_length"), preset.get("prompt_template"))
 
 
 def load_model(name: str, device: str = "auto") -> Model:
@@ -385,7 +428,7 @@ def load_model(name: str, device: str = "auto") -> Model:
         scheduler_config=pipe.scheduler.config,
         safety=safety,
         # Copied now, while this is the only thread: the pipeline's tokenizer stays its own.
-        tokens=TokenCounter(pipe.tokenizer) if getattr(pipe, "tokenizer", None) is not None else None,
+        tokens=_token_counter(pipe, preset),
     )
     model.use_sampler(preset.get("sampler"))
     model.load_seconds = time.perf_counter() - start

@@ -13,7 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from fewstep.presets import presets
-from tests.replicas import flow, pixart, sdxl, stable_diffusion
+from tests.replicas import flow, pixart, qwen, sdxl, stable_diffusion
 from tests.replicas.hub import HubCache
 
 # Hub repository → builder(snapshot folder, files the presets ask of it).
@@ -36,6 +36,9 @@ BUILDERS = {
     "Luo-Yihong/yoso_pixart1024": pixart.yoso_1024,
     "black-forest-labs/FLUX.1-schnell": flow.flux_schnell,
     "stabilityai/stable-diffusion-3.5-large-turbo": flow.sd35_large_turbo,
+    "black-forest-labs/FLUX.2-klein-4B": qwen.flux2_klein_4b,
+    "Qwen/Qwen-Image": qwen.qwen_image,
+    "lightx2v/Qwen-Image-Lightning": qwen.lightning_loras,
 }
 
 
