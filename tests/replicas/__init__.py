@@ -57,10 +57,12 @@ def sources() -> dict[tuple[str, str], list[str]]:
     return dict(found)
 
 
-def build(root: Path) -> HubCache:
-    """Write every replica into a hub cache at ``root``."""
+def build(root: Path, repos: set[str] | None = None) -> HubCache:
+    """Write every replica (or those of ``repos`` only) into a hub cache at ``root``."""
     hub = HubCache(root)
     for (repo, revision), files in sorted(sources().items()):
+        if repos is not None and repo not in repos:
+            continue
         if repo not in BUILDERS:
             raise KeyError(f"no replica for hub repository {repo} (add one to tests/replicas)")
         BUILDERS[repo](hub.snapshot(repo, revision), files)
