@@ -113,9 +113,12 @@ def test_token_limit_is_where_the_pipeline_cuts_the_prompt(hub, name):
         assert (seen < n + template) == (count > limit)  # cut by the pipeline == `truncated`
 
 
-@pytest.mark.parametrize("name", [KLEIN, *LIGHTNING])
+@pytest.mark.parametrize("name", [KLEIN, LIGHTNING[0]])
 def test_worker_writes_metadata_rows_for_the_preset(hub, env, output, tmp_path, name):
-    """A real worker holding the preset commits rows saying what ran, with token counts."""
+    """A real worker holding the preset commits rows saying what ran, with token counts.
+
+    One Lightning preset only (a worker run costs ~40 s here): the 8-step one differs in its
+    LoRA file and step count, which the tests above check through the same loading code."""
     job = enqueue(env, output, "llm", name)
     run_worker_until_done(
         env, output, "llm", model=name, log_path=tmp_path / "worker.log", timeout=300, exit_timeout=120
