@@ -349,7 +349,8 @@ METADATA_CORE = pa.schema(
         # its begin and end tokens included (CLIP adds both, T5 only the end one); 0 without
         # a tokenizer. `truncated`: prompt_tokens exceeds the tokenizer's model_max_length,
         # which counts those tokens too (CLIP: 77, so at most 75 tokens of text), so the
-        # text encoder saw a cut prompt.
+        # text encoder saw a cut prompt; for LLM text encoders cut at the preset's
+        # max_sequence_length, that length less the tokens of the pipeline's prompt template.
         pa.field("prompt_tokens", pa.int32()),
         pa.field("truncated", pa.bool_()),
         pa.field("source", pa.string()),

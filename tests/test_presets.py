@@ -9,6 +9,7 @@ specification, written from the model cards independently of ``config/models.tom
 from __future__ import annotations
 
 import io
+import math
 import shutil
 from dataclasses import dataclass, field
 
@@ -46,6 +47,16 @@ TRAILING = {"timestep_spacing": "trailing"}
 V_PREDICTION = {"prediction_type": "v_prediction"}
 NC = "NON-COMMERCIAL"
 LIGHTNING = {2: (999, 499), 4: (999, 749, 499, 249), 8: (999, 874, 749, 624, 499, 374, 249, 124)}
+# Qwen-Image-Lightning's card: "We use shift=3 in distillation", no terminal stretching.
+QWEN_LIGHTNING_SCHEDULER = {
+    "base_shift": math.log(3),
+    "max_shift": math.log(3),
+    "shift": 1.0,
+    "shift_terminal": None,
+    "time_shift_type": "exponential",
+    "use_dynamic_shifting": True,
+    "max_image_seq_len": 8192,
+}
 
 CARDS = {
     "sdxs-512-0.9": Card(SD, "EulerDiscreteScheduler", 1, 0.0, 512, "float32", TRAILING, (999,)),
@@ -98,6 +109,23 @@ CARDS = {
         "bfloat16",
         license="Community",
     ),
+    # LLM text encoders (tests/test_presets_flux2_qwen.py: LoRA, token limits, worker rows).
+    "flux2-klein-4b": Card(
+        "Flux2KleinPipeline", "FlowMatchEulerDiscreteScheduler", 4, 1.0, 1024, "bfloat16", license="apache"
+    ),
+    **{
+        f"qwen-image-lightning-{n}step": Card(
+            "QwenImagePipeline",
+            "FlowMatchEulerDiscreteScheduler",
+            n,
+            1.0,
+            1328,
+            "bfloat16",
+            QWEN_LIGHTNING_SCHEDULER,
+            license="apache",
+        )
+        for n in (4, 8)
+    },
 }
 
 LORA = {"lcm-lora-sdv1-5", "yoso-sd15-1step", "hyper-sd15-1step", "dmd2-sdxl-4step"}

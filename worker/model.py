@@ -59,16 +59,38 @@ class TokenCounter:
     A count is every token the tokenizer makes of the prompt, its begin and end tokens
     included (CLIP adds both, T5 only the end token, Gemma only the begin token); ``limit`` is
     the tokenizer's ``model_max_length``, which counts them the same way, so a prompt is cut
-    exactly when its count exceeds the limit. Pipelines that cut at their own
-    ``max_sequence_length`` instead (SANA, Z-Image: their tokenizers' limit is unbounded) give
-    ``limit``: the preset's ``token_limit``, counted the same way.
+    exactly when its count exceeds the limit.
+
+    Pipelines that cut at their own sequence length instead say where, in the preset:
+    ``token_limit``, the cut counted as a count counts (SANA, Z-Image, PixArt: worked out per
+    pipeline, whose prefixes and templates shift the cut), or else ``max_sequence_length`` with
+    ``prompt_template`` (FLUX.2 klein, Qwen-Image: the limit is the tokens that fit beside the
+    template's own; "chat" for the tokenizer's chat template, else a format string with ``{}``,
+    the part of the pipeline's template within its cut).
     """
 
-    def __init__(self, tokenizer: Any, limit: int | None = None):
+    def __init__(
+        self,
+        tokenizer: Any,
+        limit: int | None = None,
+        max_length: int | None = None,
+        prompt_template: str | None = None,
+    ):
         self._template = copy.deepcopy(tokenizer)
-        self.limit = int(limit if limit is not None else tokenizer.model_max_length)
+        self.limit = int(tokenizer.model_max_length)
+        if limit is not None:
+            self.limit = int(limit)
+        elif max_length is not None:
+            self.limit = int(max_length) - self._template_tokens(prompt_template)
         self._local = threading.local()
         self._copying = threading.Lock()
+
+    def _template_tokens(self, prompt_template: str | None) -> int:
+        """Tokens the pipeline's prompt template adds (counted on the copy: no thread runs yet)."""
+        if prompt_template is None:
+            return 0
+        wrapped = wrap_prompt(self._template, prompt_template, "")
+        return len(self._template(wrapped)["input_ids"]) - len(self._template("")["input_ids"])
 
     def _tokenizer(self) -> Any:
         tokenizer = getattr(self._local, "tokenizer", None)
@@ -81,6 +103,18 @@ class TokenCounter:
         """Each prompt's token count, untruncated, begin and end tokens included."""
         ids = self._tokenizer()(list(prompts), truncation=False, add_special_tokens=True)["input_ids"]
         return [len(i) for i in ids]
+
+
+def wrap_prompt(tokenizer: Any, template: str, prompt: str) -> str:
+    """``prompt`` as a pipeline with an LLM text encoder hands it to its tokenizer: in the
+    tokenizer's chat template ("chat": one user turn, the assistant's turn opened, thinking
+    off, as FLUX.2 klein and Z-Image do) or in a format string (``{}``: the prompt)."""
+    if template == "chat":
+        messages = [{"role": "user", "content": prompt}]
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, enable_thinking=False
+        )
+    return template.format(prompt)
 
 
 @dataclass
@@ -141,13 +175,17 @@ class Model:
                 kwargs[arg] = None
         if self.preset.get("timesteps"):
             kwargs["timesteps"] = list(self.preset["timesteps"])
+        if self.preset.get("max_sequence_length"):  # where the pipeline cuts the prompt, as counted
+            kwargs["max_sequence_length"] = int(self.preset["max_sequence_length"])
+        # Pipelines with true CFG (Qwen-Image) take the scale as `true_cfg_scale`; their
+        # `guidance_scale` feeds a guidance embedding the model may not have.
+        kwargs[self.preset.get("guidance_argument", "guidance_scale")] = guidance
         generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
         start = time.perf_counter()
         with torch.inference_mode():
             out = self.pipeline(
                 prompt=list(prompts),
                 num_inference_steps=steps,
-                guidance_scale=guidance,
                 width=width,
                 height=height,
                 generator=generators,
@@ -326,8 +364,13 @@ def _checkpoint(cls, name: str, spec: dict[str, Any], preset: dict[str, Any], la
 
 
 def _scheduler(config: Any, spec: dict[str, Any]):
-    """The sampler's scheduler, derived from the repository's own scheduler config."""
+    """The sampler's scheduler, derived from the repository's own scheduler config.
+
+    ``unset`` lists config keys to set to None (TOML has no null), where a card clears a
+    setting the repository's config has (Qwen-Image-Lightning: ``shift_terminal``).
+    """
     spec = dict(spec)
+    spec.update(dict.fromkeys(spec.pop("unset", ()), None))
     cls = _diffusers_class(spec.pop("class", None) or config["_class_name"], "scheduler")
     return cls.from_config(config, **spec)
 
@@ -364,6 +407,18 @@ def build_pipeline(preset: dict[str, Any], location: str, torch_dtype) -> Any:
         pipe.fuse_lora(lora_scale=float(lora.get("scale", 1.0)))
         pipe.unload_lora_weights()  # keeps the fused weights, drops the adapter layers
     return pipe
+
+
+def _token_counter(pipe: Any, preset: dict[str, Any]) -> TokenCounter | None:
+    """Counting for the pipeline's (first) tokenizer, cut where the preset says the pipeline cuts."""
+    if getattr(pipe, "tokenizer", None) is None:
+        return None
+    return TokenCounter(
+        pipe.tokenizer,
+        preset.get("token_limit"),
+        preset.get("max_sequence_length"),
+        preset.get("prompt_template"),
+    )
 
 
 def load_model(name: str, device: str = "auto") -> Model:
@@ -403,11 +458,7 @@ def load_model(name: str, device: str = "auto") -> Model:
         scheduler_config=pipe.scheduler.config,
         safety=safety,
         # Copied now, while this is the only thread: the pipeline's tokenizer stays its own.
-        tokens=(
-            TokenCounter(pipe.tokenizer, preset.get("token_limit"))
-            if getattr(pipe, "tokenizer", None) is not None
-            else None
-        ),
+        tokens=_token_counter(pipe, preset),
     )
     model.use_sampler(preset.get("sampler"))
     model.load_seconds = time.perf_counter() - start

@@ -13,7 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from fewstep.presets import presets
-from tests.replicas import flow, pixart, sana, sdxl, stable_diffusion, z_image
+from tests.replicas import flow, pixart, qwen, sana, sdxl, stable_diffusion, z_image
 from tests.replicas.hub import HubCache
 
 # Hub repository → builder(snapshot folder, files the presets ask of it).
@@ -41,6 +41,9 @@ BUILDERS = {
     "Efficient-Large-Model/Sana_Sprint_1.6B_1024px_diffusers": sana.sana_sprint(610),
     "Tongyi-MAI/Z-Image-Turbo": z_image.z_image_turbo,
     "PixArt-alpha/PixArt-Alpha-DMD-XL-2-512x512": pixart.dmd_512,
+    "black-forest-labs/FLUX.2-klein-4B": qwen.flux2_klein_4b,
+    "Qwen/Qwen-Image": qwen.qwen_image,
+    "lightx2v/Qwen-Image-Lightning": qwen.lightning_loras,
 }
 
 

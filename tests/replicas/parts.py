@@ -159,21 +159,24 @@ def safety_checker(seed: int, *, flags_everything: bool):
     return checker, extractor
 
 
-def write_lora(pipeline_cls, unet, directory: Path, filename: str, seed: int) -> None:
-    """A random LoRA on ``unet``'s attention projections, saved as the pipeline saves LoRAs."""
+def write_lora(
+    pipeline_cls, model, directory: Path, filename: str, seed: int, component: str = "unet"
+) -> None:
+    """A random LoRA on the attention projections of ``model``, the pipeline's ``component``
+    (its UNet or transformer), saved as the pipeline saves LoRAs."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
     torch.manual_seed(seed)
-    adapted = copy.deepcopy(unet)
+    adapted = copy.deepcopy(model)
     adapted.add_adapter(
         LoraConfig(
             r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False
         )
     )
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(adapted))
-    pipeline_cls.save_lora_weights(directory, unet_lora_layers=layers, weight_name=filename)
+    pipeline_cls.save_lora_weights(directory, **{f"{component}_lora_layers": layers}, weight_name=filename)
 
 
 def write_checkpoint(model, path: Path, seed: int, dtype=torch.float16) -> None:
