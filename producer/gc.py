@@ -67,7 +67,7 @@ class Garbage:
 
 def committed_attempt(store: Store, shard: int) -> str | None:
     """The attempt id the committed metadata of ``shard`` names (one per commit)."""
-    ids = set(read_table(store, metadata_key(shard)).column("attempt_id").to_pylist())
+    ids = set(read_table(store, metadata_key(shard), ["attempt_id"]).column("attempt_id").to_pylist())
     return ids.pop() if len(ids) == 1 else None
 
 

@@ -86,11 +86,13 @@ def flush_unwritten() -> None:
     """
     with _unwritten_lock:
         held, _unwritten[:] = list(_unwritten), []
-    kept, down = [], set()
+    kept, down, quick = [], set(), {}
     for store, key, record in held:
         if store.url not in down:
             try:
-                open_store(store.url, retry_seconds=0).put(key, json.dumps(record).encode())
+                if store.url not in quick:  # one client per store and flush, not one per record
+                    quick[store.url] = open_store(store.url, retry_seconds=0)
+                quick[store.url].put(key, json.dumps(record).encode())
                 continue
             except Exception as e:  # anything a store raises: keep the record
                 down.add(store.url)
@@ -145,7 +147,7 @@ def failures_since_retry(
     records: list[dict[str, Any]], running: set[str] = frozenset()
 ) -> list[dict[str, Any]]:
     """The failed or abandoned attempts since the last ``producer retry`` of the shard;
-    attempts in ``running`` (see :func:`running_elsewhere`) are still at work, not failures."""
+    attempts in ``running`` (:func:`fewstep.attempts.running_elsewhere`) are still at work, not failures."""
     failures: list[dict[str, Any]] = []
     for record in records:
         if record.get("state") == ATTEMPT_RETRY_REQUESTED:
