@@ -14,6 +14,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 from fewstep import UserError
 
+from fewstep import UserError
+
 
 def config_dir() -> Path:
     """Directory of the TOML config files (``FEWSTEP_CONFIG_DIR`` overrides)."""
@@ -56,6 +58,16 @@ def queue_prefix() -> str:
 def visibility_timeout() -> int:
     value = os.environ.get("FEWSTEP_VISIBILITY_TIMEOUT")
     return int(value) if value else int(defaults()["queue"]["visibility_timeout"])
+
+
+def read_ahead() -> bool:
+    """Whether workers read the next shard ahead: ``FEWSTEP_READ_AHEAD`` (0/1) or the configured default."""
+    value = os.environ.get("FEWSTEP_READ_AHEAD")
+    if value is None or value == "":
+        return bool(defaults()["worker"]["read_ahead"])
+    if value not in ("0", "1"):
+        raise UserError(f"FEWSTEP_READ_AHEAD must be 0 or 1, not {value!r}")
+    return value == "1"
 
 
 def redact_url(url: str) -> str:

@@ -19,7 +19,7 @@ from fewstep import UserError, console
 from fewstep.contract import queue_name
 from fewstep.presets import check_runnable, listing, presets, resolve_model
 from fewstep.queue import check_broker, queue_length, redis_client
-from fewstep.settings import broker_url, defaults, queue_prefix, redact_url, visibility_timeout
+from fewstep.settings import broker_url, defaults, queue_prefix, read_ahead, redact_url, visibility_timeout
 from worker.encode import JPEG_ENCODERS
 from worker.model import DTYPES
 from worker.speed import COMPILE_MODES, SpeedOptions
@@ -153,6 +153,7 @@ def start_worker(settings: WorkerSettings) -> int:
         gpu_jpeg=choose_jpeg_encoder(settings.jpeg_encoder, model.device),
         speed=applied,
         progress_every=float(cfg["progress_every"]),
+        read_ahead=read_ahead(),
     )
     if speed.compile_denoiser(model, settings.speed.compile):
         runner.speed["compile"] = settings.speed.compile
@@ -176,7 +177,7 @@ def start_worker(settings: WorkerSettings) -> int:
     gc.freeze()
     log.info(
         "worker for %s on queue %s, broker %s, batch size %s, %d encode threads, JPEG on %s, %s; "
-        "visibility timeout %ds, shutdown grace %ds",
+        "read-ahead %s, visibility timeout %ds, shutdown grace %ds",
         model_name,
         queue,
         redact_url(broker_url()),
@@ -184,6 +185,7 @@ def start_worker(settings: WorkerSettings) -> int:
         runner.encode_threads,
         "the GPU" if runner.gpu_jpeg else "the CPU",
         ", ".join(f"{k}={v}" for k, v in {"dtype": model.dtype, **runner.speed}.items()),
+        "on" if runner.lookahead.queue_name else "off",
         visibility_timeout(),
         worker_app.shutdown_grace,
     )

@@ -376,6 +376,7 @@ class ShardRunner:
         gpu_jpeg: str | None = None,
         speed: dict[str, Any] | None = None,
         progress_every: float = 10.0,
+        read_ahead: bool = True,
     ):
         self.model = model
         # Per resolution; a plain number is a fixed size (see worker.batching).
@@ -387,7 +388,8 @@ class ShardRunner:
         self.encode_threads = encode_threads or host_cores()
         self.encode_pool = ThreadPoolExecutor(self.encode_threads, thread_name_prefix="encode")
         self.upload_pool = ThreadPoolExecutor(upload_threads, thread_name_prefix="upload")
-        self.lookahead = Lookahead(queue_name, self._open_ahead)
+        # Without a queue to peek at (read_ahead off) the next shard is never opened early.
+        self.lookahead = Lookahead(queue_name if read_ahead else None, self._open_ahead)
         self.worker_id = worker_id(model.device)
         self._specs: dict[str, dict[str, Any]] = {}
         self._specs_lock = threading.Lock()
