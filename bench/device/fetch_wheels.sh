@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Download, on a machine with PyPI access, exactly the wheels the offline GPU host lacks
+# (requirements.txt, plus insurance.txt for packages the host may have too old), for
+# CPython 3.12 on manylinux x86-64, into bench/device/wheels/ (git-ignored). Fails, saying
+# so, when they exceed the 64 MiB a device run may carry (wheels and repository together).
+#
+#   bash bench/device/fetch_wheels.sh            # PYTHON=/path/to/python to choose the pip
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+repo="$(cd "$here/../.." && pwd)"
+out="$here/wheels"
+budget_mib="${FEWSTEP_CARRY_BUDGET_MIB:-64}"
+python="${PYTHON:-python3}"
+platforms=()
+for p in manylinux2014_x86_64 manylinux_2_17_x86_64 manylinux_2_28_x86_64 manylinux_2_34_x86_64 linux_x86_64; do
+  platforms+=(--platform "$p")
+done
+rm -rf "$out.partial" && mkdir -p "$out.partial"
+# --no-deps: the lists are the whole closure; the host's own torch/transformers stack is never fetched.
+if ! "$python" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+    --implementation cp --abi cp312 --abi abi3 --abi none "${platforms[@]}" \
+    -r "$here/requirements.txt" -r "$here/insurance.txt" -d "$out.partial"; then
+  echo "fetch_wheels: pip download failed (no PyPI access, or a pinned version has no cp312 manylinux wheel)" >&2
+  exit 1
+fi
+rm -rf "$out" && mv "$out.partial" "$out"
+wheels_bytes=$(du -cb "$out"/*.whl | tail -1 | cut -f1)
+# What else travels: the repository's tracked and untracked, not ignored files.
+repo_bytes=$(cd "$repo" && git ls-files -co --exclude-standard -z | xargs -0 du -cb 2>/dev/null | awk '/total$/ {s+=$1} END {print s+0}')
+mib() { awk -v b="$1" 'BEGIN {printf "%.1f", b / 1048576}'; }
+echo "fetch_wheels: $(ls "$out"/*.whl | wc -l) wheels, $(mib "$wheels_bytes") MiB; repository $(mib "$repo_bytes") MiB;" \
+     "together $(mib $((wheels_bytes + repo_bytes))) MiB of $budget_mib MiB"
+ls -S "$out" | head -5 | sed 's/^/  largest: /'
+if [ $((wheels_bytes + repo_bytes)) -gt $((budget_mib * 1048576)) ]; then
+  echo "fetch_wheels: FAILED: over the $budget_mib MiB a device run may carry; drop a package or use a smaller version" >&2
+  exit 1
+fi
