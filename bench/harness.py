@@ -4,7 +4,9 @@ A job is enqueued with the real ``producer`` command and run by a real ``worker`
 against a local Redis and SeaweedFS (``fewstep.services``). Its end-to-end rate comes from
 the per-shard stats objects the worker writes: images over the span from the job's first
 batch on the device to the last shard's commit (model loading, warm-up and a one-shard warm-up job are
-not in it). The worker's and SeaweedFS's CPU time over that span is sampled from ``/proc``.
+not in it). The worker's and SeaweedFS's CPU time over that span is sampled from ``/proc``;
+so is the worker process's whole life (start to exit: imports, model load, warm-up, every
+job), for the wall-clock rate and CPU per image that include the start.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import datetime as dt
 import json
 import os
 import platform
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -48,6 +51,28 @@ def machine() -> str:
         f"{platform.node()}: {cores} cores ({cpu}), Python {platform.python_version()}, "
         f"load average {load} at {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC"
     )
+
+
+@contextlib.contextmanager
+def local_redis():
+    """Redis alone on 127.0.0.1 (for local-directory output); yields the commands' environment."""
+    with tempfile.TemporaryDirectory(prefix="fewstep-bench-") as directory:
+        svc = services.Services(
+            directory=directory,
+            redis_port=services.free_port(),
+            redis_password=secrets.token_urlsafe(18),
+            s3_port=0,
+            access_key="",
+            secret_key="",
+        )
+        try:
+            svc.start_redis()
+            env = {**os.environ, "CELERY_BROKER_URL": svc.broker_url, "HF_HUB_OFFLINE": "1",
+                   "PYTHONUNBUFFERED": "1"}  # fmt: skip
+            os.environ["CELERY_BROKER_URL"] = svc.broker_url
+            yield env
+        finally:
+            svc.stop_redis()
 
 
 @contextlib.contextmanager
@@ -121,12 +146,12 @@ class JobRun:
     images: int
     seconds: float
     cpu_seconds: float  # the worker process's, over the job's span
-    storage_cpu_seconds: float  # SeaweedFS's, over the same span
+    storage_cpu_seconds: float  # SeaweedFS's, over the same span (nan: not sampled)
     stats: list[ShardStats]
 
     @property
     def rate(self) -> float:
-        """Images/s from the first shard's start to the last shard's commit."""
+        """Images/s from the job's first batch on the device to its last shard's commit."""
         return self.images / self.seconds
 
     def total(self, name: str) -> float:
@@ -134,17 +159,89 @@ class JobRun:
         return sum(getattr(s, name) for s in self.stats)
 
 
-def _enqueue(env, prompts: Path, model: str, images: int, shard_size: int, job_args: list[str]) -> str:
+@dataclass
+class WorkerLife:
+    """One worker process from its start to its exit, over every job it ran."""
+
+    images: int  # every image it committed, warm-up job included
+    seconds: float  # from the process's start (before importing anything) to its last commit
+    cpu_seconds: float  # the whole process's CPU (all threads, user + system) over its life
+
+
+def _enqueue(
+    env, prompts: Path, model: str, images: int, shard_size: int, job_args: list[str], output: str
+) -> str:
     job = "bench-" + uuid.uuid4().hex[:8]
     result = subprocess.run(
         [sys.executable, "-m", "producer", "enqueue", "partiprompts", "--path", str(prompts),
-         "--model", model, "--allow-synthetic", "--job", job, "--output", f"s3://{BUCKET}/bench",
+         "--model", model, "--allow-synthetic", "--job", job, "--output", output,
          "--limit", str(images), "--shard-size", str(shard_size), "--json", *job_args],
         env=env, capture_output=True, text=True, check=False,
     )  # fmt: skip
     if result.returncode != 0:
         raise SystemExit(f"enqueue failed: {result.stderr}")
     return json.loads(result.stdout)["job_url"]
+
+
+def run_jobs(
+    env: dict[str, str],
+    prompts: Path,
+    *,
+    model: str,
+    jobs: list[tuple[int, list[str]]],
+    shard_size: int,
+    worker_args: list[str],
+    worker_env: dict[str, str] | None = None,
+    log_path: Path | None = None,
+    storage_pid: int | None = None,
+    output: str = f"s3://{BUCKET}/bench",
+    timeout: float | None = None,
+) -> tuple[list[JobRun], ShardStats, WorkerLife]:
+    """Run ``jobs`` (images, ``producer enqueue`` flags) for ``model`` through one fresh worker,
+    in that order; returns each job's run, the first shard of the worker's life and the life.
+
+    The worker first runs a one-shard warm-up job, as a long-running worker would have: its
+    first shard pays for the process's one-time set-up (connections, threads, first calls),
+    which is reported apart, not mixed into the measured rates.
+    """
+    env = {**env, "FEWSTEP_QUEUE_PREFIX": "b" + uuid.uuid4().hex[:10], **(worker_env or {})}
+    warm_url = _enqueue(env, prompts, model, shard_size, shard_size, jobs[0][1], output)
+    urls = [_enqueue(env, prompts, model, images, shard_size, args, output) for images, args in jobs]
+    out = open(log_path, "wb") if log_path else subprocess.DEVNULL  # noqa: SIM115
+    started = time.time()
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "worker", "--model", model, "--exit-when-idle", "1", *worker_args],
+        env=env,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+    )
+    sampler = CpuSampler(worker.pid)
+    storage = CpuSampler(storage_pid) if storage_pid else None
+    try:
+        code = worker.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        worker.kill()
+        worker.wait()
+        raise SystemExit(f"worker still running after {timeout:.0f}s: killed") from None
+    finally:
+        sampler.stop()
+        if storage:
+            storage.stop()
+    if code != 0:
+        raise SystemExit(f"worker exited with {code}" + (f", see {log_path}" if log_path else ""))
+    (first,) = _stats(warm_url)
+    runs = []
+    for (images, _), url in zip(jobs, urls, strict=True):
+        stats = _stats(url)
+        if sum(s.images for s in stats) != images:
+            raise SystemExit(f"{url}: stats cover {sum(s.images for s in stats)} images, expected {images}")
+        start, end = _span(stats)
+        storage_cpu = storage.between(start, end) if storage else float("nan")
+        runs.append(JobRun(images, end - start, sampler.between(start, end), storage_cpu, stats))
+    last = max(dt.datetime.fromisoformat(s.finished_at).timestamp() for r in runs for s in r.stats)
+    cpu = sampler.samples[-1][1] if sampler.samples else float("nan")
+    life = WorkerLife(first.images + sum(r.images for r in runs), last - started, cpu)
+    return runs, first, life
 
 
 def run_job(
@@ -160,38 +257,20 @@ def run_job(
     log_path: Path | None = None,
     storage_pid: int | None = None,
 ) -> tuple[JobRun, ShardStats]:
-    """Run ``images`` prompts for ``model`` through one fresh worker; returns the measured job's
-    run and the first shard of the worker's life.
-
-    The worker first runs a one-shard warm-up job, as a long-running worker would have: its
-    first shard pays for the process's one-time set-up (connections, threads, first calls),
-    which is reported apart, not mixed into the measured rate.
-    """
-    env = {**env, "FEWSTEP_QUEUE_PREFIX": "b" + uuid.uuid4().hex[:10], **(worker_env or {})}
-    warm_url = _enqueue(env, prompts, model, shard_size, shard_size, job_args)
-    job_url = _enqueue(env, prompts, model, images, shard_size, job_args)
-    out = open(log_path, "wb") if log_path else subprocess.DEVNULL  # noqa: SIM115
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "worker", "--model", model, "--exit-when-idle", "1", *worker_args],
-        env=env,
-        stdout=out,
-        stderr=subprocess.STDOUT,
+    """Run ``images`` prompts for ``model`` through one fresh worker (see :func:`run_jobs`);
+    returns the measured job's run and the first shard of the worker's life."""
+    (run,), first, _ = run_jobs(
+        env,
+        prompts,
+        model=model,
+        jobs=[(images, job_args)],
+        shard_size=shard_size,
+        worker_args=worker_args,
+        worker_env=worker_env,
+        log_path=log_path,
+        storage_pid=storage_pid,
     )
-    sampler = CpuSampler(worker.pid)
-    storage = CpuSampler(storage_pid) if storage_pid else None
-    code = worker.wait()
-    sampler.stop()
-    if storage:
-        storage.stop()
-    if code != 0:
-        raise SystemExit(f"worker exited with {code}" + (f", see {log_path}" if log_path else ""))
-    (first,) = _stats(warm_url)
-    stats = _stats(job_url)
-    if sum(s.images for s in stats) != images:
-        raise SystemExit(f"{job_url}: stats cover {sum(s.images for s in stats)} images, expected {images}")
-    start, end = _span(stats)
-    storage_cpu = storage.between(start, end) if storage else float("nan")
-    return JobRun(images, end - start, sampler.between(start, end), storage_cpu, stats), first
+    return run, first
 
 
 def _stats(job_url: str) -> list[ShardStats]:

@@ -14,8 +14,6 @@ from urllib.parse import urlsplit, urlunsplit
 
 from fewstep import UserError
 
-from fewstep import UserError
-
 
 def config_dir() -> Path:
     """Directory of the TOML config files (``FEWSTEP_CONFIG_DIR`` overrides)."""
