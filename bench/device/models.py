@@ -67,8 +67,11 @@ def build(name: str, directory: Path, *, smoke: bool, device: str, dtype: str) -
             continue
         with torch.device(device):  # random init on the GPU: seconds, where the CPU takes minutes
             parts[part_name] = _component(part_name, part, smoke).to(getattr(torch, dtype))
-    with tempfile.TemporaryDirectory() as scratch:
-        tokenizer = clip_tokenizer(Path(scratch))
+    if model.get("tokenizer") == "t5":
+        tokenizer = t5_tokenizer()
+    else:
+        with tempfile.TemporaryDirectory() as scratch:
+            tokenizer = clip_tokenizer(Path(scratch))
     parts["tokenizer"] = tokenizer
     if "text_encoder_2" in parts:
         parts["tokenizer_2"] = tokenizer
@@ -80,6 +83,18 @@ def build(name: str, directory: Path, *, smoke: bool, device: str, dtype: str) -
     pipeline.save_pretrained(partial, safe_serialization=True)
     partial.rename(directory)
     return directory
+
+
+def t5_tokenizer():
+    """A T5 (Unigram) tokenizer over letters and digits: every prompt tokenizes, no SentencePiece
+    model or download needed. The encoder's cost is set by the sequence length, not the vocabulary."""
+    import string
+
+    from transformers import T5Tokenizer
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [(p + c, -3.0 - len(p)) for c in string.ascii_lowercase + string.digits for p in ("\u2581", "")]
+    return T5Tokenizer(vocab=vocab, extra_ids=0)
 
 
 def build_tiny_vae(directory: Path, *, smoke: bool) -> Path:

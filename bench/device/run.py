@@ -5,7 +5,7 @@ missing from ``bench/device/wheels``). In this order, each part skipped once the
 deadline would be passed, results written after every part:
 
 1. ``pytest -m gpu tests/test_gpu.py`` (the CUDA-only paths; on a CPU they skip, saying why);
-2. per model of ``configs/`` (SDXS-512 + TAESD, SD-Turbo, SDXL-Turbo at 512): build it with
+2. per model of ``configs/`` (SDXS-512 + TAESD, SD-Turbo, SDXL-Turbo at 512, PixArt-α 512): build it with
    random weights as a local diffusers directory, then
    - **model-only** img/s per batch size: ``Model.generate`` in this process, as the worker's
      device thread calls it (prompt encoding, denoising, VAE decode, pixels to uint8, left on
@@ -13,7 +13,8 @@ deadline would be passed, results written after every part:
      (``torch.cuda.max_memory_allocated``) per size; the size ``--batch-size auto`` chooses;
    - **speed options** at that size, one change from the baseline (float16, channels_last,
      SDPA) each: bfloat16, no channels_last, default attention, ``--compile default``,
-     ``--vae tiny`` (where the model has a full VAE);
+     ``--vae tiny`` (where the model has a full VAE); SDXS's right after its other parts, the
+     other models' once every model's throughput is measured;
    - **end to end**: ``producer enqueue`` → Redis → one real ``worker --model <directory>``
      process → encode (JPEG on the GPU with nvJPEG, PNG and WebP on the CPU) → local-directory
      storage → commit; each job's img/s spans its first batch on the device to its last
@@ -48,7 +49,7 @@ sys.path.insert(0, str(HERE.parent))  # bench/: the harness
 import models  # noqa: E402
 from harness import REPO, local_redis, machine, run_jobs, write_prompts  # noqa: E402
 
-MODELS = ("sdxs-512", "sd-turbo", "sdxl-turbo")
+MODELS = ("sdxs-512", "sd-turbo", "sdxl-turbo", "pixart-alpha-512")
 
 
 class Clock:
@@ -317,7 +318,7 @@ def _model_part(name, plan, clock, scratch, results, record, env, prompts, logs)
     directory = models.build(name, scratch / "models" / name, smoke=plan.smoke, device=plan.device,
                              dtype=plan.dtype)  # fmt: skip
     cfg_dir = models.config_dir(scratch / name, spec, plan.smoke, tiny)
-    os.environ["FEWSTEP_CONFIG_DIR"] = str(cfg_dir)
+    os.environ["FEWSTEP_CONFIG_DIR"] = entry["config_dir"] = str(cfg_dir)
     entry["build_seconds"] = round(time.perf_counter() - start, 1)
     entry["weights_gib"] = round(sum(p.stat().st_size for p in directory.rglob("*.safetensors")) / 2**30, 2)
     batch = model_only(directory, run, plan, clock, entry)
@@ -348,8 +349,20 @@ def _model_part(name, plan, clock, scratch, results, record, env, prompts, logs)
     else:
         entry["end_to_end"] = {"skipped": "global deadline"}
     save(results, record)
+    if sdxs:  # the others' options come after every model's throughput (see main)
+        options_part(name, directory, plan, clock, results, record)
+
+
+def options_part(name, directory, plan, clock, results, record) -> None:
+    """The speed options of a model already built and measured."""
+    entry, spec = record["models"][name], models.spec(name)
+    batch = entry["model_only_at_batch_size"]["batch_size"]
+    os.environ["FEWSTEP_CONFIG_DIR"] = entry["config_dir"]
     if clock.allows(60):
-        entry["speed_options"] = speed_options(directory, run, plan, clock, batch, family_vae=not sdxs)
+        # --vae tiny where there is a full VAE to replace (SDXS ships TAESD already)
+        full_vae = spec["family"] in models.TINY_VAES and name != "sdxs-512"
+        run = models.settings(spec, plan.smoke)
+        entry["speed_options"] = speed_options(directory, run, plan, clock, batch, family_vae=full_vae)
     else:
         entry["speed_options"] = {"skipped": "global deadline"}
     save(results, record)
@@ -469,6 +482,14 @@ def main(argv: list[str] | None = None) -> int:
                 record["models"].setdefault(name, {"label": name})["error"] = f"{type(e).__name__}: {e}"
                 (logs / f"{name}-error.txt").write_text(traceback.format_exc())
             save(results, record)
+        for name in args.models.split(","):
+            entry = record["models"][name]
+            if name != "sdxs-512" and "model_only_at_batch_size" in entry:
+                try:
+                    options_part(name, scratch / "models" / name, plan, clock, results, record)
+                except (Exception, SystemExit) as e:
+                    entry["error"] = f"speed options: {type(e).__name__}: {e}"
+                    (logs / f"{name}-options-error.txt").write_text(traceback.format_exc())
     record["seconds"] = clock.elapsed()
     save(results, record)
     text = summary(record)
