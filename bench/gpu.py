@@ -1,9 +1,10 @@
 """Model-only GPU throughput of one-step pipelines at real size, with random weights.
 
 Builds the real architectures from their configs (nothing is downloaded): the SD 2.1-base
-UNet (SD-Turbo's and SDXS's shape) with the full SD VAE and with AutoencoderTiny (TAESD) at
-512 px, and the SDXL UNet (SDXL-Turbo's shape) with the fp16-fix SDXL VAE at 1024 px, each
-with its real CLIP text encoder(s). Runs the diffusers pipeline itself (text encoder, one
+UNet (SD-Turbo's shape; not SDXS's, whose UNet drops blocks of it: bench/device/ builds that
+one from its own config) with the full SD VAE and with AutoencoderTiny (TAESD) at 512 px,
+and the SDXL UNet (SDXL-Turbo's shape) with the fp16-fix SDXL VAE at 1024 px, each with its
+real CLIP text encoder(s). Runs the diffusers pipeline itself (text encoder, one
 denoising step, VAE decode) at each batch size and prints images/s; no encoding or upload
 (that is the end-to-end benchmark's job). Random weights cost the same FLOPs as trained ones.
 
@@ -186,7 +187,7 @@ SETUPS = {
     s.name: s
     for s in (
         Setup("sd21-vae-512", _sd21("kl"), 512, 64, "SD 2.1-base UNet (SD-Turbo shape) + full SD VAE"),
-        Setup("sd21-taesd-512", _sd21("taesd"), 512, 64, "SD 2.1-base UNet + AutoencoderTiny (SDXS-like)"),
+        Setup("sd21-taesd-512", _sd21("taesd"), 512, 64, "SD 2.1-base UNet + TAESD (not SDXS's UNet)"),
         Setup("sdxl-vae-1024", _sdxl, 1024, 128, "SDXL UNet (SDXL-Turbo shape) + fp16-fix SDXL VAE"),
     )
 }

@@ -10,7 +10,8 @@ float16 and the measured best batch size, it runs, in the same process run:
 
 and prints images/s and the ratio (goals: >= 300 img/s end to end on one H100, and
 end-to-end >= 0.9 x model-only). Needs the model's weights in the local Hugging Face
-cache, torchvision for nvJPEG, and a GPU.
+cache, torchvision for nvJPEG, and a GPU; for an offline GPU host without the weights,
+``bash bench/device/run.sh`` measures the same with random weights in the real architectures.
 
 ``--smoke`` runs the same path on the CPU with the ``tiny`` model and a few images, to
 check the script itself on a machine without a GPU; its numbers say nothing about GPUs.
