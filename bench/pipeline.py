@@ -13,6 +13,7 @@ encoding, and the rate at which PNG becomes the bottleneck.
 
     .venv/bin/python bench/pipeline.py                 # the full sweep (a few minutes)
     .venv/bin/python bench/pipeline.py --jpeg-rates 200 --png-rates 40 --images 512
+    .venv/bin/python bench/pipeline.py --read-ahead-ablation 200 --images 1024 --shard-size 128
 """
 
 from __future__ import annotations
@@ -83,7 +84,9 @@ def model_only(batch_ms: float, batch_size: int, images: int) -> float:
     return images / (time.perf_counter() - start)
 
 
-def end_to_end(svc, env, prompts: Path, rate: float, args, image_format: ImageFormat, log: Path):
+def end_to_end(
+    svc, env, prompts: Path, rate: float, args, image_format: ImageFormat, log: Path, read_ahead: bool = True
+):
     """Model-only and end-to-end runs at ``rate``: (model-only images/s, the job's run)."""
     batch_ms = 1000 * args.batch_size / rate
     settings = ["--quality", str(image_format.quality)] if image_format.quality else []
@@ -96,7 +99,7 @@ def end_to_end(svc, env, prompts: Path, rate: float, args, image_format: ImageFo
         shard_size=args.shard_size,
         job_args=["--format", image_format.name, *settings],
         worker_args=["--batch-size", str(args.batch_size)],
-        worker_env={"FEWSTEP_SYNTHETIC_BATCH_MS": f"{batch_ms:.4f}"},
+        worker_env={"FEWSTEP_SYNTHETIC_BATCH_MS": f"{batch_ms:.4f}", "FEWSTEP_READ_AHEAD": "01"[read_ahead]},
         log_path=log,
         storage_pid=svc.weed_pid,
     )
@@ -124,6 +127,21 @@ def report(label: str, rate: float, alone: float, run: JobRun, first: ShardStats
     return ratio
 
 
+def read_ahead_ablation(args) -> None:
+    """JPEG end to end at one rate, read-ahead on then off (FEWSTEP_READ_AHEAD), same services."""
+    print(machine())
+    rate = args.read_ahead_ablation
+    with local_services() as (svc, env), tempfile.TemporaryDirectory() as scratch:
+        prompts = write_prompts(Path(scratch) / "prompts.tsv", args.images)
+        logs = REPO / ".fewstep" / "bench-logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        for read_ahead in (True, False):
+            log = logs / f"read-ahead-{int(read_ahead)}.log"
+            alone, run, first = end_to_end(svc, env, prompts, rate, args, JPEG, log, read_ahead)
+            report(f"JPEG, read-ahead {'on ' if read_ahead else 'off'}", rate, alone, run, first,
+                   bare_encoder_cpu(JPEG, 0.5))  # fmt: skip
+
+
 def main() -> None:
     """Run the sweep and print the results."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -135,7 +153,16 @@ def main() -> None:
     parser.add_argument("--shard-size", type=int, default=256)
     parser.add_argument("--images", type=int, default=2048, help="Images per JPEG run.")
     parser.add_argument("--png-images", type=int, default=256, help="Images per PNG run (4 shards).")
+    parser.add_argument(
+        "--read-ahead-ablation",
+        type=float,
+        metavar="RATE",
+        help="Only this: JPEG at RATE img/s through a worker with the next-shard read-ahead on, then off.",
+    )
     args = parser.parse_args()
+    if args.read_ahead_ablation:
+        read_ahead_ablation(args)
+        return
 
     print(machine())
     bare_jpeg, bare_png = bare_encoder_cpu(JPEG), bare_encoder_cpu(PNG)
