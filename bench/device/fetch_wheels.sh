@@ -4,23 +4,25 @@
 # CPython 3.12 on manylinux x86-64, into bench/device/wheels/ (git-ignored). Fails, saying
 # so, when they exceed the 64 MiB a device run may carry (wheels and repository together).
 #
-#   bash bench/device/fetch_wheels.sh            # PYTHON=/path/to/python to choose the pip
+#   bash bench/device/fetch_wheels.sh     # PYTHON=/path/to/python: the pip to use; FEWSTEP_WHEELS_PYTHON=3.11:
+#                                         # another Python version (to try the install path elsewhere)
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
 out="$here/wheels"
 budget_mib="${FEWSTEP_CARRY_BUDGET_MIB:-64}"
 python="${PYTHON:-python3}"
+version="${FEWSTEP_WHEELS_PYTHON:-3.12}"
 platforms=()
 for p in manylinux2014_x86_64 manylinux_2_17_x86_64 manylinux_2_28_x86_64 manylinux_2_34_x86_64 linux_x86_64; do
   platforms+=(--platform "$p")
 done
 rm -rf "$out.partial" && mkdir -p "$out.partial"
 # --no-deps: the lists are the whole closure; the host's own torch/transformers stack is never fetched.
-if ! "$python" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
-    --implementation cp --abi cp312 --abi abi3 --abi none "${platforms[@]}" \
+if ! "$python" -m pip download --quiet --no-deps --only-binary=:all: --python-version "$version" \
+    --implementation cp --abi "cp${version/./}" --abi abi3 --abi none "${platforms[@]}" \
     -r "$here/requirements.txt" -r "$here/insurance.txt" -d "$out.partial"; then
-  echo "fetch_wheels: pip download failed (no PyPI access, or a pinned version has no cp312 manylinux wheel)" >&2
+  echo "fetch_wheels: pip download failed (no PyPI access, or a pinned version has no CPython $version manylinux wheel)" >&2
   exit 1
 fi
 rm -rf "$out" && mv "$out.partial" "$out"
