@@ -21,7 +21,7 @@ rm -rf "$out.partial" && mkdir -p "$out.partial"
 # --no-deps: the lists are the whole closure; the host's own torch/transformers stack is never fetched.
 if ! "$python" -m pip download --quiet --no-deps --only-binary=:all: --python-version "$version" \
     --implementation cp --abi "cp${version/./}" --abi abi3 --abi none "${platforms[@]}" \
-    -r "$here/requirements.txt" -r "$here/insurance.txt" -d "$out.partial"; then
+    -r "$here/requirements.txt" $(grep -v '^\s*#' "$here/insurance.txt" | awk '{print $1}') -d "$out.partial"; then
   echo "fetch_wheels: pip download failed (no PyPI access, or a pinned version has no CPython $version manylinux wheel)" >&2
   exit 1
 fi

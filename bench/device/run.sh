@@ -30,17 +30,8 @@ if ! "$python" -c "$needed" 2>/dev/null; then
   mkdir -p "$site"
   # Exactly the listed wheels, no resolver run against an index: --no-deps, --no-index.
   wanted=$(grep -hv '^\s*#' "$here/requirements.txt" | grep -v '^\s*$')
-  # The insurance wheels only where the host's copy is missing or older than pinned.
-  for req in $(grep -hv '^\s*#' "$here/insurance.txt" | grep -v '^\s*$'); do
-    if ! "$python" - "$req" <<'PY' 2>/dev/null; then wanted="$wanted $req"; fi
-import sys
-from importlib.metadata import version
-name, _, pinned = sys.argv[1].partition("==")
-def key(v):
-    return tuple(int(p) if p.isdigit() else 0 for p in v.split(".")[:3])
-sys.exit(0 if key(version(name)) >= key(pinned) else 1)
-PY
-  done
+  # The insurance wheels only where the host's copy is missing or older than needed.
+  wanted="$wanted $("$python" "$here/choose_insurance.py" "$here/insurance.txt")"
   if "$python" -m pip --version >/dev/null 2>&1; then
     # shellcheck disable=SC2086
     "$python" -m pip install --quiet --no-index --no-deps --find-links "$here/wheels" --target "$site" \
