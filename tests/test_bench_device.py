@@ -82,6 +82,7 @@ def test_smoke_run_measures_every_part_through_a_real_worker(tmp_path):
     assert (on["read_ahead"], off["read_ahead"]) == (True, False)
     assert [(j["job"], j["images"]) for j in on["jobs"]] == [("jpeg", 8), ("png", 4), ("webp", 4)]
     assert [(j["job"], j["images"]) for j in off["jobs"]] == [("jpeg", 8)]
+    assert off["jobs"][0]["shards_started_with_batches_read_ahead"] == 0  # FEWSTEP_READ_AHEAD=0 held
     for job in on["jobs"] + off["jobs"]:
         assert job["images_per_s"] > 0 and job["ratio_to_model_only"] > 0 and job["encoder"]
     assert on["worker_life"]["images"] == 8 + 8 + 4 + 4  # the warm-up job's shard, then the three jobs

@@ -92,6 +92,11 @@ def test_worker_user_errors(env, args, fragment):
     assert_one_line_error(cli("worker", *args, env=env, check=False), fragment)
 
 
+def test_worker_refuses_a_read_ahead_setting_other_than_0_or_1(env):
+    result = cli("worker", "--model", "tiny", env={**env, "FEWSTEP_READ_AHEAD": "yes"}, check=False)
+    assert_one_line_error(result, "FEWSTEP_READ_AHEAD must be 0 or 1, not 'yes'")
+
+
 def test_worker_with_unreachable_redis(env):
     result = cli(
         "worker", "--model", "tiny", env={**env, "CELERY_BROKER_URL": "redis://127.0.0.1:9/0"}, check=False

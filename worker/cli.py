@@ -112,6 +112,7 @@ class WorkerSettings:
     metrics_port: int | None = None
     metrics_address: str = "127.0.0.1"
     shutdown_grace: float | None = None
+    read_ahead: bool = True
 
 
 def start_worker(settings: WorkerSettings) -> int:
@@ -153,7 +154,7 @@ def start_worker(settings: WorkerSettings) -> int:
         gpu_jpeg=choose_jpeg_encoder(settings.jpeg_encoder, model.device),
         speed=applied,
         progress_every=float(cfg["progress_every"]),
-        read_ahead=read_ahead(),
+        read_ahead=settings.read_ahead,
     )
     if speed.compile_denoiser(model, settings.speed.compile):
         runner.speed["compile"] = settings.speed.compile
@@ -354,6 +355,7 @@ def cli(
         metrics_port=metrics_port,
         metrics_address=metrics_address,
         shutdown_grace=shutdown_grace,
+        read_ahead=read_ahead(),  # a bad FEWSTEP_READ_AHEAD is refused before the broker or the weights
     )
     ctx.exit(start_worker(settings))
 
