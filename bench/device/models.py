@@ -78,7 +78,7 @@ def build(name: str, directory: Path, *, smoke: bool, device: str, dtype: str) -
     pipeline_cls = getattr(diffusers, model["pipeline"])
     if model["pipeline"] == "StableDiffusionPipeline":
         parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipeline = pipeline_cls(**parts)
+    pipeline = pipeline_cls(**parts).to("cpu")  # saved from host memory
     partial = directory.with_name(directory.name + ".partial")
     pipeline.save_pretrained(partial, safe_serialization=True)
     partial.rename(directory)

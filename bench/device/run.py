@@ -49,6 +49,7 @@ sys.path.insert(0, str(HERE.parent))  # bench/: the harness
 import models  # noqa: E402
 from harness import REPO, local_redis, machine, run_jobs, write_prompts  # noqa: E402
 
+STARTED = time.monotonic()
 MODELS = ("sdxs-512", "sd-turbo", "sdxl-turbo", "pixart-alpha-512")
 
 
@@ -190,12 +191,25 @@ def model_only(directory: Path, run: dict, plan: Plan, clock: Clock, record: dic
     return chosen
 
 
-def speed_options(directory: Path, run: dict, plan: Plan, clock: Clock, batch: int, family_vae: bool) -> list:
+def speed_options(
+    directory: Path,
+    run: dict,
+    plan: Plan,
+    clock: Clock,
+    batch: int,
+    family_vae: bool,
+    compile_estimate: float,
+) -> list:
     """One change from the baseline per row, model-only at ``batch``."""
     from worker.speed import SpeedOptions
 
     rows = [
-        ("baseline (float16, channels_last, sdpa)", SpeedOptions(dtype=plan.dtype), "off"),
+        # channels_last is the worker's default on CUDA only
+        (
+            f"baseline ({plan.dtype}{'' if plan.smoke else ', channels_last'}, sdpa)",
+            SpeedOptions(dtype=plan.dtype),
+            "off",
+        ),
         ("bfloat16", SpeedOptions(dtype="bfloat16"), "off"),
         ("no channels_last", SpeedOptions(dtype=plan.dtype, channels_last=False), "off"),
         ("attention default (no SDPA switch)", SpeedOptions(dtype=plan.dtype, attention="default"), "off"),
@@ -208,7 +222,7 @@ def speed_options(directory: Path, run: dict, plan: Plan, clock: Clock, batch: i
         row: dict[str, Any] = {"option": label}
         if compile_mode != "off" and plan.smoke:
             row["skipped"] = "compiling on the CPU takes longer than the smoke run's budget"
-        elif not clock.allows(120 if compile_mode != "off" else 25):
+        elif not clock.allows(compile_estimate if compile_mode != "off" else 25):
             row["skipped"] = "global deadline"
         else:
             start = time.perf_counter()
@@ -362,15 +376,18 @@ def options_part(name, directory, plan, clock, results, record) -> None:
         # --vae tiny where there is a full VAE to replace (SDXS ships TAESD already)
         full_vae = spec["family"] in models.TINY_VAES and name != "sdxs-512"
         run = models.settings(spec, plan.smoke)
-        entry["speed_options"] = speed_options(directory, run, plan, clock, batch, family_vae=full_vae)
+        compile_estimate = 120 if name == "sdxs-512" else 240  # seconds; inductor on a larger denoiser
+        entry["speed_options"] = speed_options(directory, run, plan, clock, batch, full_vae, compile_estimate)
     else:
         entry["speed_options"] = {"skipped": "global deadline"}
     save(results, record)
 
 
 def save(results: Path, record: dict) -> None:
-    """Write the record as it stands (a run cut short still leaves what it measured)."""
+    """Write the record and its summary as they stand (a run cut short still leaves what it measured)."""
+    record["elapsed_seconds"] = round(time.monotonic() - STARTED, 1)
     (results / "results.json").write_text(json.dumps(record, indent=2) + "\n")
+    (results / "summary.txt").write_text(summary(record))
 
 
 def _sweep_text(entry: dict) -> str:
@@ -387,8 +404,9 @@ def _sweep_text(entry: dict) -> str:
 def summary(record: dict) -> str:
     """A short text summary of the record."""
     gpu = record["machine"]["gpu"] or "no GPU"
-    lines = [f"fewstep device run {record['mode']}: {gpu}, commit {record['commit']}, {record['date']}, "
-             f"{record['seconds']} s"]  # fmt: skip
+    took = record.get("seconds") or f"{record.get('elapsed_seconds')} (not finished)"
+    head = f"fewstep device run {record['mode']}: {gpu}, commit {record['commit']}, {record['date']}"
+    lines = [f"{head}, {took} s"]
     t = record.get("gpu_tests") or {}
     counts = ", ".join(f"{t.get(k, '?')} {k}" for k in ("tests", "failures", "errors", "skipped"))
     lines.append(f"GPU tests: {counts} (exit {t.get('exit_code')})")
