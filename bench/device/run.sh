@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One offline device run, from the repository root:
 #
-#   bash bench/device/run.sh RESULTS_DIR            # a GPU host: ~8 min, stops itself before 9
+#   bash bench/device/run.sh RESULTS_DIR            # a GPU host: stops itself within 9 min (not yet run on one)
 #   bash bench/device/run.sh RESULTS_DIR --smoke    # any machine: tiny models on the CPU
 #
 # Installs what the host lacks from bench/device/wheels (fetch_wheels.sh fills it on a machine
