@@ -119,7 +119,9 @@ def test_workers_scale_on_their_models_queue_down_to_zero():
         f"{service['metadata']['name']}.{service['metadata']['namespace']}.svc.cluster.local:6379"
     )
     auth = by_kind("TriggerAuthentication", trigger["authenticationRef"]["name"])
-    assert auth["spec"]["secretTargetRef"] == [{"parameter": "password", "name": "fewstep", "key": "REDIS_PASSWORD"}]
+    assert auth["spec"]["secretTargetRef"] == [
+        {"parameter": "password", "name": "fewstep", "key": "REDIS_PASSWORD"}
+    ]
 
 
 def test_each_worker_has_one_gpu_runs_as_a_user_and_finishes_its_shard_on_scale_down():
