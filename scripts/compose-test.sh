@@ -93,6 +93,7 @@ finish() {
       say "stack left up: ${COMPOSE[*]} down -v"
     else
       "${COMPOSE[@]}" down -v -t 5 --remove-orphans >/dev/null 2>&1 || true
+      rm -f "$ENV_FILE"
       say "stack removed (down -v)"
     fi
   fi

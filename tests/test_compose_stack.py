@@ -23,6 +23,7 @@ def test_compose_stack_runs_a_job_to_the_end_through_a_killed_worker():
         text=True,
         timeout=840,
     )
+    print(result.stdout)  # the phases and their times, shown with pytest -rP
     output = result.stdout + result.stderr
     if result.returncode == 77:  # no Docker engine can run here, and the script says why
         pytest.skip(output.strip().splitlines()[-1])
