@@ -250,19 +250,29 @@ def test_test_override_s3_is_seaweedfs_with_a_bucket_only_key(override):
     subprocess.run(["sh", "-n", "-c", script], check=True)
 
 
-def test_compose_merges_the_override(tmp_path):
+def test_compose_reads_the_file_alone_and_with_the_override(tmp_path):
     docker = shutil.which("docker")
     if docker is None or subprocess.run([docker, "compose", "version"], capture_output=True).returncode:
         pytest.skip("docker compose is not installed (scripts/compose-test.sh installs it)")
-    files = ["-f", str(REPO / "docker-compose.yml"), "-f", str(REPO / "docker-compose.test.yml")]
-    merged = subprocess.run(
-        [docker, "compose", *files, "--env-file", str(REPO / ".env.example"), "config", "--format", "json"],
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=tmp_path,
-    )
-    services = json.loads(merged.stdout)["services"]
+
+    def config(*names: str) -> dict:
+        files = [arg for name in names for arg in ("-f", str(REPO / name))]
+        env = ["--env-file", str(REPO / ".env.example")]
+        merged = subprocess.run(
+            [docker, "compose", *files, *env, "config", "--format", "json"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=tmp_path,
+        )
+        return json.loads(merged.stdout)["services"]
+
+    production = config("docker-compose.yml")
+    [gpus] = production["worker"]["deploy"]["resources"]["reservations"]["devices"]
+    assert gpus["driver"] == "nvidia" and gpus["count"] == -1  # count: all
+    assert "args" not in production["worker"]["build"]  # the Dockerfile's default base: CUDA PyTorch
+    services = config("docker-compose.yml", "docker-compose.test.yml")
     assert "deploy" not in services["worker"] and services["worker"]["read_only"] is True
+    assert services["worker"]["build"]["args"] == {"BASE_IMAGE": "fewstep-torch-cpu:2.13.0"}
     assert [p["target"] for p in services["minio"]["ports"]] == [9000]
-    assert services["redis"]["command"][0] == "redis-server"
+    assert services["redis"]["command"] == production["redis"]["command"]
