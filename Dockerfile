@@ -23,5 +23,10 @@ RUN pip install . \
  && useradd --create-home --uid 1000 fewstep \
  && mkdir -p /cache /locks \
  && chown fewstep /cache /locks
+# The workers' root filesystem is read-only (docker-compose.yml): caches that would go to
+# ~/.cache or ~/.triton (torch.compile with --compile) go to the /cache volume instead.
+ENV XDG_CACHE_HOME=/cache/xdg \
+    TRITON_CACHE_DIR=/cache/triton \
+    TORCHINDUCTOR_CACHE_DIR=/cache/torchinductor
 USER fewstep
 CMD ["worker", "--help"]
