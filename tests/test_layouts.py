@@ -17,10 +17,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from fewstep.contract import metadata_key
 from fewstep.storage import open_store, s3_client
 from tests.conftest import BUCKET
 from tests.support import (
+    attempt_records,
     cli,
     cli_json,
     committed_metadata,
@@ -30,7 +30,8 @@ from tests.support import (
     verify_job,
 )
 
-ROWS = 16  # two shards of 8
+LAYOUTS = ("webdataset", "parquet")
+ROWS = 8  # two shards of 4, 64x64 images: the tiny model on a shared CPU
 
 
 def _env(local_services, model_cache) -> dict[str, str]:
@@ -47,7 +48,8 @@ def _env(local_services, model_cache) -> dict[str, str]:
 def _enqueue(env, parti: Path, job: str, output: str, layout: str, *extra: str) -> dict:
     return cli_json(
         "producer", "enqueue", "partiprompts", "--path", str(parti), "--model", "tiny", "--job", job,
-        "--output", output, "--layout", layout, "--format", "jpeg", "--shard-size", "8",
+        "--output", output, "--layout", layout, "--format", "jpeg", "--shard-size", "4",
+        "--width", "64", "--height", "64",
         "--limit", str(ROWS), *extra, env=env,
     )  # fmt: skip
 
@@ -60,7 +62,7 @@ def jobs(local_services, model_cache, parti_path, tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:  # this process reads storage with the same settings
         for key, value in env.items():
             patch.setenv(key, value)
-        made = {layout: _enqueue(env, parti_path, layout, output, layout) for layout in ("webdataset", "parquet")}
+        made = {layout: _enqueue(env, parti_path, layout, output, layout) for layout in LAYOUTS}
         log = tmp_path_factory.mktemp("layouts") / "worker.log"
         run_worker_until_done(env, output, *made, log_path=log)
         # The reference: the file's first rows split on newlines and tabs only (no quoting rules).
@@ -113,7 +115,7 @@ def test_parquet_job_loads_with_hf_datasets_as_pil_images_with_byte_exact_prompt
     import datasets
     from PIL import Image
 
-    env, output, made, prompts = jobs
+    _env, _output, made, prompts = jobs
     url = made["parquet"]["job_url"]
     store = open_store(url)
     meta = committed_metadata(url)
@@ -128,19 +130,17 @@ def test_parquet_job_loads_with_hf_datasets_as_pil_images_with_byte_exact_prompt
     assert isinstance(loaded.features["image"], datasets.Image)
     assert loaded["prompt"] == prompts == meta.column("prompt").to_pylist()
     first = loaded[0]
-    assert isinstance(first["image"], Image.Image) and first["image"].size == (
-        first["width"],
-        first["height"],
-    )
+    assert isinstance(first["image"], Image.Image)
+    assert first["image"].size == (first["width"], first["height"]) == (64, 64)
     assert loaded["sha256"] == meta.column("sha256").to_pylist()
 
 
 def test_verify_passes_then_detects_a_corrupted_tar_member_and_parquet_image(jobs):
     env, output, made, _prompts = jobs
-    for layout in ("webdataset", "parquet"):
+    for layout in LAYOUTS:
         verify_job(layout, output, env)
         store = open_store(made[layout]["job_url"])
-        row = committed_metadata(made[layout]["job_url"]).to_pylist()[9]
+        row = committed_metadata(made[layout]["job_url"]).to_pylist()[5]  # part 2, its second image
         key, original = row["image_key"], store.get(row["image_key"])
         if layout == "webdataset":
             at = row["image_offset"] + row["bytes"] // 2  # one byte inside one image member
@@ -165,7 +165,7 @@ def test_verify_passes_then_detects_a_corrupted_tar_member_and_parquet_image(job
 
 def test_finalize_gallery_and_gc_work_on_webdataset_and_parquet_jobs(jobs):
     env, output, made, prompts = jobs
-    for layout in ("webdataset", "parquet"):
+    for layout in LAYOUTS:
         url = made[layout]["job_url"]
         store = open_store(url)
         meta = committed_metadata(url)
@@ -184,9 +184,8 @@ def test_finalize_gallery_and_gc_work_on_webdataset_and_parquet_jobs(jobs):
         thumbs = [k for k, _ in store.list("gallery/thumbs/")]
         assert gallery["images"] == 4 and len(thumbs) == 4
         # A losing attempt's object is garbage; the committed ones stay.
-        loser = (
-            objects[0].rsplit("/", 1)[0] + "/20200101T000000.000000Z-loser." + objects[0].rsplit(".", 1)[1]
-        )
+        folder, ext = objects[0].rsplit("/", 1)[0], objects[0].rsplit(".", 1)[1]
+        loser = f"{folder}/20200101T000000.000000Z-loser.{ext}"
         store.put(loser, store.get(objects[0]))
         garbage = cli_json("producer", "gc", layout, "--output", output, "--delete", env=env)
         assert [(f["shard"], f["attempt"], f["objects"]) for f in garbage["folders"]] == [
@@ -197,36 +196,30 @@ def test_finalize_gallery_and_gc_work_on_webdataset_and_parquet_jobs(jobs):
 
 
 def test_a_worker_killed_mid_tar_leaves_no_committed_shard_and_no_readable_tar(env, parti_path, tmp_path):
-    env = dict(env)
-    # Parts of 16 KiB, so the tar is under way in storage (multipart) when the worker dies.
-    env["FEWSTEP_CONFIG_DIR"] = config_dir(tmp_path, output={"part_bytes": 16384})
     output = f"s3://{BUCKET}/runs/{uuid.uuid4().hex[:8]}"
     url = _enqueue(env, parti_path, "killed", output, "webdataset")["job_url"]
     store = open_store(url)
-    crashing = start_worker(
-        {**env, "FEWSTEP_FAILPOINT": "mid-upload:part-000002"}, log_path=tmp_path / "a.log"
-    )
+    # Parts of 16 KiB, so the tar is under way in storage (parts sent, multipart upload not
+    # completed) when the worker dies halfway through part 1's rows.
+    crashing = {
+        **env,
+        "FEWSTEP_CONFIG_DIR": config_dir(tmp_path, output={"part_bytes": 16384}),
+        "FEWSTEP_FAILPOINT": "mid-upload:part-000001",
+    }
+    worker = start_worker(crashing, log_path=tmp_path / "a.log")
     try:
-        assert crashing.wait(timeout=120) != 0  # killed itself halfway through part 2's tar
+        assert worker.wait(timeout=120) != 0
     finally:
-        crashing.kill()
-    log = (tmp_path / "a.log").read_text()
-    assert "failpoint mid-upload reached" in log, log[-2000:]
-    assert store.exists(metadata_key(1)) and not store.exists(metadata_key(2))
-    assert [k for k, _ in store.list("images/part-000002/")] == []  # no tar, partial or not
-    client = s3_client()
-    uploads = client.list_multipart_uploads(Bucket=store.bucket, Prefix=f"{store.prefix}/images/part-000002/")
-    assert len(uploads.get("Uploads", [])) == 1  # the tar's parts were under way
+        worker.kill()
+    assert "failpoint mid-upload reached for part-000001" in (tmp_path / "a.log").read_text()
+    assert [k for k, _ in store.list("metadata/")] == []  # nothing committed
+    assert [k for k, _ in store.list("images/")] == []  # no tar, partial or not
+    uploads = s3_client().list_multipart_uploads(Bucket=store.bucket, Prefix=f"{store.prefix}/images/")
+    assert len(uploads.get("Uploads", [])) == 1  # its parts were sent
     summary = cli_json(
         "producer", "reconcile", "killed", "--output", output, "--abandoned-after", "0", env=env
     )
     assert summary["aborted_uploads"] == 1
     run_worker_until_done(env, output, "killed", log_path=tmp_path / "b.log")
     verify_job("killed", output, env)
-    assert [r["state"] for r in _attempts(url, 2)] == ["running", "committed"]
-
-
-def _attempts(url: str, shard: int) -> list[dict]:
-    from tests.support import attempt_records
-
-    return attempt_records(url, shard)
+    assert [r["state"] for r in attempt_records(url, 1)] == ["running", "committed"]
