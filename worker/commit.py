@@ -45,7 +45,7 @@ from fewstep.contract import (
     part_name,
     shard_object_key,
 )
-from fewstep.settings import describe_error
+from fewstep.settings import defaults, describe_error
 from fewstep.storage import StorageError, Store, check_conditional_writes, open_store
 
 log = logging.getLogger("fewstep.worker")
@@ -219,12 +219,23 @@ _timed_jobs: set[str] = set()
 class ShardGuard:
     """Called by the shard loop after each generated batch, before its images are uploaded."""
 
-    def __init__(self, store: Store, message: ShardMessage, rows: int, visibility_timeout: float):
+    def __init__(
+        self,
+        store: Store,
+        message: ShardMessage,
+        rows: int,
+        visibility_timeout: float,
+        commit_check_seconds: float | None = None,
+    ):
         self.store = store
         self.message = message
         self.rows = rows
         self.visibility_timeout = visibility_timeout
+        if commit_check_seconds is None:
+            commit_check_seconds = float(defaults()["worker"]["commit_check_seconds"])
+        self.commit_check_seconds = commit_check_seconds
         self.started = time.monotonic()
+        self._next_commit_check = self.started  # the first batch always checks
         self._late = False
 
     def batch_done(self, rows_done: int) -> None:
@@ -232,9 +243,14 @@ class ShardGuard:
         self._check_time(rows_done)
         if shutdown.expired():
             raise ShutdownRequested(f"{part_name(self.message.shard)}: shutdown grace period over")
-        # Before this batch's images are written: a committed shard is never touched.
-        if self.store.exists(metadata_key(self.message.shard)):
-            raise Superseded(f"{part_name(self.message.shard)} was committed by another attempt")
+        # Before this batch's images are written: stop work another attempt made pointless.
+        # Not before every batch: one request per batch would cost more than the images
+        # (webdataset, parquet); an attempt's own keys never touch the committed shard anyway.
+        now = time.monotonic()
+        if now >= self._next_commit_check:
+            self._next_commit_check = now + self.commit_check_seconds
+            if self.store.exists(metadata_key(self.message.shard)):
+                raise Superseded(f"{part_name(self.message.shard)} was committed by another attempt")
 
     def _check_time(self, rows_done: int) -> None:
         elapsed = time.monotonic() - self.started
