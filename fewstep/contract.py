@@ -43,6 +43,7 @@ import json
 import logging
 import re
 import secrets
+import tarfile
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -224,6 +225,40 @@ def image_key_attempt(key: str) -> tuple[int, str] | None:
     if m is None or (m.re is _SHARD_OBJECT_KEY and m.group(2) == part_name(int(m.group(1)))):
         return None  # images/part-N/part-N.json and the like are not an attempt's
     return int(m.group(1)), m.group(2)
+
+
+# WebDataset samples: per row, ``<row>.<ext>`` (the image), ``<row>.json`` (its metadata row)
+# and ``<row>.txt`` (the prompt, UTF-8), in that order, in the worker's tars (webdataset
+# layout) and in those ``producer finalize --webdataset`` writes.
+TAR_BLOCK = 512
+TAR_END = bytes(2 * TAR_BLOCK)  # the end-of-archive marker
+
+
+def _tar_member(name: str, data: bytes, mtime: float) -> bytes:
+    # Fixed owner and mode, so the same rows always give the same tar bytes.
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), int(mtime), 0o444
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    header = info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+    return header + data + bytes(-len(data) % TAR_BLOCK)
+
+
+def webdataset_sample(row: dict[str, Any], image: bytes) -> bytes:
+    """The tar members of one metadata row's sample; the image's data starts
+    :data:`TAR_BLOCK` bytes in (a member name of up to 100 bytes has a one-block header)."""
+    stem = row["image_name"].split(".", 1)[0]
+    created = row.get("created_at")
+    if isinstance(created, str):
+        created = parse_time(created)
+    mtime = created.timestamp() if isinstance(created, dt.datetime) else 0
+    values = {k: v.isoformat() if isinstance(v, dt.datetime) else v for k, v in row.items()}
+    meta = json.dumps(values, ensure_ascii=False).encode()
+    return (
+        _tar_member(row["image_name"], image, mtime)
+        + _tar_member(f"{stem}.json", meta, mtime)
+        + _tar_member(f"{stem}.txt", row["prompt"].encode(), mtime)
+    )
 
 
 def dataset_metadata_key(index: int = 1, files: int = 1) -> str:

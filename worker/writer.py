@@ -21,10 +21,7 @@ tar. A few storage requests per shard instead of one per image.
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
-import json
-import tarfile
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -36,10 +33,13 @@ from fewstep.contract import (
     IMAGE_COLUMN,
     LAYOUT_FILES,
     LAYOUT_WEBDATASET,
+    TAR_BLOCK,
+    TAR_END,
     image_key,
     image_name,
     images_parquet_schema,
     shard_object_key,
+    webdataset_sample,
 )
 from fewstep.settings import defaults
 from fewstep.storage import Store, Upload
@@ -47,8 +47,6 @@ from worker.commit import failpoint
 
 #: The metadata columns of rows [lo, hi) of the shard, as lists (see ShardRunner.metadata_columns).
 Describe = Callable[[int, int], dict[str, list]]
-
-_BLOCK = 512
 
 
 class ShardWriter:
@@ -156,52 +154,21 @@ class StreamWriter(ShardWriter):
                 self._lock.release()
 
 
-def _json_value(value: Any) -> Any:
-    return value.isoformat() if isinstance(value, dt.datetime) else value
-
-
 class TarWriter(StreamWriter):
-    """A WebDataset tar: ``<row>.<ext>``, ``<row>.json``, ``<row>.txt`` per row, in row order.
-
-    USTAR headers with fixed owner and mode and the row's creation time as mtime, as
-    ``producer finalize --webdataset`` writes them.
-    """
+    """A WebDataset tar: ``<row>.<ext>``, ``<row>.json``, ``<row>.txt`` per row, in row order,
+    as ``producer finalize --webdataset`` writes them (:func:`fewstep.contract.webdataset_sample`)."""
 
     layout = LAYOUT_WEBDATASET
 
-    def _member(self, name: str, data: bytes, mtime: float) -> int:
-        """Append one member; returns the offset of its data in the tar."""
-        info = tarfile.TarInfo(name)
-        info.size = len(data)
-        info.mtime = int(mtime)
-        info.mode = 0o444
-        info.uid = info.gid = 0
-        info.uname = info.gname = ""
-        header = info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
-        self.upload.write(header)
-        offset = self.upload.tell()
-        self.upload.write(data)
-        if len(data) % _BLOCK:
-            self.upload.write(b"\0" * (_BLOCK - len(data) % _BLOCK))
-        return offset
-
     def _append(self, lo: int, hi: int, images: list[bytes]) -> None:
         for i, data in zip(range(lo, hi), images, strict=True):
-            name = image_name(self.row_ids[i], self.ext)
-            stem = name.split(".", 1)[0]
-            # A USTAR header is one block: the image's data starts right after it. Known
-            # before writing, so the .json member can record it.
-            self.offsets[i] = self.upload.tell() + _BLOCK
-            row = {k: _json_value(v[0]) for k, v in self.describe(i, i + 1).items()}
-            created = row.get("created_at")
-            mtime = dt.datetime.fromisoformat(created).timestamp() if isinstance(created, str) else 0
-            if self._member(name, data, mtime) != self.offsets[i]:
-                raise RuntimeError(f"tar member {name}: header of unexpected size")
-            self._member(f"{stem}.json", json.dumps(row, ensure_ascii=False).encode(), mtime)
-            self._member(f"{stem}.txt", row["prompt"].encode(), mtime)
+            # Known before writing, so the .json member records it.
+            self.offsets[i] = self.upload.tell() + TAR_BLOCK
+            row = {k: v[0] for k, v in self.describe(i, i + 1).items()}
+            self.upload.write(webdataset_sample(row, data))
 
     def _close(self) -> None:
-        self.upload.write(b"\0" * (2 * _BLOCK))  # the end-of-archive marker
+        self.upload.write(TAR_END)
 
 
 class ParquetWriter(StreamWriter):
