@@ -230,3 +230,25 @@ def test_a_worker_killed_mid_tar_leaves_no_committed_shard_and_no_readable_tar(j
     store = _store(output, "killed")
     assert verify(store)["ok"] and verify(store)["images_checked"] == ROWS
     assert [r["state"] for r in attempt_records(store.url, 1)] == ["running", "committed"]
+
+
+@pytest.mark.parametrize("kind", ["s3", "local"])
+def test_a_streamed_upload_sends_bounded_parts_and_shows_nothing_until_finished(env, output, tmp_path, kind):
+    store = open_store(output if kind == "s3" else str(tmp_path / "out"))
+    part = 5 * 1024 * 1024  # S3's smallest part but the last
+    upload = store.upload("images/part-000001/x.tar", part)
+    data = os.urandom(2 * part + 123)
+    for at in range(0, len(data), 1 << 20):
+        upload.write(data[at : at + (1 << 20)])
+        assert len(upload._buffer) < part  # never more than one part held
+    assert upload.started and list(store.list("images/")) == []
+    assert upload.finish() == len(data) and store.get("images/part-000001/x.tar") == data
+    if kind == "s3":
+        assert upload.requests == 5  # start, 3 parts, complete
+    small = store.upload("images/part-000001/y.tar", part)
+    small.write(b"small")
+    assert not small.started and small.finish() == 5 and store.get("images/part-000001/y.tar") == b"small"
+    aborted = store.upload("images/part-000001/z.tar", part)
+    aborted.write(data)
+    aborted.abort()
+    assert not store.exists("images/part-000001/z.tar")
