@@ -36,9 +36,12 @@ from tests.support import (
     config_dir,
     run_worker_until_done,
     start_worker,
+    wait_for,
 )
 
 LAYOUTS = ("webdataset", "parquet")
+# A killed worker's shard is restored seconds after the kill, not half a minute.
+FAST_RECOVERY = {"liveness_seconds": 1, "liveness_ttl": 2, "min_age": 2, "scan_seconds": 1}
 ROWS = 8  # two shards of 4, 64x64 images: the tiny model on a shared CPU
 
 
@@ -52,21 +55,19 @@ def _enqueue(env, parti, job: str, output: str, layout: str) -> dict:
 
 def _crash_mid_tar(env: dict[str, str], output: str, job: str, parti, tmp_path) -> dict:
     """Enqueue ``job`` (webdataset) and run a worker that kills itself halfway through part 1's
-    tar, with parts of 16 KiB so the tar is under way in storage; what storage holds then."""
+    tar, with parts of 4 KiB so the tar is under way in storage; what storage holds then."""
     url = _enqueue(env, parti, job, output, "webdataset")["job_url"]
     store = open_store(url)
-    crashing = {
-        **env,
-        "FEWSTEP_CONFIG_DIR": config_dir(tmp_path, output={"part_bytes": 16384}),
-        "FEWSTEP_FAILPOINT": "mid-upload:part-000001",
-    }
+    (tmp_path / "crash").mkdir()
+    small_parts = config_dir(tmp_path / "crash", output={"part_bytes": 4096}, recovery=FAST_RECOVERY)
+    crashing = {**env, "FEWSTEP_CONFIG_DIR": small_parts, "FEWSTEP_FAILPOINT": "mid-upload:part-000001"}
     worker = start_worker(crashing, log_path=tmp_path / "crash.log")
     try:
         exit_code = worker.wait(timeout=120)
     finally:
         worker.kill()
     uploads = s3_client().list_multipart_uploads(Bucket=store.bucket, Prefix=f"{store.prefix}/images/")
-    return {
+    seen = {
         "exit_code": exit_code,
         "log": (tmp_path / "crash.log").read_text(),
         "metadata": [k for k, _ in store.list("metadata/")],
@@ -74,6 +75,11 @@ def _crash_mid_tar(env: dict[str, str], output: str, job: str, parti, tmp_path) 
         "uploads": len(uploads.get("Uploads", [])),
         "reconcile": reconcile(store, abandoned_after=0),
     }
+    # The dead worker's message goes back on the queue once its liveness key has expired.
+    wait_for(
+        lambda: reconcile(store, abandoned_after=0)["restored_from_dead_workers"], 30, "the shard restored", 1
+    )
+    return seen
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +95,7 @@ def jobs(local_services, model_cache, parti_path, tmp_path_factory):
     }
     output = f"s3://{BUCKET}/runs/{uuid.uuid4().hex[:8]}"
     tmp_path = tmp_path_factory.mktemp("layouts")
+    env["FEWSTEP_CONFIG_DIR"] = config_dir(tmp_path, recovery=FAST_RECOVERY)
     with pytest.MonkeyPatch.context() as patch:  # this process reads storage with the same settings
         for key, value in env.items():
             patch.setenv(key, value)
