@@ -63,6 +63,7 @@ def part_table(shard: int, rows: int) -> bytes:
         "created_at": [now] * rows, "category": ["Animals"] * rows, "challenge": ["Basic"] * rows,
         "note": [""] * rows, "format_quality": [None] * rows, "png_level": [6] * rows,
         "encoder": ["pillow-11.0.0"] * rows, "dtype": ["float16"] * rows, "vae": ["default"] * rows,
+        "image_offset": [None] * rows, "image_row": [None] * rows,
     }  # fmt: skip
     out = io.BytesIO()
     pq.write_table(pa.Table.from_pydict(columns, schema=schema), out, compression="zstd")

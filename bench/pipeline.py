@@ -9,11 +9,14 @@ The ``synthetic`` model holds a fixed latency per batch with the GIL released an
 
 and prints their ratio (target: end-to-end ≥ 0.95 × model-only). It also prints the bare
 encoder's CPU cost per image against the worker's, how threads compare with processes for
-encoding, and the rate at which PNG becomes the bottleneck.
+encoding, and the rate at which PNG becomes the bottleneck. The JPEG rates run once per
+``--layouts`` entry (files, webdataset, parquet: how the worker stores images), in the same
+run, with the storage requests per 1,000 images each layout made.
 
     .venv/bin/python bench/pipeline.py                 # the full sweep (a few minutes)
     .venv/bin/python bench/pipeline.py --jpeg-rates 200 --png-rates 40 --images 512
     .venv/bin/python bench/pipeline.py --read-ahead-ablation 200 --images 1024 --shard-size 128
+    .venv/bin/python bench/pipeline.py --layouts files,webdataset,parquet --jpeg-rates 100,300 --png-rates ""
 """
 
 from __future__ import annotations
@@ -85,11 +88,20 @@ def model_only(batch_ms: float, batch_size: int, images: int) -> float:
 
 
 def end_to_end(
-    svc, env, prompts: Path, rate: float, args, image_format: ImageFormat, log: Path, read_ahead: bool = True
+    svc,
+    env,
+    prompts: Path,
+    rate: float,
+    args,
+    image_format: ImageFormat,
+    log: Path,
+    read_ahead: bool = True,
+    layout: str = "files",
 ):
     """Model-only and end-to-end runs at ``rate``: (model-only images/s, the job's run)."""
     batch_ms = 1000 * args.batch_size / rate
-    settings = ["--quality", str(image_format.quality)] if image_format.quality else []
+    settings = ["--layout", layout]
+    settings += ["--quality", str(image_format.quality)] if image_format.quality else []
     settings += ["--png-level", str(image_format.png_level)] if image_format.png_level is not None else []
     run, first = run_job(
         env,
@@ -118,11 +130,18 @@ def report(label: str, rate: float, alone: float, run: JobRun, first: ShardStats
         f"{sum(s.batches_ahead > 0 for s in run.stats)}/{len(run.stats)} shards"
     )
     encode_cpu = run.total("encode_cpu_s") / run.images
+    worker_cpu = run.cpu_seconds / run.images
     print(
         f"    CPU per image: encode stage {1000 * encode_cpu:.2f} ms = {encode_cpu / bare:.2f} x the bare "
-        f"encoder; whole worker process {1000 * run.cpu_seconds / run.images:.2f} ms; "
+        f"encoder; whole worker process {1000 * worker_cpu:.2f} ms = {worker_cpu / bare:.2f} x the bare "
+        "encoder; "
         f"SeaweedFS {1000 * run.storage_cpu_seconds / run.images:.2f} ms; a fresh worker's first shard "
         f"(warm-up job) {first.seconds:.2f}s, model alone {first.images / alone:.2f}s"
+    )
+    per_1000 = {name: 1000 * run.total(name) / run.images for name in ("image_requests", "storage_requests")}
+    print(
+        f"    storage requests per 1,000 images: for the images {per_1000['image_requests']:.1f}, by the "
+        f"whole worker from each task's start to its commit {per_1000['storage_requests']:.1f}"
     )
     return ratio
 
@@ -137,7 +156,7 @@ def read_ahead_ablation(args) -> None:
         logs.mkdir(parents=True, exist_ok=True)
         for read_ahead in (True, False):
             log = logs / f"read-ahead-{int(read_ahead)}.log"
-            alone, run, first = end_to_end(svc, env, prompts, rate, args, JPEG, log, read_ahead)
+            alone, run, first = end_to_end(svc, env, prompts, rate, args, JPEG, log, read_ahead=read_ahead)
             report(f"JPEG, read-ahead {'on ' if read_ahead else 'off'}", rate, alone, run, first,
                    bare_encoder_cpu(JPEG, 0.5))  # fmt: skip
 
@@ -159,6 +178,9 @@ def main() -> None:
         metavar="RATE",
         help="Only this: JPEG at RATE img/s through a worker with the next-shard read-ahead on, then off.",
     )
+    parser.add_argument(
+        "--layouts", default="files", help="Layouts the JPEG rates run with, e.g. files,webdataset,parquet."
+    )
     args = parser.parse_args()
     if args.read_ahead_ablation:
         read_ahead_ablation(args)
@@ -176,13 +198,15 @@ def main() -> None:
         prompts = write_prompts(Path(scratch) / "prompts.tsv", max(args.images, args.png_images))
         logs = REPO / ".fewstep" / "bench-logs"
         logs.mkdir(parents=True, exist_ok=True)
-        best = None
-        for rate in [float(r) for r in args.jpeg_rates.split(",") if r]:
-            alone, run, first = end_to_end(svc, env, prompts, rate, args, JPEG, logs / f"jpeg-{rate:.0f}.log")
-            if report("JPEG", rate, alone, run, first, bare_jpeg) >= TARGET:
-                best = max(best or 0.0, alone)
-        print(f"highest JPEG rate sustained at >= {TARGET} x model-only: "
-              + (f"{best:.0f} img/s" if best else "none of those tried"))  # fmt: skip
+        for layout in [name for name in args.layouts.split(",") if name]:
+            best = None
+            for rate in [float(r) for r in args.jpeg_rates.split(",") if r]:
+                log = logs / f"jpeg-{layout}-{rate:.0f}.log"
+                alone, run, first = end_to_end(svc, env, prompts, rate, args, JPEG, log, layout=layout)
+                if report(f"JPEG {layout}", rate, alone, run, first, bare_jpeg) >= TARGET:
+                    best = max(best or 0.0, alone)
+            print(f"{layout}: highest JPEG rate sustained at >= {TARGET} x model-only: "
+                  + (f"{best:.0f} img/s" if best else "none of those tried"))  # fmt: skip
         png_args = argparse.Namespace(
             **{
                 **vars(args),

@@ -9,6 +9,12 @@ name and ids only, never from dataset fields)::
                                               one image, named by its global row id, in the
                                               folder of the attempt that made it; the committed
                                               metadata names the one attempt whose images count
+                                              (layout "files", the default)
+    images/part-000001/<attempt-id>.tar       layout "webdataset": every image of one attempt,
+                                              with its .json row and .txt prompt, in one tar
+    images/part-000001/<attempt-id>.parquet   layout "parquet": every image of one attempt in
+                                              an ``image`` column (HF datasets' Image) next to
+                                              the metadata columns
     metadata/part-000001.parquet              shard 1's metadata: the commit marker, written last
     failed/part-000001.json                   shard 1 gave up after too many attempts
     attempts/part-000001/<attempt-id>.json    one record per delivery of shard 1 (worker, outcome)
@@ -33,9 +39,11 @@ carries references only (:class:`ShardMessage`), never prompts or credentials.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import re
 import secrets
+import tarfile
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -47,7 +55,8 @@ from fewstep import UserError
 log = logging.getLogger("fewstep.contract")
 
 # 2: images are keyed by attempt (images/part-N/<attempt-id>/...); metadata has attempt_id.
-FORMAT_VERSION = 2
+# 3: layouts (files, webdataset, parquet); metadata has image_offset and image_row.
+FORMAT_VERSION = 3
 TASK_NAME = "fewstep.generate_shard"
 
 JOB_SPEC_KEY = "job.json"
@@ -183,13 +192,73 @@ def image_key(shard: int, attempt_id: str, row_id: int, ext: str) -> str:
     return f"{attempt_images_prefix(shard, attempt_id)}{image_name(row_id, ext)}"
 
 
+# How a job stores its images: one object per image ("files"), or one object per shard
+# attempt holding all its images: a WebDataset tar or a parquet with an Image column.
+LAYOUT_FILES = "files"
+LAYOUT_WEBDATASET = "webdataset"
+LAYOUT_PARQUET = "parquet"
+LAYOUTS = (LAYOUT_FILES, LAYOUT_WEBDATASET, LAYOUT_PARQUET)
+_LAYOUT_EXTENSIONS = {LAYOUT_WEBDATASET: "tar", LAYOUT_PARQUET: "parquet"}
+
+
+def job_layout(spec: dict[str, Any]) -> str:
+    """The layout a job spec records ("files" for jobs written before layouts existed)."""
+    return spec.get("layout") or LAYOUT_FILES
+
+
+def shard_object_key(shard: int, attempt_id: str, layout: str) -> str:
+    """``images/part-000001/<attempt-id>.tar`` (or ``.parquet``): one attempt's images in one object.
+
+    Keyed per attempt like the files layout's folders: a losing attempt's object is never
+    the one the committed metadata names, and ``producer gc`` removes it.
+    """
+    return f"{IMAGES}/{part_name(shard)}/{_check_attempt_id(attempt_id)}.{_LAYOUT_EXTENSIONS[layout]}"
+
+
 _IMAGE_KEY = re.compile(r"^images/part-(\d{6,})/([^/]+)/\d{12,}\.[a-z]+$")
+_SHARD_OBJECT_KEY = re.compile(r"^images/part-(\d{6,})/([^/]+)\.(tar|parquet)$")
 
 
 def image_key_attempt(key: str) -> tuple[int, str] | None:
-    """(shard, attempt id) of an attempt-scoped image key; None for any other key."""
-    m = _IMAGE_KEY.match(key)
-    return (int(m.group(1)), m.group(2)) if m else None
+    """(shard, attempt id) of an attempt-scoped image key or shard object; None for any other key."""
+    m = _IMAGE_KEY.match(key) or _SHARD_OBJECT_KEY.match(key)
+    if m is None or (m.re is _SHARD_OBJECT_KEY and m.group(2) == part_name(int(m.group(1)))):
+        return None  # images/part-N/part-N.json and the like are not an attempt's
+    return int(m.group(1)), m.group(2)
+
+
+# WebDataset samples: per row, ``<row>.<ext>`` (the image), ``<row>.json`` (its metadata row)
+# and ``<row>.txt`` (the prompt, UTF-8), in that order, in the worker's tars (webdataset
+# layout) and in those ``producer finalize --webdataset`` writes.
+TAR_BLOCK = 512
+TAR_END = bytes(2 * TAR_BLOCK)  # the end-of-archive marker
+
+
+def _tar_member(name: str, data: bytes, mtime: float) -> bytes:
+    # Fixed owner and mode, so the same rows always give the same tar bytes.
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), int(mtime), 0o444
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    header = info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+    return header + data + bytes(-len(data) % TAR_BLOCK)
+
+
+def webdataset_sample(row: dict[str, Any], image: bytes) -> bytes:
+    """The tar members of one metadata row's sample; the image's data starts
+    :data:`TAR_BLOCK` bytes in (a member name of up to 100 bytes has a one-block header)."""
+    stem = row["image_name"].split(".", 1)[0]
+    created = row.get("created_at")
+    if isinstance(created, str):
+        created = parse_time(created)
+    mtime = created.timestamp() if isinstance(created, dt.datetime) else 0
+    values = {k: v.isoformat() if isinstance(v, dt.datetime) else v for k, v in row.items()}
+    meta = json.dumps(values, ensure_ascii=False).encode()
+    return (
+        _tar_member(row["image_name"], image, mtime)
+        + _tar_member(f"{stem}.json", meta, mtime)
+        + _tar_member(f"{stem}.txt", row["prompt"].encode(), mtime)
+    )
 
 
 def dataset_metadata_key(index: int = 1, files: int = 1) -> str:
@@ -367,8 +436,21 @@ METADATA_CORE = pa.schema(
         pa.field("encoder", pa.string()),  # e.g. pillow-11.0.0, nvjpeg-torchvision-0.23.0
         pa.field("dtype", pa.string()),
         pa.field("vae", pa.string()),  # "default", or the tiny VAE that decoded the latents
+        # Where in `image_key` the image lies when one object holds a shard's images (null
+        # for the files layout): for webdataset, the byte offset of the image member's data in
+        # the tar (a ranged GET of `bytes` bytes from there is the image); for parquet, the
+        # image's row in that parquet.
+        pa.field("image_offset", pa.int64()),
+        pa.field("image_row", pa.int64()),
     ]
 )
+
+#: Columns added by format version 3: jobs of version 2 have metadata without them.
+LAYOUT_COLUMNS = ("image_offset", "image_row")
+
+#: The image column of the parquet layout: HF datasets' ``Image`` feature's storage type.
+IMAGE_COLUMN = "image"
+IMAGE_STRUCT = pa.struct([pa.field("bytes", pa.binary()), pa.field("path", pa.string())])
 
 RESERVED_NAMES = frozenset(MANIFEST_CORE.names) | frozenset(METADATA_CORE.names)
 
@@ -395,16 +477,34 @@ def manifest_schema(fields: dict[str, str]) -> pa.Schema:
     return _with_fields(MANIFEST_CORE, fields)
 
 
-def metadata_schema(fields: dict[str, str]) -> pa.Schema:
-    """The metadata schema of a job: identical in every shard of the job."""
-    return _with_fields(METADATA_CORE, fields)
+def metadata_schema(fields: dict[str, str], format_version: int = FORMAT_VERSION) -> pa.Schema:
+    """The metadata schema of a job: identical in every shard of the job (``format_version``:
+    the job's, so jobs written by an older version read with their own schema)."""
+    core = METADATA_CORE
+    if format_version < 3:
+        core = pa.schema([f for f in METADATA_CORE if f.name not in LAYOUT_COLUMNS])
+    return _with_fields(core, fields)
+
+
+def job_metadata_schema(spec: dict[str, Any]) -> pa.Schema:
+    """The metadata schema of the job ``spec`` describes."""
+    return metadata_schema(spec["source"].get("fields", {}), int(spec.get("format_version", FORMAT_VERSION)))
+
+
+def images_parquet_schema(metadata: pa.Schema) -> pa.Schema:
+    """The parquet layout's images file: the ``image`` column (decoded as an ``Image`` by HF
+    ``datasets``, as its schema metadata says) followed by every metadata column."""
+    features = {"info": {"features": {IMAGE_COLUMN: {"_type": "Image"}}}}
+    return pa.schema([pa.field(IMAGE_COLUMN, IMAGE_STRUCT), *metadata]).with_metadata(
+        {"huggingface": json.dumps(features)}
+    )
 
 
 # --- job spec ------------------------------------------------------------------
 
 # The parts of job.json that define what a job produces. Two enqueues with equal
 # identities are the same job (a resume); a different one under the same name is refused.
-SPEC_IDENTITY_KEYS = ("format_version", "source", "model", "generation", "seed", "shard_size")
+SPEC_IDENTITY_KEYS = ("format_version", "source", "model", "generation", "seed", "shard_size", "layout")
 
 
 def spec_identity(spec: dict[str, Any]) -> dict[str, Any]:
@@ -462,6 +562,12 @@ class ShardStats:
     # size the shard then ran at (= batch_size when none ran out of memory).
     oom_retries: int = 0
     min_batch_size: int | None = None
+    # Storage requests (absent from older stats): made for the shard's images (one per image
+    # for the files layout; a few per shard for webdataset and parquet), and by the whole
+    # worker process between the task's start and its commit (attempt records, checks,
+    # commit, heartbeats, reading ahead included).
+    image_requests: int = 0
+    storage_requests: int = 0
 
     def to_json(self) -> dict[str, Any]:
         """The stats object's JSON fields."""

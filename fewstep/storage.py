@@ -141,11 +141,19 @@ class Store:
         """Names of the folders directly under the root (one listing level, not every key)."""
         raise NotImplementedError
 
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        """``length`` bytes of the object from offset ``start`` (one image inside a tar)."""
+        raise NotImplementedError
+
+    def upload(self, key: str, part_bytes: int) -> Upload:
+        """A streamed write of ``key``: the object appears only when :meth:`Upload.finish` returns."""
+        raise NotImplementedError
+
     def abort_abandoned_uploads(self, older_than: float) -> int:
         """Abort partial uploads under the root started more than ``older_than`` seconds ago.
 
-        fewstep writes every object with one PUT, so only a writer killed mid-upload (or
-        another tool) leaves these behind. Returns how many were aborted.
+        Only a writer killed mid-upload (a worker streaming a shard's tar or parquet in parts,
+        or another tool) leaves these behind. Returns how many were aborted.
         """
         raise NotImplementedError
 
@@ -155,6 +163,60 @@ class Store:
 
     def url_of(self, key: str) -> str:
         return f"{self.url.rstrip('/')}/{key}"
+
+
+class Upload:
+    """An object written as a stream, at most ``part_bytes`` held in memory.
+
+    Bytes are buffered up to one part; each full part is sent (S3 multipart upload). An
+    object smaller than one part is written with one PUT by :meth:`finish`. Until
+    :meth:`finish` returns nothing is visible at the key: a writer killed midway leaves an
+    unfinished multipart upload (or a temporary file), never a partial object.
+    """
+
+    def __init__(self, key: str, part_bytes: int):
+        self.key = key
+        self.part_bytes = part_bytes
+        self.requests = 0  # storage requests made so far
+        self._buffer = bytearray()
+        self._written = 0
+        self.closed = False
+
+    def write(self, data: bytes) -> int:
+        """Append ``data``; sends every part that fills up."""
+        self._buffer += data
+        self._written += len(data)
+        while len(self._buffer) >= self.part_bytes:
+            self._send(bytes(self._buffer[: self.part_bytes]))
+            del self._buffer[: self.part_bytes]
+        return len(data)
+
+    def tell(self) -> int:
+        """Bytes written so far: the offset the next write starts at."""
+        return self._written
+
+    def flush(self) -> None:
+        """Nothing to do: parts are sent when full (a file-like object's method)."""
+
+    def close(self) -> None:
+        """Mark closed; what was written becomes the object only with :meth:`finish`."""
+        self.closed = True
+
+    @property
+    def started(self) -> bool:
+        """Whether a part was sent already (the upload is under way in storage)."""
+        raise NotImplementedError
+
+    def finish(self) -> int:
+        """Send what is left and make the object; returns its size."""
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        """Drop the upload: no object is made."""
+        raise NotImplementedError
+
+    def _send(self, part: bytes) -> None:
+        raise NotImplementedError
 
 
 def read_table(store: Store, key: str, columns: list[str] | None = None) -> pa.Table:
@@ -187,7 +249,26 @@ def _s3_client(endpoint: str | None, region: str, max_attempts: int, credentials
         {"aws_access_key_id": credentials[0], "aws_secret_access_key": credentials[1]} if credentials else {}
     )
     session = boto3.session.Session()
-    return session.client("s3", endpoint_url=endpoint, region_name=region, config=config, **keys)
+    client = session.client("s3", endpoint_url=endpoint, region_name=region, config=config, **keys)
+    client.meta.events.register("before-send.s3", _count_request)
+    return client
+
+
+class _Requests:
+    """HTTP requests this process sent to S3 (retries included), for per-shard stats."""
+
+    count = 0
+    lock = threading.Lock()
+
+
+def _count_request(**_kwargs) -> None:
+    with _Requests.lock:
+        _Requests.count += 1
+
+
+def requests_sent() -> int:
+    """How many requests this process has sent to S3 so far."""
+    return _Requests.count
 
 
 def s3_client(max_attempts: int | None = None):
@@ -364,6 +445,9 @@ class S3Store(Store):
             lambda: self._client.get_object(Bucket=self.bucket, Key=full, Range=span)["Body"].read(),
         )
 
+    def upload(self, key: str, part_bytes: int) -> S3Upload:
+        return S3Upload(self, key, part_bytes)
+
     def exists(self, key: str) -> bool:
         full = self._key(key)
 
@@ -441,6 +525,71 @@ class S3Store(Store):
             raise UserError(str(e)) from None
 
 
+class S3Upload(Upload):
+    """A multipart upload, begun with the first full part; a single PUT if there is none."""
+
+    def __init__(self, store: S3Store, key: str, part_bytes: int):
+        super().__init__(key, part_bytes)
+        self._store = store
+        self._full = store._key(key)
+        self._upload_id: str | None = None
+        self._parts: list[dict] = []
+
+    @property
+    def started(self) -> bool:
+        return self._upload_id is not None
+
+    def _send(self, part: bytes) -> None:
+        store, client = self._store, self._store._client
+        if self._upload_id is None:
+            created = store._call(
+                f"starting the upload of {self.key}",
+                lambda: client.create_multipart_upload(Bucket=store.bucket, Key=self._full),
+            )
+            self._upload_id = created["UploadId"]
+            self.requests += 1
+        number = len(self._parts) + 1
+        sent = store._call(
+            f"writing part {number} of {self.key}",
+            lambda: client.upload_part(
+                Bucket=store.bucket, Key=self._full, UploadId=self._upload_id, PartNumber=number, Body=part
+            ),
+        )
+        self._parts.append({"ETag": sent["ETag"], "PartNumber": number})
+        self.requests += 1
+
+    def finish(self) -> int:
+        store = self._store
+        if self._upload_id is None:
+            store.put(self.key, bytes(self._buffer))
+        else:
+            if self._buffer:
+                self._send(bytes(self._buffer))
+            store._call(
+                f"completing the upload of {self.key}",
+                lambda: store._client.complete_multipart_upload(
+                    Bucket=store.bucket,
+                    Key=self._full,
+                    UploadId=self._upload_id,
+                    MultipartUpload={"Parts": self._parts},
+                ),
+            )
+        self.requests += 1
+        self._buffer = bytearray()
+        return self._written
+
+    def abort(self) -> None:
+        self._buffer = bytearray()
+        if self._upload_id is not None:
+            store, upload_id, self._upload_id = self._store, self._upload_id, None
+            store._call(
+                f"aborting the upload of {self.key}",
+                lambda: store._client.abort_multipart_upload(
+                    Bucket=store.bucket, Key=self._full, UploadId=upload_id
+                ),
+            )
+
+
 # --- local directory ---------------------------------------------------------------
 
 
@@ -490,6 +639,17 @@ class LocalStore(Store):
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        try:
+            with self._path(key).open("rb") as f:
+                f.seek(start)
+                return f.read(length)
+        except FileNotFoundError:
+            raise KeyMissing(self.url_of(key)) from None
+
+    def upload(self, key: str, part_bytes: int) -> LocalUpload:
+        return LocalUpload(self._path(key), key, part_bytes)
+
     def list(self, prefix: str = "") -> Iterator[tuple[str, int]]:
         # Walk only the folder the prefix names (a shard's images, not the whole job), and
         # of its subfolders only those the prefix's last part can match ("metadata" walks
@@ -536,6 +696,41 @@ class LocalStore(Store):
             raise UserError(f"cannot use output directory {self.root}: {e.strerror}") from None
         if not os.access(self.root, os.W_OK):
             raise UserError(f"output directory {self.root} is not writable")
+
+
+class LocalUpload(Upload):
+    """A temporary file in the target's folder, renamed to the key when finished."""
+
+    def __init__(self, path: Path, key: str, part_bytes: int):
+        super().__init__(key, part_bytes)
+        self._path = path
+        self._tmp: str | None = None
+
+    @property
+    def started(self) -> bool:
+        return self._tmp is not None
+
+    def _send(self, part: bytes) -> None:
+        if self._tmp is None:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            fd, self._tmp = tempfile.mkstemp(dir=self._path.parent, prefix=".tmp-")
+            os.close(fd)
+        with open(self._tmp, "ab") as f:
+            f.write(part)
+
+    def finish(self) -> int:
+        self._send(bytes(self._buffer))
+        self._buffer = bytearray()
+        os.replace(self._tmp, self._path)
+        self._tmp = None
+        return self._written
+
+    def abort(self) -> None:
+        self._buffer = bytearray()
+        if self._tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._tmp)
+            self._tmp = None
 
 
 # --- conditional writes -----------------------------------------------------------

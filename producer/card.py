@@ -42,11 +42,66 @@ def source_licence(spec: dict[str, Any]) -> str | None:
     return entry.get("license") if isinstance(entry, dict) else None
 
 
+LAYOUT_WORDS = {
+    "files": "one object per image",
+    "webdataset": "one WebDataset tar per part: image, `.json` metadata row and `.txt` prompt per sample",
+    "parquet": "one parquet per part with the images in an `image` column (datasets' `Image`) "
+    "next to every metadata column",
+}
+
+
+def _image_lines(layout: str, image_files: list[str]) -> list[str]:
+    if layout == "files":
+        return [
+            "- `images/part-NNNNNN/<attempt-id>/NNNNNNNNNNNN.<ext>`: the images, named by global row id, "
+            "in the folder of the attempt that committed the part (column `image_key`)"
+        ]
+    shown = [f"  - `{f}`" for f in image_files[:20]]
+    more = [f"  - … {len(image_files) - 20:,} more, all listed in `finalized.json` (`image_files`)"]
+    kind = "WebDataset tars" if layout == "webdataset" else "parquet files with the images"
+    return [
+        f"- {len(image_files):,} {kind}, one per part, written by the attempt that committed it "
+        "(column `image_key`; `image_offset` is where an image's bytes start in its tar, `image_row` "
+        "its row in its parquet). Other files under `images/` are losing attempts' until `producer gc` "
+        "removes them: load this list, not a glob:",
+        *shown,
+        *(more if len(image_files) > 20 else []),
+    ]
+
+
+def _loading_lines(layout: str) -> list[str]:
+    if layout == "webdataset":
+        return [
+            "",
+            "# the images: WebDataset tars (samples with jpg/png/webp, json and txt)",
+            "import json, webdataset as wds",
+            'tars = json.load(open("finalized.json"))["image_files"]',
+            'samples = wds.WebDataset(tars, shardshuffle=False).decode("pil")',
+        ]
+    if layout == "parquet":
+        return [
+            "",
+            "# the images with their metadata: column `image` decodes to PIL images",
+            "import json",
+            'parts = json.load(open("finalized.json"))["image_files"]',
+            'images = datasets.load_dataset("parquet", data_files=parts, split="train")',
+        ]
+    return []
+
+
 def dataset_card(spec: dict[str, Any], facts: dict[str, Any]) -> str:
     """The card's Markdown. ``facts`` are what finalize measured: rows, files, time span, missing."""
     job, model, gen, source = spec["job"], spec["model"], spec["generation"], spec["source"]
     files = facts["files"]
     data_files = files[0] if len(files) == 1 else "metadata-*.parquet"
+    layout = facts.get("layout") or "files"
+    image_files = facts.get("image_files") or []
+    if layout == "parquet":  # the viewer shows the images: the image parquets are the default config
+        configs = [("default", image_files), ("metadata", data_files)]
+    elif layout == "webdataset":
+        configs = [("default", data_files), ("webdataset", image_files)]
+    else:
+        configs = [("default", data_files)]
     front = [
         "---",
         f"pretty_name: {json.dumps(f'fewstep job {job}')}",
@@ -58,8 +113,11 @@ def dataset_card(spec: dict[str, Any], facts: dict[str, Any]) -> str:
         "size_categories:",
         f"- {_size_category(facts['rows'])}",
         "configs:",
-        "- config_name: default",
-        f"  data_files: {json.dumps(data_files)}",
+        *[
+            line
+            for name, where in configs
+            for line in (f"- config_name: {name}", f"  data_files: {json.dumps(where)}")
+        ],
         "---",
     ]
     settings = ", ".join(
@@ -95,6 +153,7 @@ def dataset_card(spec: dict[str, Any], facts: dict[str, Any]) -> str:
         f"- seeds: derived from job seed {spec.get('seed')} and each prompt's source row "
         "(the same spec gives the same seeds)",
         f"- shard size: {spec.get('shard_size')} prompts",
+        f"- layout: **{layout}** ({LAYOUT_WORDS[layout]})",
         "",
         "## Counts",
         "",
@@ -122,8 +181,7 @@ def dataset_card(spec: dict[str, Any], facts: dict[str, Any]) -> str:
         "",
         *[f"- `{f}`: the metadata, {facts['rows']:,} rows in all" for f in files[:1]],
         *[f"- `{f}`" for f in files[1:]],
-        "- `images/part-NNNNNN/<attempt-id>/NNNNNNNNNNNN.<ext>`: the images, named by global row id, in the "
-        "folder of the attempt that committed the part (column `image_key`)",
+        *_image_lines(layout, image_files),
     ]
     if facts.get("json_parts"):
         lines.append("- `images/part-NNNNNN/part-NNNNNN.json`: DiffusionDB-style prompts per part")
@@ -145,6 +203,7 @@ def dataset_card(spec: dict[str, Any], facts: dict[str, Any]) -> str:
         "# from a local copy of this folder",
         f'rows = datasets.load_dataset("parquet", data_files="{data_files}", split="train")',
         f'table = ds.dataset(sorted(glob.glob("{data_files}"))).to_table()',
+        *_loading_lines(layout),
         "```",
         "",
         "Read straight from S3 with `storage_options` (datasets, s3fs) or `pyarrow.fs.S3FileSystem`.",

@@ -8,6 +8,7 @@ import json
 import click
 
 from fewstep import console
+from fewstep.contract import LAYOUTS
 from fewstep.presets import ALLOW_SYNTHETIC_ENV
 from fewstep.settings import load_config
 from producer import finalize, gallery, jobs, status_view
@@ -50,6 +51,12 @@ def _job_option_list(image_format_flags: tuple[str, ...]) -> list:
         ),
         click.option("--quality", type=click.IntRange(1, 100), help="JPEG/WebP quality [90]."),
         click.option("--png-level", type=click.IntRange(0, 9), help="PNG compression level [6]."),
+        click.option(
+            "--layout",
+            type=click.Choice(LAYOUTS),
+            help="How images are stored: one object each (files), one tar per shard (webdataset), "
+            "or one parquet per shard with an HF datasets Image column (parquet) [files].",
+        ),
         click.option(
             "--dry-run", is_flag=True, help="Count prompts and shards; touch neither Redis nor storage."
         ),

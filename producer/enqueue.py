@@ -27,6 +27,7 @@ from fewstep.contract import (
     DUPLICATES_KEY,
     FORMAT_VERSION,
     JOB_SPEC_KEY,
+    LAYOUTS,
     ShardMessage,
     check_job_name,
     manifest_key,
@@ -61,6 +62,7 @@ class JobOptions:
     image_format: str | None = None
     quality: int | None = None
     png_level: int | None = None
+    layout: str | None = None
     #: Opt-in to a benchmark-only preset (``synthetic``): its images are not real.
     allow_synthetic: bool = False
 
@@ -78,6 +80,9 @@ def build_spec(source: PromptSource, opts: JobOptions, selector: Selector) -> di
     if shard_size < 1:
         raise UserError(f"--shard-size must be at least 1, got {shard_size}")
     image_format = _pick(opts.image_format, out["format"])
+    layout = _pick(opts.layout, out["layout"])
+    if layout not in LAYOUTS:
+        raise UserError(f"unknown layout {layout!r}: use one of {', '.join(LAYOUTS)}")
     generation = {
         "steps": int(_pick(opts.steps, preset["steps"])),
         "guidance": float(_pick(opts.guidance, preset["guidance"])),
@@ -104,6 +109,7 @@ def build_spec(source: PromptSource, opts: JobOptions, selector: Selector) -> di
         "generation": generation,
         "seed": int(_pick(opts.seed, defaults()["producer"]["seed"])),
         "shard_size": int(shard_size),
+        "layout": layout,
     }
 
 

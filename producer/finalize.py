@@ -6,6 +6,11 @@ files past ``[finalize] file_rows`` rows) with the job's one schema, together wi
 dataset card (``README.md``) and ``finalized.json``. Optionally DiffusionDB-style
 ``part-NNNNNN.json`` prompt files next to each part's images, and WebDataset tar shards.
 
+A webdataset or parquet job's images stay where the worker wrote them, one tar or parquet
+per committed part (``image_files`` in ``finalized.json`` and the card list them: losing
+attempts' objects lie next to them until ``producer gc``, so load that list, not a glob);
+``--webdataset`` on a webdataset job writes nothing more, its tars are the shards.
+
 Only committed shards are read. A job with shards not committed is refused unless
 ``--partial``, which names what is missing, in the output and in the card.
 """
@@ -30,10 +35,13 @@ from fewstep import UserError
 from fewstep.contract import (
     DATASET_CARD_KEY,
     FINALIZED_KEY,
+    LAYOUT_FILES,
+    LAYOUT_WEBDATASET,
     dataset_metadata_key,
+    job_layout,
+    job_metadata_schema,
     json_part_key,
     metadata_key,
-    metadata_schema,
     part_name,
     shard_rows,
     webdataset_key,
@@ -200,12 +208,14 @@ def finalize(
     if not shards:
         raise UserError(f"job {spec['job']} has no committed shard yet: nothing to finalize")
 
-    schema = metadata_schema(spec["source"].get("fields", {}))
+    layout = job_layout(spec)
+    schema = job_metadata_schema(spec)
     schema = schema.with_metadata({"fewstep.job": json.dumps(spec, ensure_ascii=False)})
     total_rows = sum(shard_rows(spec, s) for s in shards)
     files = MetadataFiles(job_store, schema, total_rows, int(cfg["row_group_rows"]), int(cfg["file_rows"]))
     facts = Facts()
     tars: list[str] = []
+    image_files: list[str] = []  # webdataset and parquet layouts: each committed part's object
     tables = committed_tables(job_store, shards, schema, threads)
     for done, (shard, table) in enumerate(zip(shards, tables, strict=True), start=1):
         if table.num_rows != shard_rows(spec, shard):
@@ -217,10 +227,14 @@ def finalize(
         files.add(table)
         if json_parts:
             job_store.put(json_part_key(shard), diffusiondb_part(table))
-        if webdataset:
+        if layout != LAYOUT_FILES:
+            image_files.extend(sorted(set(table.column("image_key").to_pylist())))
+        if webdataset and layout == LAYOUT_WEBDATASET:
+            tars.extend(sorted(set(table.column("image_key").to_pylist())))  # the worker's tars
+        elif webdataset:
             key = webdataset_key(shard)
             if not job_store.exists(key):  # a committed part never changes, nor does its tar
-                job_store.put(key, part_tar(job_store, table, threads))
+                job_store.put(key, part_tar(job_store, table, layout, threads))
             tars.append(key)
         if on_shard:
             on_shard(done, len(shards))
@@ -244,6 +258,8 @@ def finalize(
         "missing_rows": sum(shard_rows(spec, s) for s in missing),
         "missing": describe_missing(progress) if missing else None,
         "files": keys,
+        "layout": layout,
+        "image_files": image_files,
         "card": DATASET_CARD_KEY,
         "json_parts": json_parts,
         "webdataset": tars,

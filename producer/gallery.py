@@ -4,7 +4,9 @@ A seeded sample of committed rows (spread evenly over the groups of a source fie
 ``--by``) becomes ``gallery/index.html`` with JPEG thumbnails in ``gallery/thumbs/``, in the
 job's folder. Every link is relative (thumbnails, and the full image in ``../images/``),
 so the page opens the same from a local copy of the job folder (e.g. after
-``aws s3 sync``); ``--download DIR`` fetches the gallery itself. The page has no script,
+``aws s3 sync``); ``--download DIR`` fetches the gallery itself. For webdataset and parquet
+jobs the thumbnails come from the parts' tars (one ranged GET per image) or parquets, and
+link to no full image (it lies inside a tar or parquet). The page has no script,
 and every value from the data is escaped.
 """
 
@@ -25,13 +27,16 @@ import pyarrow as pa
 from PIL import Image
 
 from fewstep import UserError
-from fewstep.contract import GALLERY, image_name, metadata_key, part_name
+from fewstep.contract import GALLERY, LAYOUT_FILES, image_name, job_layout, metadata_key, part_name
 from fewstep.settings import defaults
 from fewstep.storage import Store, read_table
+from producer.images import read_images
 from producer.options import JSON, OUTPUT, job_store, progress_bar
 from producer.progress import Progress, read_progress
 
 COLUMNS = ["row_id", "part_id", "image_key", "prompt", "seed", "model", "width", "height"]
+# Where an image lies inside its part's tar or parquet (webdataset and parquet layouts).
+SPAN_COLUMNS = ["bytes", "image_offset", "image_row"]
 THUMBS = f"{GALLERY}/thumbs"
 INDEX = f"{GALLERY}/index.html"
 NO_VALUE = "(none)"
@@ -68,6 +73,8 @@ def sample_rows(
     # Enough parts to give every group a fair chance without reading a huge job's every part.
     chosen = sorted(rng.sample(shards, min(len(shards), max(32, n))))
     columns = COLUMNS + ([by] if by and by not in COLUMNS else [])
+    if job_layout(spec) != LAYOUT_FILES:
+        columns += SPAN_COLUMNS
 
     def read(shard: int) -> pa.Table:
         return read_table(job_store, metadata_key(shard), columns)
@@ -141,11 +148,12 @@ def page(spec: dict[str, Any], groups: list[tuple[str | None, list]], by: str | 
         if by:
             out.append(f"<h2>{e(name or NO_VALUE)} <small>({len(rows)})</small></h2>")
         out.append('<div class="grid">')
+        linked = job_layout(spec) == LAYOUT_FILES  # else the image lies inside a tar or parquet
         for r in rows:
+            img = f'<img src="thumbs/{thumb_name(r["row_id"])}" alt="{e(r["prompt"][:200])}">'
             out.append(
-                f'<figure><a href="../{e(r["image_key"])}">'
-                f'<img src="thumbs/{thumb_name(r["row_id"])}" alt="{e(r["prompt"][:200])}"></a>'
-                f'<figcaption><p class="prompt">{e(r["prompt"])}</p>'
+                (f'<figure><a href="../{e(r["image_key"])}">{img}</a>' if linked else f"<figure>{img}")
+                + f'<figcaption><p class="prompt">{e(r["prompt"])}</p>'
                 f'<p class="meta">seed {r["seed"]} · {e(r["model"])} · {part_name(r["part_id"])} · '
                 f"row {r['row_id']}</p></figcaption></figure>"
             )
@@ -173,14 +181,17 @@ def make_gallery(
     rows = [r for _name, group in groups for r in group]
     size = int(cfg["thumbnail_px"])
 
-    def make_thumb(row: dict[str, Any]) -> str:
+    layout = job_layout(spec)
+    images = read_images(job_store, rows, layout)
+
+    def make_thumb(row: dict[str, Any], data: bytes) -> str:
         key = f"{THUMBS}/{thumb_name(row['row_id'])}"
-        job_store.put(key, thumbnail(job_store.get(row["image_key"]), size))
+        job_store.put(key, thumbnail(data, size))
         return key
 
     thumbs = set()
     with ThreadPoolExecutor(16) as pool:
-        for key in pool.map(make_thumb, rows):
+        for key in pool.map(make_thumb, rows, images):
             thumbs.add(key)
             if on_image:
                 on_image(len(thumbs), len(rows))
@@ -194,7 +205,7 @@ def make_gallery(
         "images": len(rows),
         "groups": {name: len(group) for name, group in groups} if by else None,
         "sampled_from": population,
-        "image_keys": [r["image_key"] for r in rows],
+        "image_keys": [r["image_key"] for r in rows] if layout == LAYOUT_FILES else [],
     }
 
 

@@ -67,7 +67,7 @@ def jobs_command(output: str, as_json: bool) -> None:
         click.echo(f"no jobs under {root.url}")
         return
     table = Table(title=f"jobs under {root.url}", title_justify="left")
-    for column in ("job", "state", "model", "shards", "failed", "images", "created", "finalized"):
+    for column in ("job", "state", "model", "layout", "shards", "failed", "images", "created", "finalized"):
         table.add_column(column, justify="right" if column in ("shards", "failed", "images") else "left")
     for r in rows:
         finalized = ""
@@ -79,6 +79,7 @@ def jobs_command(output: str, as_json: bool) -> None:
             r["job"],
             Text(r["state"], style=STATE_STYLES.get(r["state"], "")),
             r["model"],
+            r["layout"],
             f"{r['shards_done']:,}/{r['shards_total']:,}",
             f"{r['shards_failed']:,}",
             f"{r['images_done']:,}/{r['images_total']:,}",

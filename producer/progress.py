@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fewstep import UserError
-from fewstep.contract import FAILED, JOB_SPEC_KEY, METADATA, shard_of_key, shard_rows
+from fewstep.contract import FAILED, JOB_SPEC_KEY, METADATA, job_layout, shard_of_key, shard_rows
 from fewstep.storage import KeyMissing, Store
 
 
@@ -58,6 +58,7 @@ class Progress:
             "job_url": self.spec["job_url"],
             "state": self.state,
             "model": self.spec["model"]["name"],
+            "layout": job_layout(self.spec),
             "shards_total": self.shards_total,
             "shards_done": len(self.committed),
             "shards_failed": len(self.failed - self.committed),

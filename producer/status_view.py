@@ -75,6 +75,8 @@ def render(status: JobStatus) -> Group:
         (f"[{s['state']}]", STATE_STYLES.get(s["state"], "bold")),
         ("  model ", "dim"),
         s["model"],
+        ("  layout ", "dim"),
+        s["layout"],
         ("  ", ""),
         (s["job_url"], "dim"),
     )

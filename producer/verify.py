@@ -3,30 +3,42 @@
 For each committed shard: the metadata has the job's schema and exactly the manifest's
 rows (row ids, prompts byte for byte, seeds, source rows), keys built from ids in the folder
 of the one attempt that committed, and every image exists with the size and sha256 the
-metadata records (each image is read back and hashed). Across shards, no row appears
+metadata records (each image is read back and hashed). For the webdataset and parquet
+layouts the attempt's one tar or parquet is read whole: each image member (at the offset
+the metadata records) or ``image`` row is hashed, and each row's ``.txt``/``.json`` member
+or parquet row must carry the prompt byte for byte. Across shards, no row appears
 twice. Uncommitted shards are counted, not checked: readers trust committed shards only.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import click
+import pyarrow.parquet as pq
 
 from fewstep.contract import (
     IMAGE_EXTENSIONS,
+    LAYOUT_FILES,
+    LAYOUT_WEBDATASET,
     attempt_images_prefix,
     image_key,
+    images_parquet_schema,
+    job_layout,
+    job_metadata_schema,
     manifest_key,
     metadata_key,
-    metadata_schema,
     part_name,
+    shard_object_key,
 )
 from fewstep.storage import KeyMissing, Store, read_table
+from producer.images import tar_members
 from producer.options import JSON, OUTPUT, job_store
 from producer.progress import read_progress
 
@@ -72,7 +84,7 @@ def verify_shard(
     except KeyMissing:
         report.problem(f"{part}: committed but its manifest is missing")
         return set(meta.column("row_id").to_pylist())
-    if not meta.schema.equals(metadata_schema(spec["source"].get("fields", {}))):
+    if not meta.schema.equals(job_metadata_schema(spec)):
         report.problem(f"{part}: metadata schema differs from the job's schema")
     meta = meta.sort_by("row_id")
     manifest = manifest.sort_by("row_id")
@@ -88,6 +100,13 @@ def verify_shard(
         report.problem(f"{part}: rows name {len(attempt_ids)} attempts; a commit holds exactly one")
         return {row["row_id"] for row in rows}
     attempt_id = attempt_ids.pop()
+    layout = job_layout(spec)
+    if layout != LAYOUT_FILES:
+        for row in rows:
+            if row["part_id"] != shard:
+                report.problem(f"{part}: row {row['row_id']} has part {row['part_id']}")
+        _check_shard_object(store, spec, shard_object_key(shard, attempt_id, layout), rows, layout, report)
+        return {row["row_id"] for row in rows}
     for row in rows:
         if row["part_id"] != shard or row["image_key"] != image_key(shard, attempt_id, row["row_id"], ext):
             report.problem(f"{part}: row {row['row_id']} has part {row['part_id']}, key {row['image_key']!r}")
@@ -110,6 +129,73 @@ def verify_shard(
             report.images += 1
             report.bytes += size
     return {row["row_id"] for row in rows}
+
+
+def _check_bytes(report: Report, where: str, data: bytes | None, row: dict[str, Any]) -> None:
+    if data is None:
+        report.problem(f"{where}: missing")
+    elif len(data) != row["bytes"]:
+        report.problem(f"{where}: {len(data)} bytes, metadata says {row['bytes']}")
+    elif hashlib.sha256(data).hexdigest() != row["sha256"]:
+        report.problem(f"{where}: sha256 differs from the metadata")
+    else:
+        report.images += 1
+        report.bytes += len(data)
+
+
+def _check_shard_object(
+    store: Store, spec: dict[str, Any], key: str, rows: list[dict[str, Any]], layout: str, report: Report
+) -> None:
+    """Check the one tar or parquet holding a committed shard's images, member by member."""
+    for row in rows:
+        if row["image_key"] != key:
+            report.problem(f"row {row['row_id']}: image key {row['image_key']!r}, not the commit's {key}")
+    try:
+        data = store.get(key)
+    except KeyMissing:
+        report.problem(f"{key}: missing")
+        return
+    if layout == LAYOUT_WEBDATASET:
+        try:
+            members = tar_members(data)
+        except tarfile.TarError as e:
+            report.problem(f"{key}: not a readable tar ({e})")
+            return
+        for row in rows:
+            stem = f"{row['row_id']:012d}"
+            offset, image = members.get(row["image_name"], (None, None))
+            if image is not None and offset != row["image_offset"]:
+                report.problem(f"{key}: member {row['image_name']} at offset {offset}, metadata says "
+                               f"{row['image_offset']}")  # fmt: skip
+            _check_bytes(report, f"{key}: member {row['image_name']}", image, row)
+            text = members.get(f"{stem}.txt", (0, None))[1]
+            if text != row["prompt"].encode():
+                report.problem(f"{key}: member {stem}.txt differs from the prompt")
+            try:
+                described = json.loads(members.get(f"{stem}.json", (0, b""))[1])
+            except ValueError:
+                described = {}
+            if described.get("prompt") != row["prompt"] or described.get("row_id") != row["row_id"]:
+                report.problem(f"{key}: member {stem}.json differs from the metadata row")
+        return
+    try:
+        table = pq.read_table(io.BytesIO(data))
+    except Exception as e:  # pyarrow raises several kinds on damaged files
+        report.problem(f"{key}: not a readable parquet ({e})")
+        return
+    if not table.schema.equals(images_parquet_schema(job_metadata_schema(spec)), check_metadata=True):
+        report.problem(f"{key}: schema differs from the job's images schema")
+    stored = table.select(["image", "row_id", "prompt"]).to_pylist()
+    for row in rows:
+        index = row["image_row"]
+        if index is None or not 0 <= index < len(stored):
+            report.problem(f"{key}: row {row['row_id']} has no image row ({index})")
+            continue
+        found = stored[index]
+        if (found["row_id"], found["prompt"]) != (row["row_id"], row["prompt"]):
+            report.problem(f"{key}: row {index} holds row {found['row_id']} or another prompt")
+        image = (found["image"] or {}).get("bytes")
+        _check_bytes(report, f"{key}: row {index} ({row['image_name']})", image, row)
 
 
 def verify(store: Store, threads: int = 16) -> dict[str, Any]:

@@ -137,7 +137,7 @@ def verify_job(job: str, output: str, env: dict[str, str]) -> dict:
     """``producer verify --json``; fails the test on any mismatch."""
     result = cli("producer", "verify", job, "--output", output, "--json", env=env, check=False)
     summary = json.loads(result.stdout)
-    assert result.returncode == 0 and summary["ok"], summary
+    assert result.returncode == 0 and summary["ok"], (summary, result.returncode, result.stderr[-2000:])
     return summary
 
 

@@ -15,6 +15,7 @@ from fewstep.contract import (
     manifest_key,
     metadata_key,
     metadata_schema,
+    shard_object_key,
     shard_of_key,
     shard_rows,
 )
@@ -27,6 +28,9 @@ def test_keys_are_built_from_ids():
     assert image_key(1, attempt, 42, "png") == f"images/part-000001/{attempt}/000000000042.png"
     assert image_key_attempt(image_key(7, attempt, 42, "jpg")) == (7, attempt)
     assert image_key_attempt("images/part-000001/part-000001.json") is None
+    for layout, ext in (("webdataset", "tar"), ("parquet", "parquet")):
+        key = shard_object_key(7, attempt, layout)
+        assert key == f"images/part-000007/{attempt}.{ext}" and image_key_attempt(key) == (7, attempt)
     assert shard_of_key("metadata/part-000012.parquet") == 12
     assert shard_of_key(image_key(1, attempt, 42, "png")) is None
     with pytest.raises(ValueError):
@@ -74,6 +78,13 @@ def test_metadata_schema_starts_with_diffusiondb_columns_and_adds_fields():
     assert schema.names[-1] == "category"
     with pytest.raises(UserError, match="clashes"):
         metadata_schema({"seed": "int64"})
+
+
+def test_jobs_of_format_version_2_keep_their_schema_without_the_layout_columns():
+    assert metadata_schema({}, 2).names == [
+        n for n in metadata_schema({}).names if n not in ("image_offset", "image_row")
+    ]
+    assert metadata_schema({"category": "string"}, 2).names[-1] == "category"
 
 
 def test_shard_rows_every_shard_full_but_the_last():

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import itertools
 import json
 import logging
 import os
@@ -33,6 +34,8 @@ from fewstep.contract import (
     ATTEMPT_ERROR,
     ATTEMPT_RETRY_REQUESTED,
     ATTEMPT_RUNNING,
+    LAYOUT_FILES,
+    LAYOUT_WEBDATASET,
     ShardMessage,
     attempt_images_prefix,
     attempt_key,
@@ -40,8 +43,9 @@ from fewstep.contract import (
     metadata_key,
     new_attempt_id,
     part_name,
+    shard_object_key,
 )
-from fewstep.settings import describe_error
+from fewstep.settings import defaults, describe_error
 from fewstep.storage import StorageError, Store, check_conditional_writes, open_store
 
 log = logging.getLogger("fewstep.worker")
@@ -215,12 +219,23 @@ _timed_jobs: set[str] = set()
 class ShardGuard:
     """Called by the shard loop after each generated batch, before its images are uploaded."""
 
-    def __init__(self, store: Store, message: ShardMessage, rows: int, visibility_timeout: float):
+    def __init__(
+        self,
+        store: Store,
+        message: ShardMessage,
+        rows: int,
+        visibility_timeout: float,
+        commit_check_seconds: float | None = None,
+    ):
         self.store = store
         self.message = message
         self.rows = rows
         self.visibility_timeout = visibility_timeout
+        if commit_check_seconds is None:
+            commit_check_seconds = float(defaults()["worker"]["commit_check_seconds"])
+        self.commit_check_seconds = commit_check_seconds
         self.started = time.monotonic()
+        self._next_commit_check = self.started  # the first batch always checks
         self._late = False
 
     def batch_done(self, rows_done: int) -> None:
@@ -228,9 +243,14 @@ class ShardGuard:
         self._check_time(rows_done)
         if shutdown.expired():
             raise ShutdownRequested(f"{part_name(self.message.shard)}: shutdown grace period over")
-        # Before this batch's images are written: a committed shard is never touched.
-        if self.store.exists(metadata_key(self.message.shard)):
-            raise Superseded(f"{part_name(self.message.shard)} was committed by another attempt")
+        # Before this batch's images are written: stop work another attempt made pointless.
+        # Not before every batch: one request per batch would cost more than the images
+        # (webdataset, parquet); an attempt's own keys never touch the committed shard anyway.
+        now = time.monotonic()
+        if now >= self._next_commit_check:
+            self._next_commit_check = now + self.commit_check_seconds
+            if self.store.exists(metadata_key(self.message.shard)):
+                raise Superseded(f"{part_name(self.message.shard)} was committed by another attempt")
 
     def _check_time(self, rows_done: int) -> None:
         elapsed = time.monotonic() - self.started
@@ -263,16 +283,19 @@ class ShardGuard:
 # --- the commit -------------------------------------------------------------------
 
 
-def _failpoint(name: str, shard: int) -> None:
-    # Fault tests crash a real worker at an exact point: FEWSTEP_FAILPOINT=before-commit:part-000002.
+def failpoint(name: str, shard: int) -> None:
+    """Fault tests crash a real worker at an exact point: ``FEWSTEP_FAILPOINT=before-commit:part-000002``
+    (or ``mid-upload:part-000002``: half a shard's tar or parquet streamed)."""
     if os.environ.get("FEWSTEP_FAILPOINT") == f"{name}:{part_name(shard)}":
         log.warning("failpoint %s reached for %s: killing this worker", name, part_name(shard))
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def check_complete(store: Store, shard: int, table: pa.Table, rows: int) -> None:
-    """Raise :class:`IncompleteShard` unless every row has its image in storage, of its size,
-    in the folder of the one attempt the metadata names."""
+def check_complete(store: Store, shard: int, table: pa.Table, rows: int, layout: str = LAYOUT_FILES) -> None:
+    """Raise :class:`IncompleteShard` unless every row has its image in storage, in what the
+    one attempt the metadata names wrote: its own object of the recorded size (files), or
+    its tar or parquet, holding every row's image where the metadata says (webdataset,
+    parquet)."""
     if table.num_rows != rows:
         raise IncompleteShard(f"{part_name(shard)}: metadata has {table.num_rows} rows, manifest {rows}")
     for column in ("image_key", "sha256", "bytes", "attempt_id"):
@@ -281,15 +304,18 @@ def check_complete(store: Store, shard: int, table: pa.Table, rows: int) -> None
     attempt_ids = set(table.column("attempt_id").to_pylist())
     if len(attempt_ids) != 1:
         raise IncompleteShard(f"{part_name(shard)}: rows of {len(attempt_ids)} attempts in one commit")
-    prefix = attempt_images_prefix(shard, attempt_ids.pop())
+    attempt_id = attempt_ids.pop()
     keys = table.column("image_key").to_pylist()
+    sizes = table.column("bytes").to_pylist()
+    if layout != LAYOUT_FILES:
+        _check_shard_object(store, shard, table, shard_object_key(shard, attempt_id, layout), layout)
+        return
+    prefix = attempt_images_prefix(shard, attempt_id)
     if len(set(keys)) != len(keys) or not all(k.startswith(prefix) for k in keys):
         raise IncompleteShard(f"{part_name(shard)}: image keys repeat or lie outside {prefix}")
     # Only this attempt's folder: what other attempts wrote is neither listed nor referenced.
     stored = dict(store.list(prefix))
-    wrong = [
-        k for k, size in zip(keys, table.column("bytes").to_pylist(), strict=True) if stored.get(k) != size
-    ]
+    wrong = [k for k, size in zip(keys, sizes, strict=True) if stored.get(k) != size]
     if wrong:
         raise IncompleteShard(
             f"{part_name(shard)}: {len(wrong)} of {rows} images missing or of another size in storage "
@@ -297,18 +323,40 @@ def check_complete(store: Store, shard: int, table: pa.Table, rows: int) -> None
         )
 
 
-def commit(store: Store, shard: int, table: pa.Table, rows: int) -> bool:
+def _check_shard_object(store: Store, shard: int, table: pa.Table, key: str, layout: str) -> None:
+    if set(table.column("image_key").to_pylist()) != {key}:
+        raise IncompleteShard(f"{part_name(shard)}: rows name other objects than {key}")
+    size = dict(store.list(key)).get(key)
+    if size is None:
+        raise IncompleteShard(f"{part_name(shard)}: {key} missing in storage")
+    sizes = table.column("bytes").to_pylist()
+    if layout == LAYOUT_WEBDATASET:
+        offsets = table.column("image_offset").to_pylist()
+        spans = sorted(zip(offsets, sizes, strict=True)) if None not in offsets else None
+        if (
+            not spans
+            or spans[-1][0] + spans[-1][1] > size
+            or any(a + n > b for (a, n), (b, _m) in itertools.pairwise(spans))
+        ):
+            raise IncompleteShard(f"{part_name(shard)}: image offsets missing, overlapping or beyond {key}")
+    elif sorted(table.column("image_row").to_pylist(), key=lambda r: -1 if r is None else r) != list(
+        range(table.num_rows)
+    ):
+        raise IncompleteShard(f"{part_name(shard)}: image rows of {key} are not 0..{table.num_rows - 1}")
+
+
+def commit(store: Store, shard: int, table: pa.Table, rows: int, layout: str = LAYOUT_FILES) -> bool:
     """Write the shard's metadata parquet, the commit marker, if absent and the shard is complete.
 
     Returns False when another attempt committed first (this attempt is discarded). Raises
     :class:`~fewstep.storage.ConditionalWritesIgnored` on a backend that would let both win.
     """
     check_conditional_writes(store)  # once per bucket and process
-    check_complete(store, shard, table, rows)
+    check_complete(store, shard, table, rows, layout)
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression="zstd")
     data = buffer.getvalue()
-    _failpoint("before-commit", shard)
+    failpoint("before-commit", shard)
     if store.put(metadata_key(shard), data, if_absent=True):
         return True
     # 412. A PUT retried after a lost response also gets 412 for its own first write: the

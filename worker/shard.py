@@ -35,7 +35,6 @@ dropped. Seeds make them the very batches the task would have generated.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import logging
 import os
@@ -56,20 +55,21 @@ from fewstep.contract import (
     JOB_SPEC_KEY,
     ShardMessage,
     ShardStats,
-    image_key,
     image_name,
+    job_layout,
+    job_metadata_schema,
     metadata_key,
-    metadata_schema,
     new_attempt_id,
     part_name,
     stats_key,
 )
 from fewstep.queue import peek_next, redis_client
-from fewstep.storage import StorageError, Store, open_store, read_table
+from fewstep.storage import StorageError, Store, open_store, read_table, requests_sent
 from worker.batching import BatchSizes
 from worker.commit import ShardGuard, ShutdownRequested, commit, shutdown
 from worker.encode import PILLOW, HostPixels, ImageFormat, encode, encode_jpeg_on_device, to_host
 from worker.model import Batch, Model
+from worker.writer import ShardWriter, shard_writer
 
 log = logging.getLogger("fewstep.worker")
 
@@ -163,16 +163,29 @@ class ShardRun:
     """One attempt at a shard going through the stages: its image keys, per-row results,
     stage timings, completion."""
 
-    def __init__(self, shard: OpenShard, attempt_id: str, guard: ShardGuard | None = None):
+    def __init__(
+        self,
+        shard: OpenShard,
+        attempt_id: str,
+        guard: ShardGuard | None = None,
+        describe: Callable[[ShardRun, int, int], dict[str, list]] | None = None,
+    ):
         self.shard = shard
         self.guard = guard
         self.attempt_id = attempt_id
-        ext, number = shard.image_format.extension, shard.message.shard
-        # Keys in this attempt's own folder: no other attempt ever writes them.
-        self.keys = [image_key(number, attempt_id, r, ext) for r in shard.rows["row_id"]]
-        n = len(self.keys)
+        # Where the images go, by the job's layout; each attempt writes only its own objects.
+        self.writer: ShardWriter = shard_writer(
+            job_layout(shard.spec),
+            shard.store,
+            shard.message.shard,
+            attempt_id,
+            shard.rows["row_id"],
+            shard.image_format.extension,
+            describe=lambda lo, hi: describe(self, lo, hi),
+            schema=job_metadata_schema(shard.spec),
+        )
+        n = shard.size
         self.batch_size = self.min_batch_size = self.oom_retries = 0  # see count_batch
-        self.digests: list[tuple[str, int] | None] = [None] * n
         self.nsfw: list[bool | None] = [None] * n
         self.gen_ms: list[float] = [0.0] * n
         self.created: list[dt.datetime | None] = [None] * n
@@ -584,9 +597,8 @@ class ShardRunner:
             return
         try:
             start = time.perf_counter()
-            run.shard.store.put(run.keys[row], data)
+            run.writer.add(row, data)
             run.add("upload_s", time.perf_counter() - start)
-            run.digests[row] = (hashlib.sha256(data).hexdigest(), len(data))
         except BaseException as e:
             run.fail(e)
             uploads.settle(False)
@@ -637,7 +649,7 @@ class ShardRunner:
         and may stop the shard: another attempt committed it, or the shutdown grace ran out.
         ``attempt_id`` (the task's attempt record) names the folder the images go to.
         """
-        start, started_at = time.perf_counter(), _now()
+        start, started_at, requests = time.perf_counter(), _now(), requests_sent()
         shard = self.lookahead.take(message)  # read ahead, checked not committed moments ago
         if shard is not None and shard.spec is not self._specs.get(message.job_url):
             shard = None  # read ahead with a spec the job no longer has
@@ -649,7 +661,7 @@ class ShardRunner:
                 return ShardResult(message.shard, 0, False, 0.0, 0.0)
             shard = self.open_shard(message, store)
 
-        run = ShardRun(shard, attempt_id or new_attempt_id(), guard)
+        run = ShardRun(shard, attempt_id or new_attempt_id(), guard, self.metadata_columns)
         self.slots.reset_peak()
         self._current = run
         self.on_shard_start()  # the heartbeat names this attempt at once, not a beat later
@@ -657,13 +669,23 @@ class ShardRunner:
         self._wait(run, start)
         self._current = None
         if run.error is not None:
+            run.writer.abort()
             raise run.error
 
         commit_start = time.perf_counter()
+        try:
+            run.writer.finish()  # a tar or parquet is complete in storage only now
+        except BaseException:
+            run.writer.abort()
+            raise
         # Checked complete, then written only if absent: of two racing attempts one commits.
-        committed = commit(shard.store, message.shard, self._metadata(run), shard.size)
+        schema = job_metadata_schema(shard.spec)  # a job of an older format has fewer columns
+        columns = self.metadata_columns(run, 0, shard.size)
+        table = pa.Table.from_pydict({name: columns[name] for name in schema.names}, schema=schema)
+        committed = commit(shard.store, message.shard, table, shard.size, job_layout(shard.spec))
         end = time.perf_counter()
         stats = self._stats(run, start, end, end - commit_start, started_at)
+        stats.image_requests, stats.storage_requests = run.writer.requests, requests_sent() - requests
         if committed:
             # The shard is done; its timings are informative and need not hold up the next one.
             self.upload_pool.submit(self._write_stats, shard.store, stats)
@@ -781,17 +803,21 @@ class ShardRunner:
             return self.gpu_jpeg
         return PILLOW
 
-    def _metadata(self, run: ShardRun) -> pa.Table:
-        shard = run.shard
-        spec, message, rows, keys = shard.spec, shard.message, shard.rows, run.keys
+    def metadata_columns(self, run: ShardRun, lo: int, hi: int) -> dict[str, list]:
+        """The metadata of the shard's rows [lo, hi), column by column: the commit marker's
+        rows, and the tar's ``.json`` members and the parquet layout's columns."""
+        shard, writer = run.shard, run.writer
+        spec, message, rows = shard.spec, shard.message, shard.rows
         gen, f = spec["generation"], shard.image_format
-        n = len(keys)
+        n = hi - lo
         fields = spec["source"].get("fields", {})
+        tokens = shard.tokens[lo:hi]
+        digests = writer.digests[lo:hi]
         columns = {
-            "image_name": [image_name(r, f.extension) for r in rows["row_id"]],
-            "prompt": rows["prompt"],
+            "image_name": [image_name(r, f.extension) for r in rows["row_id"][lo:hi]],
+            "prompt": rows["prompt"][lo:hi],
             "part_id": [message.shard] * n,
-            "seed": rows["seed"],
+            "seed": rows["seed"][lo:hi],
             "step": [gen["steps"]] * n,
             "cfg": [gen["guidance"]] * n,
             "sampler": [run.sampler] * n,
@@ -799,30 +825,32 @@ class ShardRunner:
             "height": [gen["height"]] * n,
             "model": [self.model.name] * n,
             "model_revision": [self.model.revision] * n,
-            "row_id": rows["row_id"],
-            "image_key": keys,
+            "row_id": rows["row_id"][lo:hi],
+            "image_key": writer.keys[lo:hi],
             "format": [f.name] * n,
-            "sha256": [d[0] for d in run.digests],
-            "bytes": [d[1] for d in run.digests],
-            "nsfw": run.nsfw,
-            "prompt_tokens": shard.tokens,
-            "truncated": [bool(shard.token_limit) and t > shard.token_limit for t in shard.tokens],
+            "sha256": [d and d[0] for d in digests],
+            "bytes": [d and d[1] for d in digests],
+            "nsfw": run.nsfw[lo:hi],
+            "prompt_tokens": tokens,
+            "truncated": [bool(shard.token_limit) and t > shard.token_limit for t in tokens],
             "source": [spec["source"]["name"]] * n,
-            "source_row": rows["source_row"],
-            "gen_ms": run.gen_ms,
+            "source_row": rows["source_row"][lo:hi],
+            "gen_ms": run.gen_ms[lo:hi],
             "worker": [self.worker_id] * n,
             "attempt": [message.attempt] * n,
             "attempt_id": [run.attempt_id] * n,
-            "created_at": run.created,
+            "created_at": run.created[lo:hi],
             "format_quality": [f.quality] * n,
             "png_level": [f.png_level] * n,
             "encoder": [self._encoder(f)] * n,
             "dtype": [self.model.dtype] * n,
             "vae": [self.speed.get("vae", "default")] * n,
+            "image_offset": writer.offsets[lo:hi],
+            "image_row": writer.image_rows[lo:hi],
         }
         for name in fields:
-            columns[name] = rows[name]
-        return pa.Table.from_pydict(columns, schema=metadata_schema(fields))
+            columns[name] = rows[name][lo:hi]
+        return columns
 
     def close(self) -> None:
         """Stop the stages' threads (the worker process's end; tests).
