@@ -76,13 +76,14 @@ def build_spec(source: PromptSource, opts: JobOptions, selector: Selector) -> di
     check_job_name(opts.job)
     preset = check_runnable(resolve_model(opts.model), allow_benchmark=opts.allow_synthetic)
     out = defaults()["output"]
-    shard_size = _pick(opts.shard_size, defaults()["producer"]["shard_size"])
-    if shard_size < 1:
-        raise UserError(f"--shard-size must be at least 1, got {shard_size}")
-    image_format = _pick(opts.image_format, out["format"])
     layout = _pick(opts.layout, out["layout"])
     if layout not in LAYOUTS:
         raise UserError(f"unknown layout {layout!r}: use one of {', '.join(LAYOUTS)}")
+    producer = defaults()["producer"]
+    shard_size = _pick(opts.shard_size, producer["shard_size_by_layout"].get(layout, producer["shard_size"]))
+    if shard_size < 1:
+        raise UserError(f"--shard-size must be at least 1, got {shard_size}")
+    image_format = _pick(opts.image_format, out["format"])
     generation = {
         "steps": int(_pick(opts.steps, preset["steps"])),
         "guidance": float(_pick(opts.guidance, preset["guidance"])),

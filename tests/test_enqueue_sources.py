@@ -71,6 +71,18 @@ def test_dry_run_prints_counts_and_touches_nothing(env, output, tmp_path):
     assert status.returncode != 0 and "no job at" in status.stderr
 
 
+def test_webdataset_and_parquet_jobs_default_to_1024_row_shards(env, output, tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_text("".join(f"prompt {i}\n" for i in range(2049)))
+    shards = {
+        layout: enqueue_json(
+            env, output, f"l-{layout}", ["file", str(path)], "--layout", layout, "--dry-run"
+        )["shards"]
+        for layout in ("files", "webdataset", "parquet")
+    }
+    assert shards == {"files": 9, "webdataset": 3, "parquet": 3}  # 256-row shards for files
+
+
 def test_diffusiondb_job_keeps_source_seeds_and_records_its_selection(env, output, tmp_path):
     path = write_diffusiondb(tmp_path / "metadata.parquet")
     summary = enqueue_json(env, output, "ddb", ["diffusiondb", "--path", str(path)], "--shard-size", "2")
