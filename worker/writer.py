@@ -83,13 +83,13 @@ class FilesWriter(ShardWriter):
         super().__init__(store, shard, attempt_id, row_ids, ext)
         # Keys in this attempt's own folder: no other attempt ever writes them.
         self.keys = [image_key(shard, attempt_id, r, ext) for r in row_ids]
-        self._lock = threading.Lock()
 
     def add(self, index: int, data: bytes) -> None:
         self.store.put(self.keys[index], data)
         self.digests[index] = (hashlib.sha256(data).hexdigest(), len(data))
-        with self._lock:
-            self.requests += 1
+
+    def finish(self) -> None:
+        self.requests = sum(d is not None for d in self.digests)  # one PUT per image stored
 
 
 class StreamWriter(ShardWriter):
@@ -161,10 +161,11 @@ class TarWriter(StreamWriter):
     layout = LAYOUT_WEBDATASET
 
     def _append(self, lo: int, hi: int, images: list[bytes]) -> None:
-        for i, data in zip(range(lo, hi), images, strict=True):
+        columns = self.describe(lo, hi)  # once for the rows appended together
+        for j, (i, data) in enumerate(zip(range(lo, hi), images, strict=True)):
+            row = {k: v[j] for k, v in columns.items()}
             # Known before writing, so the .json member records it.
-            self.offsets[i] = self.upload.tell() + TAR_BLOCK
-            row = {k: v[0] for k, v in self.describe(i, i + 1).items()}
+            row["image_offset"] = self.offsets[i] = self.upload.tell() + TAR_BLOCK
             self.upload.write(webdataset_sample(row, data))
 
     def _close(self) -> None:
