@@ -56,7 +56,9 @@ log = logging.getLogger("fewstep.contract")
 
 # 2: images are keyed by attempt (images/part-N/<attempt-id>/...); metadata has attempt_id.
 # 3: layouts (files, webdataset, parquet); metadata has image_offset and image_row.
-FORMAT_VERSION = 3
+# 4: scores (clip_score, aesthetic, nsfw_score) and conditioning (cond_*, control_*) columns;
+#    job.json may hold "scoring" and "conditioning".
+FORMAT_VERSION = 4
 TASK_NAME = "fewstep.generate_shard"
 
 JOB_SPEC_KEY = "job.json"
@@ -72,6 +74,7 @@ WEBDATASET = "webdataset"
 GALLERY = "gallery"
 DUPLICATES_KEY = "duplicates.parquet"
 ATTEMPTS = "attempts"
+EMBEDDINGS = "embeddings"
 
 #: The largest shard id (and attempt round) a message may carry: far above any real job.
 MAX_SHARD = 10**9
@@ -266,6 +269,13 @@ def dataset_metadata_key(index: int = 1, files: int = 1) -> str:
     return "metadata.parquet" if files == 1 else f"metadata-{index:05d}-of-{files:05d}.parquet"
 
 
+def embeddings_key(shard: int, attempt_id: str) -> str:
+    """``embeddings/part-000001/<attempt-id>.parquet``: one attempt's CLIP image embeddings
+    (``--embeddings``), written before its commit and keyed per attempt like its images; the
+    committed metadata's ``attempt_id`` names the one that counts."""
+    return f"{EMBEDDINGS}/{part_name(shard)}/{_check_attempt_id(attempt_id)}.parquet"
+
+
 def json_part_key(shard: int) -> str:
     """DiffusionDB's per-part prompt file, next to the part's images."""
     return f"{IMAGES}/{part_name(shard)}/{part_name(shard)}.json"
@@ -442,11 +452,42 @@ METADATA_CORE = pa.schema(
         # image's row in that parquet.
         pa.field("image_offset", pa.int64()),
         pa.field("image_row", pa.int64()),
+        # Scores computed on the worker from the decoded image (``--score``); null when the
+        # job did not ask for that scorer. clip_score: 100 * max(cos(image, prompt), 0);
+        # aesthetic: the LAION improved aesthetic predictor (about 1-10); nsfw_score: 0-1.
+        pa.field("clip_score", pa.float32()),
+        pa.field("aesthetic", pa.float32()),
+        pa.field("nsfw_score", pa.float32()),
+        # Image-conditioned jobs (``--image-column``, ``enqueue job``); null for text-only jobs.
+        pa.field("cond_key", pa.string()),  # where the conditioning image came from (path, s3 key, row)
+        pa.field("cond_sha256", pa.string()),  # sha256 of the conditioning image's source bytes
+        pa.field("condition", pa.string()),  # init | canny | sketch | as-is
+        pa.field("strength", pa.float32()),  # img2img strength (init)
+        pa.field("controlnet_scale", pa.float32()),  # ControlNet conditioning scale
+        pa.field("resize", pa.string()),  # center-crop | pad | stretch
+        # With --save-control: the control map the model saw, stored like the image (same
+        # layout rules): its key, and for one-object layouts where in that object it lies.
+        pa.field("control_key", pa.string()),
+        pa.field("control_offset", pa.int64()),
+        pa.field("control_bytes", pa.int64()),
     ]
 )
 
 #: Columns added by format version 3: jobs of version 2 have metadata without them.
 LAYOUT_COLUMNS = ("image_offset", "image_row")
+#: Columns added by format version 4: jobs of older versions have metadata without them.
+SCORE_COLUMNS = ("clip_score", "aesthetic", "nsfw_score")
+CONDITION_COLUMNS = (
+    "cond_key",
+    "cond_sha256",
+    "condition",
+    "strength",
+    "controlnet_scale",
+    "resize",
+    "control_key",
+    "control_offset",
+    "control_bytes",
+)
 
 #: The image column of the parquet layout: HF datasets' ``Image`` feature's storage type.
 IMAGE_COLUMN = "image"
@@ -480,9 +521,12 @@ def manifest_schema(fields: dict[str, str]) -> pa.Schema:
 def metadata_schema(fields: dict[str, str], format_version: int = FORMAT_VERSION) -> pa.Schema:
     """The metadata schema of a job: identical in every shard of the job (``format_version``:
     the job's, so jobs written by an older version read with their own schema)."""
-    core = METADATA_CORE
+    dropped: tuple[str, ...] = ()
+    if format_version < 4:
+        dropped += SCORE_COLUMNS + CONDITION_COLUMNS
     if format_version < 3:
-        core = pa.schema([f for f in METADATA_CORE if f.name not in LAYOUT_COLUMNS])
+        dropped += LAYOUT_COLUMNS
+    core = pa.schema([f for f in METADATA_CORE if f.name not in dropped])
     return _with_fields(core, fields)
 
 
@@ -504,7 +548,17 @@ def images_parquet_schema(metadata: pa.Schema) -> pa.Schema:
 
 # The parts of job.json that define what a job produces. Two enqueues with equal
 # identities are the same job (a resume); a different one under the same name is refused.
-SPEC_IDENTITY_KEYS = ("format_version", "source", "model", "generation", "seed", "shard_size", "layout")
+SPEC_IDENTITY_KEYS = (
+    "format_version",
+    "source",
+    "model",
+    "generation",
+    "seed",
+    "shard_size",
+    "layout",
+    "scoring",
+    "conditioning",
+)
 
 
 def spec_identity(spec: dict[str, Any]) -> dict[str, Any]:

@@ -7,6 +7,8 @@ import pytest
 
 from fewstep import UserError
 from fewstep.contract import (
+    CONDITION_COLUMNS,
+    SCORE_COLUMNS,
     ShardMessage,
     check_job_name,
     derive_seeds,
@@ -81,10 +83,16 @@ def test_metadata_schema_starts_with_diffusiondb_columns_and_adds_fields():
 
 
 def test_jobs_of_format_version_2_keep_their_schema_without_the_layout_columns():
-    assert metadata_schema({}, 2).names == [
-        n for n in metadata_schema({}).names if n not in ("image_offset", "image_row")
-    ]
+    v3 = metadata_schema({}, 3).names
+    assert metadata_schema({}, 2).names == [n for n in v3 if n not in ("image_offset", "image_row")]
     assert metadata_schema({"category": "string"}, 2).names[-1] == "category"
+
+
+def test_jobs_of_format_version_3_keep_their_schema_without_the_score_and_condition_columns():
+    added = set(SCORE_COLUMNS + CONDITION_COLUMNS)
+    assert metadata_schema({}, 3).names == [n for n in metadata_schema({}).names if n not in added]
+    assert added <= set(metadata_schema({}).names)
+    assert metadata_schema({"category": "string"}, 3).names[-1] == "category"
 
 
 def test_shard_rows_every_shard_full_but_the_last():

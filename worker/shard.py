@@ -52,7 +52,9 @@ import pyarrow as pa
 
 from fewstep import UserError
 from fewstep.contract import (
+    CONDITION_COLUMNS,
     JOB_SPEC_KEY,
+    SCORE_COLUMNS,
     ShardMessage,
     ShardStats,
     image_name,
@@ -187,6 +189,9 @@ class ShardRun:
         n = shard.size
         self.batch_size = self.min_batch_size = self.oom_retries = 0  # see count_batch
         self.nsfw: list[bool | None] = [None] * n
+        # Per-row values of format-4 columns (scores, conditioning), set by the stages that
+        # compute them; a column nobody set is null.
+        self.extra: dict[str, list] = {}
         self.gen_ms: list[float] = [0.0] * n
         self.created: list[dt.datetime | None] = [None] * n
         self.generate_s = self.encode_s = self.encode_cpu_s = self.upload_s = self.wait_s = 0.0
@@ -848,6 +853,9 @@ class ShardRunner:
             "image_offset": writer.offsets[lo:hi],
             "image_row": writer.image_rows[lo:hi],
         }
+        for name in SCORE_COLUMNS + CONDITION_COLUMNS:
+            values = run.extra.get(name)
+            columns[name] = values[lo:hi] if values is not None else [None] * n
         for name in fields:
             columns[name] = rows[name][lo:hi]
         return columns
