@@ -218,7 +218,7 @@ def shard_object_key(shard: int, attempt_id: str, layout: str) -> str:
     return f"{IMAGES}/{part_name(shard)}/{_check_attempt_id(attempt_id)}.{_LAYOUT_EXTENSIONS[layout]}"
 
 
-_IMAGE_KEY = re.compile(r"^images/part-(\d{6,})/([^/]+)/\d{12,}\.[a-z]+$")
+_IMAGE_KEY = re.compile(r"^images/part-(\d{6,})/([^/]+)/\d{12,}(\.control)?\.[a-z]+$")
 _SHARD_OBJECT_KEY = re.compile(r"^images/part-(\d{6,})/([^/]+)\.(tar|parquet)$")
 
 
@@ -493,7 +493,34 @@ CONDITION_COLUMNS = (
 IMAGE_COLUMN = "image"
 IMAGE_STRUCT = pa.struct([pa.field("bytes", pa.binary()), pa.field("path", pa.string())])
 
-RESERVED_NAMES = frozenset(MANIFEST_CORE.names) | frozenset(METADATA_CORE.names)
+# Image-conditioned jobs: where each row's conditioning image is, by reference (a manifest
+# never holds image bytes). ``cond_ref`` is one of
+#   - ``file:///abs/path.png`` or ``s3://bucket/key``: the whole object is the image;
+#   - a key relative to the job root (``manifests/part-000001.images.parquet``): the bytes the
+#     source itself held (a parquet ``{"bytes", "path"}`` column), stored once per shard next
+#     to the manifest, row ``cond_row`` of its ``image`` column;
+#   - another job's image object (``enqueue job``): ``s3://.../images/part-N/<attempt>.tar``
+#     with ``cond_offset``/``cond_length`` (a ranged read), or ``.../<attempt>.parquet`` with
+#     ``cond_row``, or a files-layout image key.
+# ``cond_sha256`` is the expected sha256 of the image's bytes where the source knows it (an
+# earlier job's metadata), else null. ``cond_source`` is what the row named (a path as
+# written, before --image-root), for the metadata's ``cond_key``.
+CONDITION_MANIFEST = (
+    pa.field("cond_ref", pa.string()),
+    pa.field("cond_offset", pa.int64()),
+    pa.field("cond_length", pa.int64()),
+    pa.field("cond_row", pa.int64()),
+    pa.field("cond_sha256", pa.string()),
+    pa.field("cond_source", pa.string()),
+)
+
+
+RESERVED_NAMES = (
+    frozenset(MANIFEST_CORE.names)
+    | frozenset(METADATA_CORE.names)
+    | frozenset(f.name for f in CONDITION_MANIFEST)
+    | {IMAGE_COLUMN, "control_image"}
+)
 
 
 def check_fields(fields: dict[str, str]) -> dict[str, str]:
@@ -513,9 +540,37 @@ def _with_fields(core: pa.Schema, fields: dict[str, str]) -> pa.Schema:
     return pa.schema(list(core) + extra)
 
 
-def manifest_schema(fields: dict[str, str]) -> pa.Schema:
-    """The manifest schema of a job whose source carries ``fields``."""
-    return _with_fields(MANIFEST_CORE, fields)
+def condition_images_key(shard: int) -> str:
+    """``manifests/part-000001.images.parquet``: image bytes a source held, once per shard."""
+    return f"{MANIFESTS}/{part_name(shard)}.images.parquet"
+
+
+def manifest_schema(fields: dict[str, str], conditioned: bool = False) -> pa.Schema:
+    """The manifest schema of a job whose source carries ``fields`` (``conditioned``: the job
+    has a conditioning image per row, :data:`CONDITION_MANIFEST`)."""
+    schema = _with_fields(MANIFEST_CORE, fields)
+    return pa.schema(list(schema) + list(CONDITION_MANIFEST)) if conditioned else schema
+
+
+#: The parquet layout's column holding a row's control map (``--save-control``).
+CONTROL_IMAGE_COLUMN = "control_image"
+
+
+def control_name(row_id: int) -> str:
+    """``000000000042.control.png``: a row's control map (always PNG: maps are exact), stored
+    beside its image: in the attempt's folder (files), as a member of its tar (webdataset), or
+    in the ``control_image`` column of its parquet (parquet)."""
+    return f"{row_id:012d}.control.png"
+
+
+def embeddings_schema(dim: int) -> pa.Schema:
+    """An embeddings object: each row's L2-normalised CLIP image embedding, float16."""
+    return pa.schema(
+        [
+            pa.field("row_id", pa.int64(), nullable=False),
+            pa.field("embedding", pa.list_(pa.float16(), dim), nullable=False),
+        ]
+    )
 
 
 def metadata_schema(fields: dict[str, str], format_version: int = FORMAT_VERSION) -> pa.Schema:
