@@ -12,6 +12,7 @@ from fewstep.contract import LAYOUTS
 from fewstep.presets import ALLOW_SYNTHETIC_ENV
 from fewstep.settings import load_config
 from producer import finalize, gallery, jobs, status_view
+from producer.conditioning import CONDITIONS, RESIZES, ConditioningOptions
 from producer.enqueue import JobOptions, enqueue
 from producer.gc import gc_command
 from producer.options import JSON, OUTPUT
@@ -20,6 +21,7 @@ from producer.retry import retry_command
 from producer.selection import Selection
 from producer.sources.diffusiondb import DiffusionDB
 from producer.sources.formats import FORMATS, open_file
+from producer.sources.job import JobSource
 from producer.sources.journeydb import TEXT_FIELDS, JourneyDB
 from producer.sources.partiprompts import PartiPrompts
 from producer.verify import verify_command
@@ -104,13 +106,73 @@ CARRY = click.option(
 _SELECTION = ("limit", "sample", "sample_seed", "dedupe", "where", "min_chars", "max_chars")
 
 
+# --- image conditioning (issue 15; producer/conditioning.py, docs/CONDITIONING.md) -----------
+def _conditioning_option_list(image_column: bool) -> list:
+    where = [
+        click.option(
+            "--image-column",
+            metavar="COLUMN",
+            help="Source column naming each row's conditioning image: a local path, an s3:// URL, "
+            "or image bytes (parquet binary, or HF datasets' Image).",
+        ),
+        click.option(
+            "--image-root",
+            metavar="DIR|s3://BUCKET/PREFIX",
+            help="Where relative image paths start [the prompt file's folder].",
+        ),
+    ]
+    return [
+        *(where if image_column else []),
+        click.option(
+            "--condition",
+            type=click.Choice(CONDITIONS),
+            help="init (img2img), canny, sketch or as-is (ControlNet) "
+            "[init, or the ControlNet preset's default].",
+        ),
+        click.option("--strength", type=float, help="img2img strength, 0-1 (init only) [the preset's]."),
+        click.option(
+            "--controlnet-scale", type=float, help="ControlNet conditioning scale [the preset's, else 1]."
+        ),
+        click.option(
+            "--canny-low", type=click.IntRange(min=0), help="Canny low threshold (canny only) [100]."
+        ),
+        click.option(
+            "--canny-high", type=click.IntRange(min=1), help="Canny high threshold (canny only) [200]."
+        ),
+        click.option(
+            "--resize", type=click.Choice(RESIZES), help="Fit images to the job's size [center-crop]."
+        ),
+        click.option("--save-control", is_flag=True, help="Store each row's control map beside its image."),
+        click.option(
+            "--skip-missing-images",
+            is_flag=True,
+            help="Skip (and count) rows whose image is missing or unreadable, instead of stopping.",
+        ),
+    ]
+
+
+def conditioning_options(image_column: bool = True):
+    """The conditioning options (``--image-column`` and ``--image-root`` where rows name images)."""
+
+    def decorate(command):
+        for option in reversed(_conditioning_option_list(image_column)):
+            command = option(command)
+        return command
+
+    return decorate
+
+
+_CONDITIONING = tuple(f for f in ConditioningOptions.__dataclass_fields__)
+
+
 def run_enqueue(source, *, dry_run: bool, as_json: bool, match: dict | None = None, **flags) -> None:
     """Enqueue ``source`` with the shared job and selection options and print the summary."""
     selection = Selection(
         **{k: flags.pop(k) for k in _SELECTION},
         match={k: tuple(v) for k, v in (match or {}).items() if v},
     )
-    summary = enqueue(source, JobOptions(**flags), selection, dry_run=dry_run)
+    conditioning = ConditioningOptions(**{k: flags.pop(k) for k in _CONDITIONING if k in flags})
+    summary = enqueue(source, JobOptions(**flags, conditioning=conditioning), selection, dry_run=dry_run)
     for note in summary.pop("problems", []):
         click.echo(f"warning: {note}", err=True)
     if as_json:
@@ -121,6 +183,12 @@ def run_enqueue(source, *, dry_run: bool, as_json: bool, match: dict | None = No
         f"{summary['skipped_invalid']:,} unusable, {summary['skipped_filtered']:,} filtered, "
         f"{summary['duplicates']:,} duplicates, {summary['not_selected']:,} not selected"
     )
+    if "missing_images" in summary:
+        skipped += (
+            f"; images: {summary['missing_images']:,} missing, {summary['unreadable_images']:,} unreadable"
+        )
+    if summary.get("source_rows_not_committed"):
+        skipped += f"; {summary['source_rows_not_committed']:,} rows of the source job not committed yet"
     if summary.get("dry_run"):
         click.echo(f"dry run: {summary['prompts']:,} prompts in {summary['shards']:,} shards (no writes)")
         click.echo(skipped)
@@ -146,10 +214,24 @@ def enqueue_group() -> None:
     """Enqueue a prompt set as a job: manifests and job spec to storage, tasks to Redis."""
 
 
+@enqueue_group.command("job")
+@click.argument("source_job", metavar="SOURCE_JOB")
+@click.option(
+    "--partial", is_flag=True, help="Take the committed rows of an unfinished source job (else refused)."
+)
+@conditioning_options(image_column=False)
+@job_options
+def enqueue_job(source_job: str, partial: bool, **flags) -> None:
+    """Another job's committed rows (same --output): its prompts, byte-exact, with its images as the
+    conditioning images (chained jobs: refine or vary one job's images with another model)."""
+    run_enqueue(JobSource(flags["output"], source_job, partial=partial), **flags)
+
+
 @enqueue_group.command("partiprompts")
 @click.option("--path", metavar="PATH_OR_URL", help="PartiPrompts.tsv (default: the public URL).")
 @click.option("--category", multiple=True, help="Only this category (repeatable; spaces and case ignored).")
 @click.option("--challenge", multiple=True, help="Only this challenge (repeatable; spaces and case ignored).")
+@conditioning_options()
 @job_options
 def enqueue_partiprompts(
     path: str | None, category: tuple[str, ...], challenge: tuple[str, ...], **flags
@@ -180,6 +262,7 @@ def enqueue_partiprompts(
     help="source: each prompt keeps DiffusionDB's seed; derived: seeds from --seed and the row.",
 )
 @CARRY
+@conditioning_options()
 @job_options
 def enqueue_diffusiondb(subset: str, path: str | None, seeds: str, carry: tuple[str, ...], **flags) -> None:
     """DiffusionDB 2M or Large; its own settings become source_* fields, generation uses the job's."""
@@ -198,6 +281,7 @@ def enqueue_diffusiondb(subset: str, path: str | None, seeds: str, carry: tuple[
     help="Generate from the Midjourney prompt or from the caption (Task2.Caption).",
 )
 @CARRY
+@conditioning_options()
 @job_options
 def enqueue_journeydb(path: str, field: str, carry: tuple[str, ...], **flags) -> None:
     """JourneyDB annotations; the other fields (img_path, Task1.*, ...) are carried."""
@@ -211,6 +295,7 @@ def enqueue_journeydb(path: str, field: str, carry: tuple[str, ...], **flags) ->
 )
 @click.option("--column", metavar="NAME", help="The prompt column; a dot path in JSON (Task2.Caption).")
 @CARRY
+@conditioning_options()
 @_job_options(("--image-format",))  # here --format is the input's format
 def enqueue_file(
     path: str, input_format: str | None, column: str | None, carry: tuple[str, ...], **flags

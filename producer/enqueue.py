@@ -15,7 +15,7 @@ import json
 import sys
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -30,6 +30,7 @@ from fewstep.contract import (
     LAYOUTS,
     ShardMessage,
     check_job_name,
+    condition_images_key,
     manifest_key,
     queue_name,
     spec_identity,
@@ -38,11 +39,14 @@ from fewstep.presets import check_generation, check_runnable, resolve_model
 from fewstep.queue import celery_app, check_broker, pending_messages, redis_client, send_shards
 from fewstep.settings import defaults, queue_prefix
 from fewstep.storage import Store, check_conditional_writes, open_store
+from producer.conditioning import ConditioningOptions, choose_condition, conditioning_spec, default_steps
+from producer.image_refs import ImageRefs, image_base
 from producer.progress import Progress as JobProgress
 from producer.progress import read_progress, read_spec
 from producer.selection import Selection, Selector
 from producer.sharding import ShardWriter
 from producer.sources import PromptSource
+from producer.sources.job import JobSource
 
 
 @dataclass
@@ -65,6 +69,8 @@ class JobOptions:
     layout: str | None = None
     #: Opt-in to a benchmark-only preset (``synthetic``): its images are not real.
     allow_synthetic: bool = False
+    #: Image conditioning (--image-column, --condition, ...; producer/conditioning.py).
+    conditioning: ConditioningOptions = field(default_factory=ConditioningOptions)
 
 
 def _pick(flag, fallback):
@@ -84,8 +90,17 @@ def build_spec(source: PromptSource, opts: JobOptions, selector: Selector) -> di
     if shard_size < 1:
         raise UserError(f"--shard-size must be at least 1, got {shard_size}")
     image_format = _pick(opts.image_format, out["format"])
+    cond = opts.conditioning
+    chained = isinstance(source, JobSource)
+    if chained and (cond.image_column or cond.image_root):
+        raise UserError(
+            "--image-column/--image-root do not apply to `enqueue job`: its images are the source job's"
+        )
+    condition = choose_condition(preset, cond, has_images=chained or cond.image_column is not None)
+    if cond.image_root and not cond.image_column:
+        raise UserError("--image-root needs --image-column (the column naming each row's image)")
     generation = {
-        "steps": int(_pick(opts.steps, preset["steps"])),
+        "steps": int(_pick(opts.steps, default_steps(preset, condition))),
         "guidance": float(_pick(opts.guidance, preset["guidance"])),
         "width": int(_pick(opts.width, preset["width"])),
         "height": int(_pick(opts.height, preset["height"])),
@@ -97,7 +112,7 @@ def build_spec(source: PromptSource, opts: JobOptions, selector: Selector) -> di
         generation["png_level"] = int(_pick(opts.png_level, out["png_level"]))
     else:
         generation["quality"] = int(_pick(opts.quality, out["quality"]))
-    return {
+    spec: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "job": opts.job,
         "source": {**source.describe(), "selection": selector.describe()},
@@ -112,6 +127,17 @@ def build_spec(source: PromptSource, opts: JobOptions, selector: Selector) -> di
         "shard_size": int(shard_size),
         "layout": layout,
     }
+    if condition is not None:
+        root = None if chained else image_base(cond.image_root, getattr(source, "location", None))
+        spec["conditioning"] = conditioning_spec(
+            preset,
+            condition,
+            generation["steps"],
+            cond,
+            image_root=root,
+            source_job=source.store.url if chained else None,
+        )
+    return spec
 
 
 class EnqueueDisplay:
@@ -167,35 +193,63 @@ def write_shards(
     selector: Selector,
     store: Store | None,
     display: EnqueueDisplay,
+    skip_missing_images: bool = False,
+    notes: list[str] | None = None,
 ) -> dict[str, int]:
     """Stream the source through the selection into shard manifests (only count when ``store`` is None).
 
+    A conditioned job's rows get their image references, checked (:mod:`producer.image_refs`):
+    a row whose image is missing or unreadable stops it, or with ``skip_missing_images`` is
+    left out and counted; examples of those go to ``notes``.
+
     Returns the counts; on an error, the manifests written so far are removed.
     """
+    conditioning = spec.get("conditioning")
     writer = ShardWriter(
         fields=spec["source"]["fields"],
         shard_size=spec["shard_size"],
         job_seed=spec["seed"],
         store=store,
+        conditioned=conditioning is not None,
     )
+    images = None
+    if conditioning is not None:
+        column = conditioning["image_column"]
+        images = ImageRefs(
+            source.image_values(column) if column else None,
+            conditioning["image_root"],
+            skip=skip_missing_images,
+            label=column or "image",
+        )
     try:
         for batch in display.rows(selector.select(source.batches()), writer):
-            writer.add(batch)
+            writer.add(images.attach(batch) if images is not None else batch)
         writer.close()
     except BaseException:
         writer.abort()
         if store is not None:
             _remove_manifests(store, writer.shards)
         raise
+    finally:
+        if images is not None:
+            images.close()
     counts = {"prompts": writer.prompts, "shards": writer.shards, **selector.counts}
+    if images is not None:
+        counts.update(images.counts)
+        if notes is not None:
+            notes += images.examples
     counts["skipped_invalid"] += source.invalid.count
     counts["rows_read"] += source.invalid.count
     return counts
 
 
 def _remove_manifests(store: Store, shards: int) -> None:
+    def remove(shard: int) -> None:
+        store.delete(manifest_key(shard))
+        store.delete(condition_images_key(shard))  # a conditioned job's image bytes, if any
+
     with ThreadPoolExecutor(16) as pool:
-        list(pool.map(lambda s: store.delete(manifest_key(s)), range(1, shards + 1)))
+        list(pool.map(remove, range(1, shards + 1)))
 
 
 def problems(source: PromptSource, selector: Selector) -> list[str]:
@@ -240,11 +294,15 @@ def enqueue(
         log_duplicates=not dry_run,
     )
     spec = build_spec(source, opts, selector)
+    skip, notes = opts.conditioning.skip_missing_images, []
     display = EnqueueDisplay(sys.stderr.isatty() if progress is None else progress, source.total_rows)
     if dry_run:
         with display:
-            counts = write_shards(source, spec, selector, store=None, display=display)
-        return {"job": opts.job, "dry_run": True, **counts, "problems": problems(source, selector)}
+            counts = write_shards(source, spec, selector, None, display, skip, notes)
+        return {
+            "job": opts.job, "dry_run": True, **counts, **_chained(source),
+            "problems": [*problems(source, selector), *notes],
+        }  # fmt: skip
 
     root = open_store(opts.output)
     root.check()
@@ -259,7 +317,7 @@ def enqueue(
         return resume_job(job_store, spec)
 
     with display:
-        counts = write_shards(source, spec, selector, store=job_store, display=display)
+        counts = write_shards(source, spec, selector, job_store, display, skip, notes)
         try:
             if counts["prompts"] == 0:
                 raise _nothing_selected(counts)
@@ -285,8 +343,14 @@ def enqueue(
         **counts,
         "enqueued": sent,
         "resumed": False,
-        "problems": problems(source, selector),
+        **_chained(source),
+        "problems": [*problems(source, selector), *notes],
     }
+
+
+def _chained(source: PromptSource) -> dict[str, int]:
+    """For ``enqueue job --partial``: how many of the source job's rows were not there yet."""
+    return {"source_rows_not_committed": source.rows_not_committed} if isinstance(source, JobSource) else {}
 
 
 def _created_meanwhile(job_store: Store, spec: dict[str, Any]) -> dict[str, Any]:

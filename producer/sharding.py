@@ -1,4 +1,5 @@
-"""Rows into shards: global row ids, seeds, and one manifest parquet per shard."""
+"""Rows into shards: global row ids, seeds, and one manifest parquet per shard (and, for a
+conditioned job whose source held image bytes, one sidecar parquet of those bytes per shard)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from fewstep.contract import derive_seeds, manifest_key, manifest_schema
+from fewstep.contract import (
+    IMAGE_STRUCT,
+    condition_images_key,
+    derive_seeds,
+    manifest_key,
+    manifest_schema,
+)
 from fewstep.storage import Store
+from producer.image_refs import BYTES_COLUMN, REF_COLUMNS
 
 
 def manifest_bytes(table: pa.Table) -> bytes:
@@ -41,6 +49,10 @@ class ShardWriter:
     seed, source row). Slicing is zero-copy; manifests are encoded and uploaded by a
     thread pool, at most ``4 × threads`` at a time, so memory stays flat. With no store
     it only counts (dry runs).
+
+    ``conditioned``: the batches carry the reference columns of :mod:`producer.image_refs`
+    (and the image bytes a source held, which go to the shard's sidecar, written before its
+    manifest, never into the manifest).
     """
 
     def __init__(
@@ -50,12 +62,19 @@ class ShardWriter:
         job_seed: int,
         store: Store | None = None,
         threads: int = 16,
+        conditioned: bool = False,
     ):
         self.fields = fields
         self.shard_size = shard_size
         self.job_seed = job_seed
         self.store = store
-        self.schema = manifest_schema(fields)
+        self.conditioned = conditioned
+        self.manifest_schema = manifest_schema(fields, conditioned)
+        self.schema = (
+            pa.schema([*self.manifest_schema, pa.field(BYTES_COLUMN, IMAGE_STRUCT)])
+            if conditioned
+            else self.manifest_schema
+        )
         self.prompts = 0
         self.shards = 0
         self._pending: deque[pa.RecordBatch] = deque()
@@ -88,6 +107,8 @@ class ShardWriter:
             )
         columns = [row_id, source_row, batch.column("prompt"), seed]
         columns += [batch.column(name) for name in self.fields]
+        if self.conditioned:
+            columns += [batch.column(name) for name in (*REF_COLUMNS, BYTES_COLUMN)]
         return pa.RecordBatch.from_arrays(columns, schema=self.schema)
 
     def _cut(self, rows: int) -> None:
@@ -110,7 +131,24 @@ class ShardWriter:
 
     def _write(self, shard: int, table: pa.Table) -> None:
         assert self.store is not None
+        if self.conditioned:
+            table = self._sidecar(shard, table)
         self.store.put(manifest_key(shard), manifest_bytes(table))
+
+    def _sidecar(self, shard: int, table: pa.Table) -> pa.Table:
+        """Store the shard's image bytes (if any) in its sidecar; the manifest then names them."""
+        images = table.column(BYTES_COLUMN)
+        table = table.drop_columns([BYTES_COLUMN])
+        held = pc.is_valid(images)
+        if not pc.any(held).as_py():
+            return table
+        sidecar = pa.table({"row_id": table.column("row_id").filter(held), "image": images.filter(held)})
+        self.store.put(condition_images_key(shard), manifest_bytes(sidecar))
+        position = pc.subtract(pc.cumulative_sum(pc.cast(held, pa.int64())), 1)
+        ref = pc.if_else(held, pa.scalar(condition_images_key(shard)), table.column("cond_ref"))
+        row = pc.if_else(held, position, table.column("cond_row"))
+        table = table.set_column(table.schema.get_field_index("cond_ref"), "cond_ref", ref)
+        return table.set_column(table.schema.get_field_index("cond_row"), "cond_row", row)
 
     def _drain(self, limit: int = 0) -> None:
         while len(self._futures) > limit:

@@ -16,6 +16,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from fewstep import UserError
 from producer.sources.fields import Skips
 
 
@@ -49,3 +50,17 @@ class PromptSource:
     def describe(self) -> dict[str, Any]:
         """What goes into the job spec's ``source`` block (no credentials)."""
         raise NotImplementedError
+
+    def image_values(self, column: str) -> str:
+        """The batch column holding the conditioning image named by source column ``column``
+        (``--image-column``): a text field (a path or URL per row; it is carried as a field
+        too). A :class:`UserError` when the source has no such column."""
+        renames = getattr(self, "renames", {})
+        name = column if column in self.fields else renames.get(column, column)
+        if self.fields.get(name) != "string":
+            text = sorted(n for n, kind in self.fields.items() if kind == "string")
+            raise UserError(
+                f"--image-column {column!r}: the source has no text column of that name "
+                f"(text columns: {', '.join(text) or 'none'})"
+            )
+        return name

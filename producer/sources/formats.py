@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 
 from fewstep import UserError
 from fewstep.contract import FIELD_TYPES
+from producer.image_refs import VALUES_COLUMN
 from producer.sources import PromptSource
 from producer.sources.fields import (
     JSON,
@@ -68,6 +69,8 @@ EXTENSIONS = {
 COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd"}
 ARCHIVES = {".tar": "r|", ".tgz": "r|gz", ".tar.gz": "r|gz", ".tar.bz2": "r|bz2", ".tar.xz": "r|xz"}
 BATCH_ROWS = 65_536
+# Rows per batch of a parquet whose image column holds the images themselves.
+IMAGE_BATCH_ROWS = 256
 # Each column chunk is read in pieces this large: memory stays flat whatever the row group size.
 PARQUET_PIECE = 2 << 20
 SAMPLE_RECORDS = 1_000
@@ -575,9 +578,28 @@ class ParquetReader(Reader):
         needed = [self.column, *carried]
         self.roots = [f.name for f in self.file.schema_arrow if any(_under(c, f.name) for c in needed)]
 
+    def image_values(self, column: str) -> str:
+        """A binary column, or HF datasets' Image struct ``{"bytes", "path"}``, holds the images
+        themselves: read as they are (in small batches: they are large), not as a field."""
+        found = self.file.schema_arrow.field(column) if column in self.file.schema_arrow.names else None
+        kind = found.type if found is not None else None
+        is_bytes = kind is not None and (pa.types.is_binary(kind) or pa.types.is_large_binary(kind))
+        if kind is not None and pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0:
+            is_bytes = True
+        if not is_bytes:
+            return super().image_values(column)
+        self.image_column = column
+        if column not in self.roots:
+            self.roots.append(column)
+        return VALUES_COLUMN
+
     def batches(self) -> Iterator[pa.RecordBatch]:
         rows = 0
-        for batch in parquet_batches(self.file, self.roots, self.label):
+        image = getattr(self, "image_column", None)
+        for batch in parquet_batches(
+            self.file, self.roots, self.label, IMAGE_BATCH_ROWS if image else BATCH_ROWS
+        ):
+            values = batch.column(image) if image else None
             table = pa.Table.from_batches([batch])
             while any(pa.types.is_struct(f.type) for f in table.schema):
                 table = table.flatten()
@@ -588,7 +610,8 @@ class ParquetReader(Reader):
             ]
             columns += [arrow_field(table[c], self.kinds[name]) for c, name in self.renames.items()]
             rows += n
-            yield pa.RecordBatch.from_arrays(columns, schema=self._schema())
+            batch = pa.RecordBatch.from_arrays(columns, schema=self._schema())
+            yield batch if values is None else batch.append_column(VALUES_COLUMN, values)
 
     def _read_as(self) -> dict[str, Any]:
         json_fields = sorted(n for n, k in self.kinds.items() if k == JSON)
