@@ -298,7 +298,13 @@ def enqueue(
     display = EnqueueDisplay(sys.stderr.isatty() if progress is None else progress, source.total_rows)
     if dry_run:
         with display:
-            counts = write_shards(source, spec, selector, None, display, skip, notes)
+            # A dry run counts every bad image (stopping at the first would hide the others).
+            counts = write_shards(source, spec, selector, None, display, True, notes)
+        if not skip and counts.get("missing_images", 0) + counts.get("unreadable_images", 0):
+            notes.append(
+                "an enqueue stops at the first row whose image is missing or unreadable; "
+                "pass --skip-missing-images to skip those rows (prompts counts the rows it would take)"
+            )
         return {
             "job": opts.job, "dry_run": True, **counts, **_chained(source),
             "problems": [*problems(source, selector), *notes],
