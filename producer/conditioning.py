@@ -57,7 +57,7 @@ def choose_condition(preset: dict[str, Any], opts: ConditioningOptions, has_imag
     when the images and the preset do not go together."""
     name = preset["name"]
     if not has_images:
-        extra = [f for f in opts.given() if f != "--skip-missing-images"]
+        extra = opts.given()
         if extra:
             raise UserError(
                 f"{', '.join(extra)}: only for jobs with conditioning images; pass --image-column "

@@ -253,6 +253,8 @@ class ImageRefs:
             raise UserError(f"cannot check conditioning image {found.where()}: {e}") from None
         except OSError as e:
             problem = f"cannot read it ({e.strerror or e})"
+        except ValueError as e:  # an S3 key storage refuses (``..`` segments, too long)
+            problem = str(e)
         if problem:
             found.problem, found.reason = UNREADABLE, problem
         return found
@@ -283,6 +285,8 @@ class ImageRefs:
     def _image_problem(self, head: bytes, tail: bytes, size: int, whole) -> str | None:
         try:
             image_format = _header(head)
+        except Image.DecompressionBombError:
+            return "more pixels than PIL's decompression-bomb limit"
         except Exception:  # PIL raises many kinds on bad headers
             if size <= len(head):
                 return "not an image PIL can read"

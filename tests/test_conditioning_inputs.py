@@ -1,7 +1,7 @@
 """Image-conditioned jobs, the producer's side: rows that name a conditioning image (local paths,
 S3 keys under an S3 --image-root, bytes in an HF datasets parquet, JourneyDB's img_path) become
 manifest references, checked before enqueueing (missing, unreadable, skipped, refused); another
-job's committed rows become a chained job (files and webdataset layouts, a real worker run for
+job's committed rows become a chained job (files, webdataset and parquet layouts, a real worker run for
 the source jobs); the conditioning options are checked against the preset and are part of the
 job's identity. The conditioning images are real photographs shipped in scikit-image's wheel.
 
@@ -92,6 +92,8 @@ def _read_ref(row: dict) -> bytes:
         store, key = open_store(str(Path(ref.removeprefix("file://")).parent)), Path(ref).name
     if row["cond_offset"] is not None:
         return store.get_range(key, row["cond_offset"], row["cond_length"])
+    if row["cond_row"] is not None:  # a row of a parquet's image column
+        return pq.read_table(io.BytesIO(store.get(key))).column("image")[row["cond_row"]].as_py()["bytes"]
     return store.get(key)
 
 
@@ -241,7 +243,7 @@ def _tiny(env, output, job, prompts: Path, layout: str) -> dict:
                  "--width", "64", "--height", "64", "--image-format", "jpeg")  # fmt: skip
 
 
-def test_enqueue_job_chains_a_tiny_jobs_committed_rows_in_files_and_webdataset_layouts(env, output, tmp_path):
+def test_enqueue_job_chains_a_tiny_jobs_committed_rows_in_every_layout(env, output, tmp_path):
     prompts = tmp_path / "prompts.csv"
     texts = ["a red fox  ", 'ünïcödé, "quoted", and a\nnewline', "a lighthouse at dusk"]
     with prompts.open("w", newline="") as f:
@@ -249,7 +251,8 @@ def test_enqueue_job_chains_a_tiny_jobs_committed_rows_in_files_and_webdataset_l
         writer.writerow(["prompt", "category"])
         writer.writerows(zip(texts, ["animal", "text", "place"], strict=True))
     parents = {
-        layout: _tiny(env, output, f"src-{layout}", prompts, layout) for layout in ("files", "webdataset")
+        layout: _tiny(env, output, f"src-{layout}", prompts, layout)
+        for layout in ("files", "webdataset", "parquet")
     }
     early = _enqueue(env, output, "early", ["job", "src-files"], check=False)
     assert_one_line_error(early, "job src-files is not finished", "0 of 2 shards committed", "--partial")
@@ -271,6 +274,8 @@ def test_enqueue_job_chains_a_tiny_jobs_committed_rows_in_files_and_webdataset_l
             assert row["cond_ref"] == f"{parent['job_url']}/{m['image_key']}"
             if layout == "webdataset":  # a span of the shard's tar
                 assert (row["cond_offset"], row["cond_length"]) == (m["image_offset"], m["bytes"])
+            if layout == "parquet":  # a row of the shard's parquet
+                assert (row["cond_row"], row["cond_offset"]) == (m["image_row"], None)
             assert _sha(_read_ref(row)) == row["cond_sha256"]
         spec = json.loads(open_store(summary["job_url"]).get("job.json"))
         assert spec["conditioning"]["source_job"] == parent["job_url"]
