@@ -27,6 +27,7 @@ import pytest
 
 from fewstep import UserError
 from fewstep.contract import condition_images_key
+from fewstep.presets import presets
 from fewstep.storage import S3Store, open_store
 from producer.conditioning import ConditioningOptions
 from producer.enqueue import JobOptions, enqueue
@@ -283,13 +284,39 @@ def test_enqueue_job_chains_a_tiny_jobs_committed_rows_in_every_layout(env, outp
         assert spec["source"]["name"] == "job" and spec["source"]["layout"] == layout
 
 
+# Until the worker side's real ControlNet preset is in config/models.toml, a minimal one with the
+# same [NAME.control] table (docs/CONDITIONING.md) stands in for these producer-side checks.
+SKETCH_PRESET = """
+[sdxs-512-dreamshaper-sketch]
+repo = "IDKiro/sdxs-512-dreamshaper"
+revision = "d932dd3073147cc67676d16a641513a2e9810741"
+pipeline = "StableDiffusionControlNetPipeline"
+steps = 1
+guidance = 0.0
+width = 512
+height = 512
+sampler = "euler-trailing"
+[sdxs-512-dreamshaper-sketch.scheduler]
+class = "EulerDiscreteScheduler"
+timestep_spacing = "trailing"
+[sdxs-512-dreamshaper-sketch.control]
+modes = ["sketch", "canny", "as-is"]
+default = "sketch"
+scale = 1.0
+"""
+
+
 def _check(source, model: str, **options) -> dict:
     steps = options.pop("steps", None)
     opts = JobOptions("checks", "unused", model, steps=steps, conditioning=ConditioningOptions(**options))
     return enqueue(source, opts, dry_run=True, progress=False)
 
 
-def test_conditioning_options_are_checked_against_the_preset(tmp_path):
+def test_conditioning_options_are_checked_against_the_preset(tmp_path, monkeypatch):
+    if SKETCH not in presets():
+        config = Path(config_dir(tmp_path))
+        (config / "models.toml").write_text((config / "models.toml").read_text() + SKETCH_PRESET)
+        monkeypatch.setenv("FEWSTEP_CONFIG_DIR", str(config))
     shutil.copy(_skimage_file("astronaut.png"), tmp_path / "a.png")
     (tmp_path / "p.csv").write_text("prompt,image\nan astronaut,a.png\n")
 
