@@ -139,12 +139,26 @@ class _Objects:
             return f.read(length)
 
 
-def cut_short(image_format: str | None, head: bytes, tail: bytes, size: int) -> str | None:
+def _magic(head: bytes) -> str | None:
+    """The format an image's first bytes announce, for the formats with an end marker."""
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if head.startswith(b"\xff\xd8"):
+        return "JPEG"
+    if head.startswith((b"GIF87a", b"GIF89a")):
+        return "GIF"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    return None
+
+
+def cut_short(head: bytes, tail: bytes, size: int) -> str | None:
     """Why an image whose first bytes are ``head`` and last ``tail`` (of ``size``) is
     incomplete, or None when its format's end marker is there (or the format has none)."""
+    image_format = _magic(head)
     if image_format == "PNG" and b"IEND" not in tail[-64:]:
         return "cut short: no PNG end chunk"
-    if image_format in ("JPEG", "MPO") and b"\xff\xd9" not in tail:
+    if image_format == "JPEG" and b"\xff\xd9" not in tail:
         return "cut short: no JPEG end-of-image marker"
     if image_format == "GIF" and not tail.rstrip(b"\0\r\n ").endswith(b";"):
         return "cut short: no GIF trailer"
@@ -153,14 +167,13 @@ def cut_short(image_format: str | None, head: bytes, tail: bytes, size: int) -> 
     return None
 
 
-def _header(data: bytes) -> str:
-    """The format PIL reads from an image's first bytes; raises when it reads none."""
+def _header(data: bytes) -> None:
+    """Parse an image's header with PIL (its first bytes); raises when PIL reads none."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # decompression-bomb warnings: the worker's pixel limit decides
         with Image.open(io.BytesIO(data)) as image:
             if image.width < 1 or image.height < 1:
                 raise ValueError("zero-sized image")
-            return image.format
 
 
 class ImageRefs:
@@ -283,18 +296,21 @@ class ImageRefs:
         return self._image_problem(head, tail, length, lambda: self._objects.read(ref, start, length))
 
     def _image_problem(self, head: bytes, tail: bytes, size: int, whole) -> str | None:
+        cut = cut_short(head, tail, size)
+        if cut:
+            return cut
         try:
-            image_format = _header(head)
+            _header(head)
         except Image.DecompressionBombError:
             return "more pixels than PIL's decompression-bomb limit"
         except Exception:  # PIL raises many kinds on bad headers
             if size <= len(head):
                 return "not an image PIL can read"
-            try:  # a header longer than the first piece (large EXIF or ICC blocks)
-                image_format = _header(whole())
+            try:  # a header longer than the first piece (large EXIF or ICC blocks; WebP reads all)
+                _header(whole())
             except Exception:
                 return "not an image PIL can read"
-        return cut_short(image_format, head, tail, size)
+        return None
 
     # --- batches ------------------------------------------------------------------------
 

@@ -349,3 +349,36 @@ def test_conditioning_options_are_checked_against_the_preset(tmp_path, monkeypat
             _check(source(), model, **options)
     sketch = _check(source(), SKETCH, image_column="image", condition="canny")
     assert sketch["prompts"] == 1
+
+
+def test_image_checks_pass_whole_images_and_catch_cut_short_ones_of_every_common_format(tmp_path):
+    from PIL import Image
+
+    from producer.image_refs import MISSING, UNREADABLE, ImageRefs
+
+    whole = {
+        "rocket.jpg": _skimage_file("rocket.jpg").read_bytes(),
+        "anim.gif": _skimage_file("no_time_for_that_tiny.gif").read_bytes(),
+        "coffee.png": _skimage_file("coffee.png").read_bytes(),
+    }
+    webp = io.BytesIO()
+    Image.open(_skimage_file("astronaut.png")).save(webp, "WEBP", quality=80)
+    whole["astronaut.webp"] = webp.getvalue()
+    cmyk = io.BytesIO()  # decodable, converted on the worker: the producer only checks the header
+    Image.open(_skimage_file("chelsea.png")).convert("CMYK").save(cmyk, "JPEG")
+    whole["cmyk.jpg"] = cmyk.getvalue()
+    for name, data in whole.items():
+        (tmp_path / name).write_bytes(data)
+        (tmp_path / f"cut-{name}").write_bytes(data[: len(data) * 2 // 3])
+    with ImageRefs(None, str(tmp_path), skip=True) as refs:
+        found = {name: refs.check(refs.resolve(name, 0)) for name in [*whole, *(f"cut-{n}" for n in whole)]}
+        found["absent.png"] = refs.check(refs.resolve("absent.png", 0))
+        held = refs.check(refs.resolve({"bytes": whole["rocket.jpg"][:-10], "path": None}, 7))
+    assert {n: f.problem for n, f in found.items() if not n.startswith("cut-")} == {
+        **dict.fromkeys(whole),
+        "absent.png": MISSING,
+    }
+    assert {n: (f.problem, f.reason.split(":")[0]) for n, f in found.items() if n.startswith("cut-")} == (
+        dict.fromkeys((f"cut-{n}" for n in whole), (UNREADABLE, "cut short"))
+    )
+    assert (held.problem, held.source) == (UNREADABLE, "image of source row 7")
