@@ -5,7 +5,7 @@ job's committed rows become a chained job (files, webdataset and parquet layouts
 the source jobs); the conditioning options are checked against the preset and are part of the
 job's identity. The conditioning images are real photographs shipped in scikit-image's wheel.
 
-Lean on purpose (CI budget): one real worker start for both source jobs, and the option checks
+Lean on purpose (CI budget): one real worker start for the three source jobs, and the option checks
 in this process.
 """
 
@@ -32,6 +32,7 @@ from fewstep.storage import S3Store, open_store
 from producer.conditioning import ConditioningOptions
 from producer.enqueue import JobOptions, enqueue
 from producer.sources.formats import open_file
+from producer.sources.job import JobSource
 from tests.conftest import BUCKET
 from tests.prompt_files import write_journeydb
 from tests.support import cli, committed_metadata, config_dir, run_worker_until_idle
@@ -239,9 +240,12 @@ def test_missing_and_unreadable_images_are_counted_refused_naming_the_row_or_ski
     assert [r["source_row"] for r in _manifests(summary["job_url"])] == [0, 5]
 
 
-def _tiny(env, output, job, prompts: Path, layout: str) -> dict:
-    return _json(env, output, job, ["file", str(prompts)], "--layout", layout, "--shard-size", "2",
-                 "--width", "64", "--height", "64", "--image-format", "jpeg")  # fmt: skip
+def _tiny(output, job, prompts: Path, layout: str) -> dict:
+    """A text-only tiny job of 64x64 JPEGs in shards of 2, enqueued in this process (CI time)."""
+    opts = JobOptions(
+        job, output, "tiny", shard_size=2, width=64, height=64, image_format="jpeg", layout=layout
+    )
+    return enqueue(open_file(str(prompts)), opts, progress=False)
 
 
 def test_enqueue_job_chains_a_tiny_jobs_committed_rows_in_every_layout(env, output, tmp_path):
@@ -252,16 +256,18 @@ def test_enqueue_job_chains_a_tiny_jobs_committed_rows_in_every_layout(env, outp
         writer.writerow(["prompt", "category"])
         writer.writerows(zip(texts, ["animal", "text", "place"], strict=True))
     parents = {
-        layout: _tiny(env, output, f"src-{layout}", prompts, layout)
+        layout: _tiny(output, f"src-{layout}", prompts, layout)
         for layout in ("files", "webdataset", "parquet")
     }
     early = _enqueue(env, output, "early", ["job", "src-files"], check=False)
     assert_one_line_error(early, "job src-files is not finished", "0 of 2 shards committed", "--partial")
-    # One real worker for both source jobs; it exits once their queue is empty (no warm-up: CI time).
-    quick = {**env, "FEWSTEP_CONFIG_DIR": config_dir(tmp_path, worker={"warmup_batches": 0})}
-    run_worker_until_idle(quick, tmp_path / "worker.log")
+    # One real worker for the three source jobs; it exits once their queue is empty.
+    run_worker_until_idle(env, tmp_path / "worker.log")
     for layout, parent in parents.items():
-        summary = _json(env, output, f"chain-{layout}", ["job", f"src-{layout}"], "--strength", "1")
+        chained = JobOptions(
+            f"chain-{layout}", output, "tiny", conditioning=ConditioningOptions(strength=1.0)
+        )
+        summary = enqueue(JobSource(output, f"src-{layout}"), chained, progress=False)
         assert (summary["prompts"], summary["source_rows_not_committed"]) == (3, 0)
         meta = committed_metadata(parent["job_url"]).to_pylist()
         rows = _manifests(summary["job_url"])
