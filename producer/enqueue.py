@@ -36,6 +36,7 @@ from fewstep.contract import (
 )
 from fewstep.presets import check_generation, check_runnable, resolve_model
 from fewstep.queue import celery_app, check_broker, pending_messages, redis_client, send_shards
+from fewstep.scorers import scoring_spec
 from fewstep.settings import defaults, queue_prefix
 from fewstep.storage import Store, check_conditional_writes, open_store
 from producer.progress import Progress as JobProgress
@@ -65,6 +66,9 @@ class JobOptions:
     layout: str | None = None
     #: Opt-in to a benchmark-only preset (``synthetic``): its images are not real.
     allow_synthetic: bool = False
+    #: ``--score`` values (``clip,aesthetic,nsfw[,NAME=PATH_OR_HUB_ID]``) and ``--embeddings``.
+    score: tuple[str, ...] = ()
+    embeddings: bool = False
 
 
 def _pick(flag, fallback):
@@ -97,7 +101,7 @@ def build_spec(source: PromptSource, opts: JobOptions, selector: Selector) -> di
         generation["png_level"] = int(_pick(opts.png_level, out["png_level"]))
     else:
         generation["quality"] = int(_pick(opts.quality, out["quality"]))
-    return {
+    spec = {
         "format_version": FORMAT_VERSION,
         "job": opts.job,
         "source": {**source.describe(), "selection": selector.describe()},
@@ -112,6 +116,10 @@ def build_spec(source: PromptSource, opts: JobOptions, selector: Selector) -> di
         "shard_size": int(shard_size),
         "layout": layout,
     }
+    scoring = scoring_spec(opts.score, opts.embeddings)
+    if scoring is not None:  # absent otherwise: jobs without scores keep their identity
+        spec["scoring"] = scoring
+    return spec
 
 
 class EnqueueDisplay:
