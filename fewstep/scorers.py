@@ -52,11 +52,10 @@ def _location(name: str, value: str, preset: dict[str, Any]) -> tuple[str, str |
             raise UserError(f"--score {name}={value}: the directory has no {needed}")
         return os.path.abspath(value), None
     repo, _, revision = value.partition("@")
-    if _HUB_ID.fullmatch(repo) and not repo.startswith(("./", "../")) and _REVISION.fullmatch(revision or "main"):
-        return repo, revision or "main"
-    raise UserError(
-        f"--score {name}={value}: neither a local directory nor a hub id (owner/name[@revision])"
-    )
+    revision = revision or "main"
+    if _HUB_ID.fullmatch(repo) and not repo.startswith(("./", "../")) and _REVISION.fullmatch(revision):
+        return repo, revision
+    raise UserError(f"--score {name}={value}: neither a local directory nor a hub id (owner/name[@revision])")
 
 
 def _entry(preset: dict[str, Any], model: str, revision: str | None) -> dict[str, Any]:

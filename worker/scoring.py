@@ -159,7 +159,8 @@ def _file(model: str, revision: str | None, filename: str) -> str:
     try:
         return hf_hub_download(model, filename, revision=revision)
     except Exception as e:  # offline, missing file, unknown repo: one line for the attempt record
-        raise UserError(f"scorer model {_label(model, revision)}: cannot get {filename} ({type(e).__name__})") from None
+        what = f"scorer model {_label(model, revision)}"
+        raise UserError(f"{what}: cannot get {filename} ({type(e).__name__})") from None
 
 
 def _from_pretrained(cls, model: str, revision: str | None, **kwargs):
@@ -230,9 +231,11 @@ class AestheticHead:
         self.layers = [(state[f"{n}.weight"].float(), state.get(f"{n}.bias")) for n in names]
         for (a, _), (b, _) in zip(self.layers, self.layers[1:], strict=False):
             if a.shape[0] != b.shape[1]:
-                raise UserError(f"aesthetic head {path}: layer shapes {tuple(a.shape)}, {tuple(b.shape)} do not chain")
+                shapes = f"{tuple(a.shape)}, {tuple(b.shape)}"
+                raise UserError(f"aesthetic head {path}: layer shapes {shapes} do not chain")
         if self.layers[-1][0].shape[0] != 1:
-            raise UserError(f"aesthetic head {path}: the last layer gives {self.layers[-1][0].shape[0]} values, not 1")
+            outputs = self.layers[-1][0].shape[0]
+            raise UserError(f"aesthetic head {path}: the last layer gives {outputs} values, not 1")
         self.dim = int(self.layers[0][0].shape[1])
 
     def __call__(self, embeddings):
@@ -248,12 +251,11 @@ class SafetyConcepts:
     def __init__(self, model: str, revision: str | None, device: str, dtype):
         from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 
-        self.checker = _from_pretrained(StableDiffusionSafetyChecker, model, revision, dtype=dtype).to(device).eval()
+        checker = _from_pretrained(StableDiffusionSafetyChecker, model, revision, dtype=dtype)
+        self.checker = checker.to(device).eval()
         self.processing = _processing(model, revision)
 
     def __call__(self, images):
-        import torch
-
         c = self.checker
         pixels = self.processing(images).to(c.dtype)
         embeds = c.visual_projection(c.vision_model(pixels)[1]).float()
@@ -305,7 +307,8 @@ class Scoring:
             else:
                 loaded = SafetyConcepts(model, revision, self.device, self._dtype())
             self._models[key] = loaded
-            log.info("loaded %s scorer %s in %.1fs", kind, _label(model, revision), time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+            log.info("loaded %s scorer %s in %.1fs", kind, _label(model, revision), seconds)
         return self._models[key]
 
     def score(self, scoring: dict[str, Any] | None, images, prompts: list[str]) -> BatchScores | None:
@@ -340,7 +343,9 @@ class Scoring:
                 head = self._load("aesthetic", s["model"], s["revision"], s.get("file"))
                 backbone = image_embeddings(s["backbone"]["model"], s["backbone"]["revision"])
                 if backbone.shape[1] != head.dim:
-                    raise UserError(f"aesthetic head takes {head.dim}-d embeddings, its backbone gives {backbone.shape[1]}")
+                    raise UserError(
+                        f"aesthetic head reads {head.dim}-d embeddings, backbone gives {backbone.shape[1]}-d"
+                    )
                 columns[s["column"]] = head(backbone).cpu().tolist()
             if "nsfw" in scorers:
                 s = scorers["nsfw"]
@@ -354,7 +359,7 @@ class Scoring:
 
 def embeddings_bytes(row_ids: list[int], matrix: np.ndarray) -> bytes:
     """An embeddings object (:func:`fewstep.contract.embeddings_schema`) as parquet bytes."""
-    rows, dim = matrix.shape
+    dim = matrix.shape[1]
     flat = pa.array(np.ascontiguousarray(matrix, dtype=np.float16).reshape(-1), type=pa.float16())
     table = pa.table(
         {"row_id": pa.array(row_ids, pa.int64()), "embedding": pa.FixedSizeListArray.from_arrays(flat, dim)},
@@ -365,6 +370,34 @@ def embeddings_bytes(row_ids: list[int], matrix: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def write_embeddings(store: Store, shard: int, attempt_id: str, row_ids: list[int], matrix: np.ndarray) -> None:
+def write_embeddings(
+    store: Store, shard: int, attempt_id: str, row_ids: list[int], matrix: np.ndarray
+) -> None:
     """Write one attempt's embeddings object; before its commit, so a commit implies its embeddings."""
     store.put(embeddings_key(shard, attempt_id), embeddings_bytes(row_ids, matrix))
+
+
+def convert_aesthetic(source: str, directory: str) -> str:
+    """Convert LAION's pickled aesthetic head (``sac+logos+ava1-l14-linearMSE.pth``) to
+    ``DIRECTORY/model.safetensors``, for ``--score aesthetic=DIRECTORY``; returns the file.
+
+    ``torch.load(weights_only=True)`` unpickles tensors and plain containers only, never code.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    try:
+        state = torch.load(source, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{source}: no such file") from None
+    except Exception as e:  # not a torch file, or one that needs code to unpickle
+        raise UserError(f"{source}: not a weights-only torch file ({type(e).__name__})") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{source}: not a state dict of tensors")
+    os.makedirs(directory, exist_ok=True)
+    target = os.path.join(directory, "model.safetensors")
+    save_file({k: v.contiguous() for k, v in state.items()}, target)
+    AestheticHead(target, "cpu")  # refuses what would not load as a head
+    return target

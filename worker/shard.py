@@ -239,7 +239,8 @@ class ShardRun:
         """Every row's embedding, or an error naming the first row without one."""
         if self.embeddings is None or not self._embedded.all():
             missing = int(np.argmin(self._embedded))
-            raise RuntimeError(f"{self.shard.label}: row {self.shard.rows['row_id'][missing]} has no embedding")
+            row = self.shard.rows["row_id"][missing]
+            raise RuntimeError(f"{self.shard.label}: row {row} has no embedding")
         return self.embeddings
 
     def count_batch(self, generated: Generated) -> None:

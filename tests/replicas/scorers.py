@@ -9,6 +9,7 @@ resized (shortest edge 40) and centre-cropped (32), so the preprocessing is exer
 
 from __future__ import annotations
 
+import itertools
 import tempfile
 from pathlib import Path
 
@@ -81,7 +82,7 @@ def aesthetic_head(path: Path, dim: int = HIDDEN) -> None:
     torch.manual_seed(71)
     widths = [dim, 16, 8, 8, 4, 1]
     state = {}
-    for index, (a, b) in zip((0, 2, 4, 6, 7), zip(widths, widths[1:], strict=False), strict=True):
+    for index, (a, b) in zip((0, 2, 4, 6, 7), itertools.pairwise(widths), strict=True):
         layer = torch.nn.Linear(a, b)
         # x4 per layer: random layers shrink their input, and scores should spread over a few points.
         state[f"layers.{index}.weight"] = 4 * layer.weight.detach().clone()
