@@ -20,16 +20,55 @@ from tests.replicas import parts
 from tests.replicas.hub import HubCache
 
 HIDDEN = 32
+#: The real repositories' sizes (OpenAI CLIP ViT-L/14; the safety checker's vision tower is the
+#: same), random weights: what ``bench/scoring.py --scorers vit-l14`` times.
+VIT_L14 = {
+    "text": {
+        "hidden_size": 768,
+        "intermediate_size": 3072,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+    },
+    "vision": {
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "image_size": 224,
+        "patch_size": 14,
+    },
+    "projection_dim": 768,
+    "processor": {"shortest_edge": 224, "crop": 224},
+}
+TINY = {
+    "text": {
+        "hidden_size": HIDDEN,
+        "intermediate_size": 2 * HIDDEN,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+    },
+    "vision": {
+        "hidden_size": HIDDEN,
+        "intermediate_size": 2 * HIDDEN,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "image_size": 32,
+        "patch_size": 8,
+    },
+    "projection_dim": HIDDEN,
+    "processor": {"shortest_edge": 40, "crop": 32},
+}
 OPENAI_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
-def _processor():
+def _processor(size: dict = TINY):
     from transformers import CLIPImageProcessor
 
+    edge, crop = size["processor"]["shortest_edge"], size["processor"]["crop"]
     return CLIPImageProcessor(
-        size={"shortest_edge": 40},
-        crop_size={"height": 32, "width": 32},
+        size={"shortest_edge": edge},
+        crop_size={"height": crop, "width": crop},
         do_center_crop=True,
         resample=3,
         image_mean=OPENAI_MEAN,
@@ -37,33 +76,23 @@ def _processor():
     )
 
 
-def clip(directory: Path) -> None:
-    """A tiny CLIPModel with the byte-level CLIP tokenizer (every text tokenizes, 77 tokens)."""
+def clip(directory: Path, size: dict = TINY) -> None:
+    """A CLIPModel (tiny, or ``size``) with the byte-level CLIP tokenizer (every text tokenizes)."""
     from transformers import CLIPConfig, CLIPModel
 
     with tempfile.TemporaryDirectory() as scratch:
         tokenizer = parts.clip_tokenizer(Path(scratch))
     text = {
+        **size["text"],
         "vocab_size": len(tokenizer),
-        "hidden_size": HIDDEN,
-        "intermediate_size": 2 * HIDDEN,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
         "max_position_embeddings": 77,
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
     }
-    vision = {
-        "hidden_size": HIDDEN,
-        "intermediate_size": 2 * HIDDEN,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "image_size": 32,
-        "patch_size": 8,
-    }
     torch.manual_seed(70)
-    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=HIDDEN))
+    config = CLIPConfig(text_config=text, vision_config=size["vision"], projection_dim=size["projection_dim"])
+    model = CLIPModel(config)
     # Random towers give cosines around 0, half of them clipped to a clip_score of 0: a shared
     # component (one projection, a common bias before it) makes most of them positive.
     with torch.no_grad():
@@ -72,7 +101,7 @@ def clip(directory: Path) -> None:
         model.text_model.final_layer_norm.bias.fill_(1.0)
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
-    _processor().save_pretrained(directory)
+    _processor(size).save_pretrained(directory)
 
 
 def aesthetic_head(path: Path, dim: int = HIDDEN) -> None:
@@ -80,7 +109,7 @@ def aesthetic_head(path: Path, dim: int = HIDDEN) -> None:
     from safetensors.torch import save_file
 
     torch.manual_seed(71)
-    widths = [dim, 16, 8, 8, 4, 1]
+    widths = [dim, 16, 8, 8, 4, 1] if dim == HIDDEN else [dim, 1024, 128, 64, 16, 1]  # LAION's widths
     state = {}
     for index, (a, b) in zip((0, 2, 4, 6, 7), itertools.pairwise(widths), strict=True):
         layer = torch.nn.Linear(a, b)
@@ -92,24 +121,33 @@ def aesthetic_head(path: Path, dim: int = HIDDEN) -> None:
     save_file(state, str(path))
 
 
-def safety_checker(directory: Path) -> None:
+def safety_checker(directory: Path, size: dict = TINY) -> None:
     """A tiny safety checker whose thresholds lie where random cosines reach them (0.4-0.8),
     so scores spread over (0, 1] and some images would be flagged."""
-    checker, _extractor = parts.safety_checker(72, flags_everything=False)
+    if size is TINY:
+        checker, _extractor = parts.safety_checker(72, flags_everything=False)
+    else:
+        from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+        from transformers import CLIPConfig
+
+        config = CLIPConfig(vision_config=size["vision"], projection_dim=size["projection_dim"])
+        checker = StableDiffusionSafetyChecker(config)
     with torch.no_grad():
         torch.manual_seed(73)
         checker.concept_embeds_weights.uniform_(0.4, 0.8)
         checker.special_care_embeds_weights.uniform_(0.4, 0.8)
     checker.save_pretrained(directory, safe_serialization=True)
-    _processor().save_pretrained(directory)
+    _processor(size).save_pretrained(directory)
 
 
-def build(root: Path) -> HubCache:
-    """Write every scorer preset's replica into a hub cache at ``root``, at its pinned revision."""
+def build(root: Path, size: dict = TINY) -> HubCache:
+    """Write every scorer preset's replica (tiny, or ``size``: :data:`VIT_L14`) into a hub cache
+    at ``root``, at its pinned revision."""
     hub = HubCache(root)
     presets = scorer_presets()
-    clip(hub.snapshot(presets["clip"]["repo"], presets["clip"]["revision"]))
+    clip(hub.snapshot(presets["clip"]["repo"], presets["clip"]["revision"]), size)
     aesthetic = presets["aesthetic"]
-    aesthetic_head(hub.snapshot(aesthetic["repo"], aesthetic["revision"]) / aesthetic["file"])
-    safety_checker(hub.snapshot(presets["nsfw"]["repo"], presets["nsfw"]["revision"]))
+    path = hub.snapshot(aesthetic["repo"], aesthetic["revision"]) / aesthetic["file"]
+    aesthetic_head(path, size["projection_dim"])
+    safety_checker(hub.snapshot(presets["nsfw"]["repo"], presets["nsfw"]["revision"]), size)
     return hub
