@@ -96,7 +96,8 @@ def clip(directory: Path, size: dict = TINY) -> None:
     # Random towers give cosines around 0, half of them clipped to a clip_score of 0: a shared
     # component (one projection, a common bias before it) makes most of them positive.
     with torch.no_grad():
-        model.visual_projection.weight.copy_(model.text_projection.weight)
+        if size is TINY:  # (equal towers' widths only; the real sizes only time it)
+            model.visual_projection.weight.copy_(model.text_projection.weight)
         model.vision_model.post_layernorm.bias.fill_(1.0)
         model.text_model.final_layer_norm.bias.fill_(1.0)
     model.save_pretrained(directory, safe_serialization=True)
