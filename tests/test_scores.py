@@ -275,6 +275,27 @@ def test_score_option_records_presets_and_overrides_and_refuses_unknown_scorers(
     ), result.stderr
 
 
+def test_image_processing_on_the_tensor_matches_the_clip_processor_within_one_level(scorer_hub):
+    from transformers import CLIPImageProcessor
+
+    from worker.scoring import ImageProcessing
+
+    directory = snapshot(scorer_hub, "clip")
+    config = json.loads((directory / "preprocessor_config.json").read_text())
+    processor = CLIPImageProcessor.from_pretrained(directory)
+    rng = np.random.default_rng(1)
+    # Square and landscape sizes, scaled by 1.6 to 12.8. (Pillow runs its two passes height
+    # first for some other sizes, e.g. 90x41 to 87x40: there noisy images differ by up to 12
+    # levels on 2% of pixels; docs/SCORES.md says so.)
+    for height, width in ((64, 64), (48, 80), (512, 512)):
+        images = rng.integers(0, 256, (2, height, width, 3), dtype=np.uint8)
+        ours = ImageProcessing.from_config(config)(torch.from_numpy(images))
+        theirs = processor([Image.fromarray(a) for a in images], return_tensors="pt").pixel_values
+        assert ours.shape == theirs.shape == (2, 3, 32, 32)
+        # One level of 255, normalised by the smallest std: the two resize filters' rounding.
+        assert (ours - theirs).abs().max() <= 1 / 255 / min(config["image_std"]) + 1e-5
+
+
 def test_convert_aesthetic_turns_laions_pickle_into_safetensors_and_refuses_code(tmp_path):
     from safetensors.torch import load_file
 

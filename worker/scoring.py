@@ -66,8 +66,8 @@ class ImageProcessing:
     """A model's image preprocessing, read from its ``preprocessor_config.json`` and done in
     torch on a uint8 (N, H, W, 3) tensor, step for step as transformers' CLIPImageProcessor
     does it: resize (shortest edge, or to height × width), centre crop, rescale, normalise.
-    Resizing uses torch's antialiased kernels (PIL's bicubic filter), and its result is rounded
-    to whole levels as PIL's uint8 resize gives them."""
+    Resizing uses torch's antialiased kernels (PIL's bicubic filter), width then height, each
+    pass rounded to whole levels as PIL's uint8 resize gives them."""
 
     shortest_edge: int | None
     size: tuple[int, int] | None
@@ -112,10 +112,14 @@ class ImageProcessing:
         x = images.permute(0, 3, 1, 2).float()
         target = self.target(x.shape[2], x.shape[3])
         if target and tuple(target) != tuple(x.shape[2:]):
+            # PIL resizes in two passes, width then height, each rounded to uint8 (clipping a
+            # bicubic's overshoot): so does this, or noisy images differ by several levels.
             antialias = self.resample != "nearest"
-            x = F.interpolate(x, size=target, mode=self.resample, antialias=antialias, **(
-                {"align_corners": False} if antialias else {}))  # fmt: skip
-            x = x.round().clamp(0, 255)
+            extra = {"align_corners": False} if antialias else {}
+            for size in ((x.shape[2], target[1]), tuple(target)):
+                if tuple(size) != tuple(x.shape[2:]):
+                    x = F.interpolate(x, size=size, mode=self.resample, antialias=antialias, **extra)
+                    x = x.round().clamp(0, 255)
         if self.crop:
             x = _center_crop(x, *self.crop)
         if self.rescale:
