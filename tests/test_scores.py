@@ -8,12 +8,14 @@ replica through ``transformers``' ``CLIPProcessor``/``CLIPModel`` (and diffusers
 checker with its ``CLIPImageProcessor``) on the PNG decoded from storage, with the same
 formula.
 
-Tolerances: the worker preprocesses in torch on the tensor (antialiased bicubic resize,
-rounded to whole levels), the processor in PIL; the two filters differ by at most one level
-on some pixels, which moved clip_score by at most 0.06 (of 100) on random-noise images
-measured while writing this test. Hence 0.25 for clip_score (100 × a cosine), 2e-3 for
-cosines, embeddings (float16 storage alone rounds by up to 5e-4) and nsfw_score, and 0.05
-for the aesthetic head, which multiplies embedding differences by its gain (about 20 here).
+Tolerances: the worker preprocesses in torch on the tensor, the processor in PIL; they give
+the same pixel values or values one level apart on a few pixels (checked below), and the
+towers run batched here and there, so scores agree to float32 rounding plus that level.
+Before the resize matched Pillow's two rounded passes, noise images moved clip_score by up
+to 0.06 (of 100); the bounds keep a margin over that: 0.25 for clip_score (100 × a cosine),
+2e-3 for cosines, embeddings (float16 storage alone rounds by up to 5e-4) and nsfw_score,
+and 0.05 for the aesthetic head, which multiplies embedding differences by its gain (about
+20 here).
 """
 
 from __future__ import annotations
