@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from fewstep import UserError
 from fewstep.contract import ShardStats, embeddings_key, metadata_key, stats_key
@@ -75,7 +77,6 @@ def independent_scores(hub: HubCache, images: list[np.ndarray], prompts: list[st
     """clip_score, aesthetic, nsfw_score and the normalised image embedding of each image,
     computed from the replicas' files with transformers' and diffusers' own classes."""
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-    from safetensors.torch import load_file
     from transformers import CLIPImageProcessor, CLIPModel, CLIPProcessor
 
     pictures = [Image.fromarray(a) for a in images]
@@ -258,6 +259,13 @@ def test_score_option_records_presets_and_overrides_and_refuses_unknown_scorers(
         from_hub = Scoring("cpu").score(scoring_spec(["clip"], True), images, prompts)
     assert from_dir.columns == from_hub.columns
     assert np.array_equal(from_dir.embeddings, from_hub.embeddings)
+    # A directory with pickle weights only is refused, in one line.
+    pickled = tmp_path / "pickled-clip"
+    shutil.copytree(local, pickled, ignore=shutil.ignore_patterns("*.safetensors"))
+    torch.save(load_file(local / "model.safetensors"), pickled / "pytorch_model.bin")
+    with pytest.raises(UserError, match="cannot load scorer model") as refused:
+        Scoring("cpu").score(scoring_spec([f"clip={pickled}"]), images, prompts)
+    assert "\n" not in str(refused.value)
 
     for score, message in (
         ("clip=not a hub id", "neither a local directory nor a hub id"),
@@ -299,8 +307,6 @@ def test_image_processing_on_the_tensor_matches_the_clip_processor_within_one_le
 
 
 def test_convert_aesthetic_turns_laions_pickle_into_safetensors_and_refuses_code(tmp_path):
-    from safetensors.torch import load_file
-
     from worker.scoring import AestheticHead, convert_aesthetic
 
     replicas.aesthetic_head(tmp_path / "head.safetensors")

@@ -168,10 +168,12 @@ def _file(model: str, revision: str | None, filename: str) -> str:
 
 
 def _from_pretrained(cls, model: str, revision: str | None, **kwargs):
-    # Safetensors only, never remote code.
+    # Weights as safetensors only (a tokenizer has none), never remote code.
     source = {"revision": revision} if revision and not os.path.isdir(model) else {}
+    if hasattr(cls, "config_class"):  # a model, not a tokenizer
+        kwargs["use_safetensors"] = True
     try:
-        return cls.from_pretrained(model, use_safetensors=True, **source, **kwargs)
+        return cls.from_pretrained(model, **source, **kwargs)
     except (OSError, ValueError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"cannot load scorer model {_label(model, revision)}: {first}") from None
