@@ -276,6 +276,15 @@ def embeddings_key(shard: int, attempt_id: str) -> str:
     return f"{EMBEDDINGS}/{part_name(shard)}/{_check_attempt_id(attempt_id)}.parquet"
 
 
+_EMBEDDINGS_KEY = re.compile(r"^embeddings/part-(\d{6,})/([^/]+)\.parquet$")
+
+
+def embeddings_key_attempt(key: str) -> tuple[int, str] | None:
+    """(shard, attempt id) of an attempt's embeddings object; None for any other key."""
+    m = _EMBEDDINGS_KEY.match(key)
+    return (int(m.group(1)), m.group(2)) if m else None
+
+
 def json_part_key(shard: int) -> str:
     """DiffusionDB's per-part prompt file, next to the part's images."""
     return f"{IMAGES}/{part_name(shard)}/{part_name(shard)}.json"
@@ -677,6 +686,9 @@ class ShardStats:
     # commit, heartbeats, reading ahead included).
     image_requests: int = 0
     storage_requests: int = 0
+    # Scoring (absent from older stats): device time spent scoring the shard's images
+    # (--score, --embeddings), part of generate_s.
+    score_s: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         """The stats object's JSON fields."""

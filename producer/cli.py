@@ -60,6 +60,19 @@ def _job_option_list(image_format_flags: tuple[str, ...]) -> list:
             "or one parquet per shard with an HF datasets Image column (parquet) [files].",
         ),
         click.option(
+            "--score",
+            multiple=True,
+            metavar="clip,aesthetic,nsfw[,NAME=PATH_OR_HUB_ID]",
+            help="Score every image on the worker (config/scorers.toml): clip_score, aesthetic, "
+            "nsfw_score; NAME=DIR or NAME=owner/repo[@revision] replaces a scorer's model.",
+        ),
+        click.option(
+            "--embeddings",
+            is_flag=True,
+            help="Store each image's L2-normalised CLIP image embedding (float16) in "
+            "embeddings/part-N/<attempt>.parquet.",
+        ),
+        click.option(
             "--dry-run", is_flag=True, help="Count prompts and shards; touch neither Redis nor storage."
         ),
         JSON,

@@ -37,6 +37,7 @@ from fewstep.contract import (
 )
 from fewstep.presets import check_generation, check_runnable, resolve_model
 from fewstep.queue import celery_app, check_broker, pending_messages, redis_client, send_shards
+from fewstep.scorers import scoring_spec
 from fewstep.settings import defaults, queue_prefix
 from fewstep.storage import Store, check_conditional_writes, open_store
 from producer.conditioning import ConditioningOptions, choose_condition, conditioning_spec, default_steps
@@ -71,6 +72,9 @@ class JobOptions:
     allow_synthetic: bool = False
     #: Image conditioning (--image-column, --condition, ...; producer/conditioning.py).
     conditioning: ConditioningOptions = field(default_factory=ConditioningOptions)
+    #: ``--score`` values (``clip,aesthetic,nsfw[,NAME=PATH_OR_HUB_ID]``) and ``--embeddings``.
+    score: tuple[str, ...] = ()
+    embeddings: bool = False
 
 
 def _pick(flag, fallback):
@@ -137,6 +141,9 @@ def build_spec(source: PromptSource, opts: JobOptions, selector: Selector) -> di
             image_root=root,
             source_job=source.store.url if chained else None,
         )
+    scoring = scoring_spec(opts.score, opts.embeddings)
+    if scoring is not None:  # absent otherwise: jobs without scores keep their identity
+        spec["scoring"] = scoring
     return spec
 
 

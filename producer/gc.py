@@ -1,7 +1,8 @@
 """``producer gc JOB``: remove the images that attempts which can no longer commit left behind.
 
-Every attempt writes its images under its own folder, ``images/part-N/<attempt-id>/``, and
-the committed metadata names exactly one of them. What other attempts wrote is never part
+Every attempt writes its images under its own folder, ``images/part-N/<attempt-id>/`` (and,
+with ``--embeddings``, its own ``embeddings/part-N/<attempt-id>.parquet``), and the
+committed metadata names exactly one of them. What other attempts wrote is never part
 of the dataset (no reader lists it) but costs storage. A folder is garbage when:
 
 - its shard is committed and the metadata names another attempt; or
@@ -34,7 +35,9 @@ from fewstep.contract import (
     ATTEMPT_RUNNING,
     ATTEMPT_STORAGE_UNAVAILABLE,
     ATTEMPT_SUPERSEDED,
+    EMBEDDINGS,
     IMAGES,
+    embeddings_key_attempt,
     image_key_attempt,
     metadata_key,
     parse_time,
@@ -92,10 +95,11 @@ def find_garbage(store: Store, abandoned_after: float, threads: int = 16) -> Gar
     """Every attempt folder of the job that no commit references or can come to reference."""
     progress = read_progress(store)
     folders: dict[tuple[int, str], list[tuple[str, int]]] = defaultdict(list)
-    for key, size in store.list(f"{IMAGES}/"):
-        owner = image_key_attempt(key)
-        if owner is not None:
-            folders[owner].append((key, size))
+    for prefix, owner_of in ((IMAGES, image_key_attempt), (EMBEDDINGS, embeddings_key_attempt)):
+        for key, size in store.list(f"{prefix}/"):
+            owner = owner_of(key)
+            if owner is not None:
+                folders[owner].append((key, size))
     shards = sorted({shard for shard, _attempt in folders})
 
     def keep_for(shard: int) -> tuple[set[str] | None, set[str]]:
@@ -155,7 +159,8 @@ def collect(store: Store, abandoned_after: float, delete: bool) -> dict[str, Any
 )
 @JSON
 def gc_command(job: str, output: str, delete: bool, abandoned_after: float, as_json: bool) -> None:
-    """List (or --delete) the images of JOB's attempts that lost or ended: never committed objects."""
+    """List (or --delete) the images (and embeddings) of JOB's attempts that lost or ended: never
+    committed objects."""
     summary = collect(job_store(output, job), abandoned_after, delete)
     if as_json:
         click.echo(json.dumps(summary))
@@ -163,7 +168,7 @@ def gc_command(job: str, output: str, delete: bool, abandoned_after: float, as_j
     for folder in summary["folders"]:
         verb = "deleted" if delete else "would delete"
         click.echo(
-            f"{verb} images/{folder['part']}/{folder['attempt']}/: {folder['objects']} objects, "
+            f"{verb} {folder['part']} attempt {folder['attempt']}: {folder['objects']} objects, "
             f"{folder['bytes']} bytes"
         )
     click.echo(

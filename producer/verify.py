@@ -6,8 +6,10 @@ of the one attempt that committed, and every image exists with the size and sha2
 metadata records (each image is read back and hashed). For the webdataset and parquet
 layouts the attempt's one tar or parquet is read whole: each image member (at the offset
 the metadata records) or ``image`` row is hashed, and each row's ``.txt``/``.json`` member
-or parquet row must carry the prompt byte for byte. Across shards, no row appears
-twice. Uncommitted shards are counted, not checked: readers trust committed shards only.
+or parquet row must carry the prompt byte for byte. A job with ``--embeddings`` must have
+the committed attempt's embeddings object, holding each of its rows once, unit length.
+Across shards, no row appears twice. Uncommitted shards are counted, not checked: readers
+trust committed shards only.
 """
 
 from __future__ import annotations
@@ -37,7 +39,9 @@ from fewstep.contract import (
     part_name,
     shard_object_key,
 )
+from fewstep.scorers import embeddings_wanted
 from fewstep.storage import KeyMissing, Store, read_table
+from producer.embeddings import check_shard_embeddings
 from producer.images import tar_members
 from producer.options import JSON, OUTPUT, job_store
 from producer.progress import read_progress
@@ -100,6 +104,9 @@ def verify_shard(
         report.problem(f"{part}: rows name {len(attempt_ids)} attempts; a commit holds exactly one")
         return {row["row_id"] for row in rows}
     attempt_id = attempt_ids.pop()
+    if embeddings_wanted(spec):
+        for problem in check_shard_embeddings(store, shard, attempt_id, {row["row_id"] for row in rows}):
+            report.problem(problem)
     layout = job_layout(spec)
     if layout != LAYOUT_FILES:
         for row in rows:

@@ -34,3 +34,12 @@ def test_enqueue_diffusiondb_enqueues_every_row(tmp_path):
     record = json.loads(out.strip().splitlines()[-1])
     counts = [record[k] for k in ("prompts", "shards", "enqueued", "queue_length")]
     assert counts == [2000, 2, 2, 2]
+
+
+def test_scoring_bench_times_every_scorer_set(tmp_path):
+    run_bench("scoring.py", "--batch", "1", "--batches", "1", "--repeat", "1", "--json", f"{tmp_path}/r.json")
+    record = json.loads((tmp_path / "r.json").read_text())
+    assert set(record["sets"]) == {"clip", "clip+aesthetic+nsfw", "clip+aesthetic+nsfw+embeddings"}
+    assert record["generate_ms_per_image"] > 0
+    assert all(s["score_ms_per_image"] > 0 for s in record["sets"].values())
+    assert record["embedding_bytes_per_image"]["768"] <= 2048  # the issue's bound at CLIP ViT-L/14's size

@@ -389,4 +389,30 @@ def list_models() -> None:
             click.echo(note)
 
 
+@cli.group("scorers")
+def scorers_group() -> None:
+    """Scorer presets (config/scorers.toml) for `producer enqueue --score`."""
+
+
+@scorers_group.command("list")
+def list_scorers() -> None:
+    """List the scorer presets: column, repository, pinned revision, licence."""
+    from fewstep.scorers import scorer_presets
+
+    for name, p in scorer_presets().items():
+        click.echo(f"{name}  {p['column']}  {p['repo']}@{p['revision']}  {p['licence']}")
+        click.echo(f"    {p['description']}")
+
+
+@scorers_group.command("convert-aesthetic")
+@click.argument("source", metavar="IN.pth")
+@click.argument("directory", metavar="OUT_DIR")
+def convert_aesthetic_command(source: str, directory: str) -> None:
+    """Convert LAION's pickled aesthetic head (.pth) to OUT_DIR/model.safetensors, loaded with
+    torch.load(weights_only=True); then enqueue with --score aesthetic=OUT_DIR."""
+    from worker.scoring import convert_aesthetic
+
+    click.echo(f"wrote {convert_aesthetic(source, directory)}")
+
+
 main = functools.partial(console.run, cli)

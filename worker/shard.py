@@ -48,6 +48,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from fewstep import UserError
@@ -66,11 +67,13 @@ from fewstep.contract import (
     stats_key,
 )
 from fewstep.queue import peek_next, redis_client
+from fewstep.scorers import embeddings_wanted
 from fewstep.storage import StorageError, Store, open_store, read_table, requests_sent
 from worker.batching import BatchSizes
 from worker.commit import ShardGuard, ShutdownRequested, commit, shutdown
 from worker.encode import PILLOW, HostPixels, ImageFormat, encode, encode_jpeg_on_device, to_host
 from worker.model import Batch, Model
+from worker.scoring import BatchScores, Scoring, write_embeddings
 from worker.writer import ShardWriter, shard_writer
 
 log = logging.getLogger("fewstep.worker")
@@ -151,6 +154,7 @@ class Generated:
     rows: tuple[int, int] = (0, 0)  # the shard's rows [lo, hi) it holds
     batch_size: int = 0  # the batch size it ran at (its rows, but for a shard's last batch)
     too_large: tuple[int, ...] = ()  # batch sizes that ran out of memory before it fitted
+    scores: BatchScores | None = None  # the job's scores and embeddings of its images (--score)
 
 
 @dataclass
@@ -192,6 +196,9 @@ class ShardRun:
         # Per-row values of format-4 columns (scores, conditioning), set by the stages that
         # compute them; a column nobody set is null.
         self.extra: dict[str, list] = {}
+        self.embeddings: np.ndarray | None = None  # (rows, dim) float16, with --embeddings
+        self._embedded = np.zeros(n, dtype=bool)  # rows whose embedding is set
+        self.score_s = 0.0
         self.gen_ms: list[float] = [0.0] * n
         self.created: list[dt.datetime | None] = [None] * n
         self.generate_s = self.encode_s = self.encode_cpu_s = self.upload_s = self.wait_s = 0.0
@@ -215,6 +222,26 @@ class ShardRun:
         with self._lock:
             if self.error is None:
                 self.error = error
+
+    def record_scores(self, lo: int, hi: int, scores: BatchScores) -> None:
+        """Keep a batch's scores (rows [lo, hi)) for the metadata and its embeddings for the
+        embeddings object (device thread, before the batch is handed to the upload stage)."""
+        for column, values in scores.columns.items():
+            self.extra.setdefault(column, [None] * self.shard.size)[lo:hi] = values
+        if scores.embeddings is not None:
+            if self.embeddings is None:
+                self.embeddings = np.zeros((self.shard.size, scores.embeddings.shape[1]), np.float16)
+            self.embeddings[lo:hi] = scores.embeddings
+            self._embedded[lo:hi] = True
+        self.add("score_s", scores.seconds)
+
+    def embeddings_complete(self) -> np.ndarray:
+        """Every row's embedding, or an error naming the first row without one."""
+        if self.embeddings is None or not self._embedded.all():
+            missing = int(np.argmin(self._embedded))
+            row = self.shard.rows["row_id"][missing]
+            raise RuntimeError(f"{self.shard.label}: row {row} has no embedding")
+        return self.embeddings
 
     def count_batch(self, generated: Generated) -> None:
         """Record the batch size a batch ran at (device thread): ``batch_size`` is the size
@@ -409,6 +436,7 @@ class ShardRunner:
         # Without a queue to peek at (read_ahead off) the next shard is never opened early.
         self.lookahead = Lookahead(queue_name if read_ahead else None, self._open_ahead)
         self.worker_id = worker_id(model.device)
+        self.scoring = Scoring(model.device, model.dtype)  # scorer models, loaded by the device thread
         self._specs: dict[str, dict[str, Any]] = {}
         self._specs_lock = threading.Lock()
         self._device_calls: queue.Queue = queue.Queue()
@@ -459,11 +487,14 @@ class ShardRunner:
             height=gen["height"],
             keep_on_device=self._keep_on_device,
         )
+        # Scored here, from the decoded images still on the device, so batches generated ahead
+        # for the next shard carry their scores too.
+        scores = self.scoring.score(shard.spec.get("scoring"), batch.images, shard.rows["prompt"][lo:hi])
         busy = (start, time.perf_counter())
         with self._busy_lock:
             self._busy.append(busy)
             self._running_since = None
-        return Generated(batch, busy, started, _now(), self.model.sampler, (lo, hi))
+        return Generated(batch, busy, started, _now(), self.model.sampler, (lo, hi), scores=scores)
 
     def _generate_fitting(self, shard: OpenShard, lo: int) -> Generated:
         """The batch from row ``lo`` at the batch size for the shard's resolution, halved
@@ -561,6 +592,8 @@ class ShardRunner:
         run.nsfw[lo:hi] = batch.nsfw
         run.gen_ms[lo:hi] = [1000 * batch.seconds / n] * n
         run.created[lo:hi] = [created] * n
+        if generated.scores is not None:
+            run.record_scores(lo, hi, generated.scores)
         run.batch_started()
         uploads = BatchUploads(run, n, self.slots.free, hi)
         image_format = run.shard.image_format
@@ -680,6 +713,9 @@ class ShardRunner:
         commit_start = time.perf_counter()
         try:
             run.writer.finish()  # a tar or parquet is complete in storage only now
+            if embeddings_wanted(shard.spec):  # before the commit: a commit implies its embeddings
+                write_embeddings(shard.store, message.shard, run.attempt_id, shard.rows["row_id"],
+                                 run.embeddings_complete())  # fmt: skip
         except BaseException:
             run.writer.abort()
             raise
@@ -783,6 +819,7 @@ class ShardRunner:
             encode_cpu_s=round(run.encode_cpu_s, 6),
             upload_s=round(run.upload_s, 6),
             commit_s=round(commit_s, 6),
+            score_s=round(run.score_s, 6),
             wait_s=round(run.wait_s, 6),
             gpu_idle_fraction=round(self._idle_seconds(start, end) / seconds, 6) if seconds else 0.0,
             images_per_s=round(images / seconds, 3) if seconds else 0.0,
