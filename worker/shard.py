@@ -60,15 +60,18 @@ from fewstep.contract import (
     image_name,
     job_layout,
     job_metadata_schema,
+    job_saves_control,
     metadata_key,
     new_attempt_id,
     part_name,
     stats_key,
 )
 from fewstep.queue import peek_next, redis_client
+from fewstep.settings import defaults
 from fewstep.storage import StorageError, Store, open_store, read_table, requests_sent
 from worker.batching import BatchSizes
 from worker.commit import ShardGuard, ShutdownRequested, commit, shutdown
+from worker.conditioning import INIT, ConditionError, Conditioning, ShardConditioning, Sources
 from worker.encode import PILLOW, HostPixels, ImageFormat, encode, encode_jpeg_on_device, to_host
 from worker.model import Batch, Model
 from worker.writer import ShardWriter, shard_writer
@@ -116,6 +119,8 @@ class OpenShard:
     image_format: ImageFormat
     tokens: list[int]
     token_limit: int
+    #: Image-conditioned jobs: the rows' conditioning images, being prepared ahead (None: text-only).
+    conditioning: ShardConditioning | None = None
 
     @property
     def label(self) -> str:
@@ -185,6 +190,7 @@ class ShardRun:
             shard.image_format.extension,
             describe=lambda lo, hi: describe(self, lo, hi),
             schema=job_metadata_schema(shard.spec),
+            control=job_saves_control(shard.spec),
         )
         n = shard.size
         self.batch_size = self.min_batch_size = self.oom_retries = 0  # see count_batch
@@ -369,7 +375,11 @@ class Lookahead:
         if future is None or not future.done():
             return None
         shard = future.result()
-        return replace(shard, message=message) if shard is not None and shard.is_for(message) else None
+        if shard is not None and shard.is_for(message):
+            return replace(shard, message=message)
+        if shard is not None and shard.conditioning is not None:
+            shard.conditioning.close()  # its images were prepared for nothing
+        return None
 
     def close(self) -> None:
         """Stop reading ahead."""
@@ -405,6 +415,9 @@ class ShardRunner:
         self.slots = Slots(max_batches_in_flight)
         self.encode_threads = encode_threads or host_cores()
         self.encode_pool = ThreadPoolExecutor(self.encode_threads, thread_name_prefix="encode")
+        # Conditioning images (read, decode, resize, control map) for image-conditioned jobs.
+        condition_threads = int(defaults()["condition_images"]["threads"]) or host_cores()
+        self.condition_pool = ThreadPoolExecutor(condition_threads, thread_name_prefix="condition")
         self.upload_pool = ThreadPoolExecutor(upload_threads, thread_name_prefix="upload")
         # Without a queue to peek at (read_ahead off) the next shard is never opened early.
         self.lookahead = Lookahead(queue_name if read_ahead else None, self._open_ahead)
@@ -448,6 +461,7 @@ class ShardRunner:
         # The job's sampler, switched here on the device thread: batches generated ahead for
         # the next shard may belong to a job with another sampler.
         self.model.use_sampler(gen.get("sampler"))
+        conditioning = self._conditioning_inputs(shard, lo, hi)  # waits for the CPU pool's maps
         started = _now()
         start = self._running_since = time.perf_counter()
         batch = self.model.generate(
@@ -458,7 +472,10 @@ class ShardRunner:
             width=gen["width"],
             height=gen["height"],
             keep_on_device=self._keep_on_device,
+            **conditioning,
         )
+        if shard.conditioning is not None:
+            shard.conditioning.release(lo, hi)
         busy = (start, time.perf_counter())
         with self._busy_lock:
             self._busy.append(busy)
@@ -602,13 +619,70 @@ class ShardRunner:
             return
         try:
             start = time.perf_counter()
-            run.writer.add(row, data)
+            control = run.shard.conditioning.take_control(row) if run.shard.conditioning else None
+            run.writer.add(row, data, control)
             run.add("upload_s", time.perf_counter() - start)
         except BaseException as e:
             run.fail(e)
             uploads.settle(False)
             return
         uploads.settle(True)
+
+    # -- image-conditioned jobs (worker/conditioning.py) --
+
+    def _open_conditioning(self, shard: OpenShard) -> ShardConditioning | None:
+        """Start preparing a conditioned shard's images on the CPU pool (read-ahead included):
+        a few batches ahead, never the whole shard. None for a text-only job."""
+        settings = Conditioning.from_spec(shard.spec)
+        preset = self.model.preset
+        if settings is None:
+            if preset.get("control"):
+                raise ConditionError(
+                    f"job {shard.spec['job']} is text-only; model {self.model.name} is a ControlNet "
+                    "preset and needs a conditioning image per row"
+                )
+            return None
+        if settings.condition == INIT and not preset.get("img2img"):
+            raise ConditionError(f"job {shard.spec['job']}: model {self.model.name} has no img2img pipeline")
+        modes = (preset.get("control") or {}).get("modes", ())
+        if settings.condition != INIT and settings.condition not in modes:
+            raise ConditionError(
+                f"job {shard.spec['job']}: model {self.model.name} takes no {settings.condition} control maps"
+            )
+        batch = self.batch_sizes.size(*shard.resolution) if self.batch_sizes.known(*shard.resolution) else 1
+        window = int(defaults()["condition_images"]["batches_ahead"]) * batch
+        conditioning = ShardConditioning(
+            settings, shard.rows, Sources(shard.store), self.condition_pool, shard.resolution, window
+        )
+        conditioning.start()
+        return conditioning
+
+    def _conditioning_inputs(self, shard: OpenShard, lo: int, hi: int) -> dict[str, Any]:
+        """The batch's conditioning arguments for :meth:`Model.generate` (device thread; waits
+        for the pool): init images and strength, or control maps and their scale."""
+        if shard.conditioning is None:
+            return {}
+        settings = shard.conditioning.settings
+        images = [p.image for p in shard.conditioning.batch(lo, hi)]
+        if settings.condition == INIT:
+            return {"images": images, "strength": settings.strength}
+        return {"control_images": images, "controlnet_scale": settings.controlnet_scale}
+
+    def _condition_columns(self, run: ShardRun) -> None:
+        """The conditioning metadata of a shard's rows (``run.extra``); ``cond_sha256`` fills in
+        as the pool reads each row's bytes, the control map columns come from the writer."""
+        conditioning = run.shard.conditioning
+        if conditioning is None:
+            return
+        settings, n = conditioning.settings, run.shard.size
+        run.extra.update(
+            cond_key=[conditioning.source(i) for i in range(n)],
+            cond_sha256=conditioning.sha256,
+            condition=[settings.condition] * n,
+            strength=[settings.strength] * n,
+            controlnet_scale=[settings.controlnet_scale] * n,
+            resize=[settings.resize] * n,
+        )
 
     # -- the task's thread --
 
@@ -643,7 +717,9 @@ class ShardRunner:
         rows = read_table(store, message.manifest_key).to_pydict()
         image_format = ImageFormat.from_generation(spec["generation"])
         tokens, limit = self.model.count_tokens(rows["prompt"])
-        return OpenShard(message, spec, store, rows, image_format, tokens, limit)
+        shard = OpenShard(message, spec, store, rows, image_format, tokens, limit)
+        shard.conditioning = self._open_conditioning(shard)
+        return shard
 
     def run(
         self, message: ShardMessage, guard: ShardGuard | None = None, attempt_id: str | None = None
@@ -667,11 +743,16 @@ class ShardRunner:
             shard = self.open_shard(message, store)
 
         run = ShardRun(shard, attempt_id or new_attempt_id(), guard, self.metadata_columns)
+        self._condition_columns(run)
         self.slots.reset_peak()
         self._current = run
         self.on_shard_start()  # the heartbeat names this attempt at once, not a beat later
         self._device_calls.put((self._generate_shard, (run,), Future()))
-        self._wait(run, start)
+        try:
+            self._wait(run, start)
+        finally:
+            if shard.conditioning is not None:
+                shard.conditioning.close()
         self._current = None
         if run.error is not None:
             run.writer.abort()
@@ -856,6 +937,10 @@ class ShardRunner:
         for name in SCORE_COLUMNS + CONDITION_COLUMNS:
             values = run.extra.get(name)
             columns[name] = values[lo:hi] if values is not None else [None] * n
+        if job_saves_control(spec):
+            columns["control_key"] = writer.control_keys[lo:hi]
+            columns["control_offset"] = writer.control_offsets[lo:hi]
+            columns["control_bytes"] = writer.control_sizes[lo:hi]
         for name in fields:
             columns[name] = rows[name][lo:hi]
         return columns
@@ -870,6 +955,7 @@ class ShardRunner:
         self._device_calls.put(None)
         self._device.join(timeout=30)
         self.lookahead.close()
+        self.condition_pool.shutdown(cancel_futures=True)
         self.encode_pool.shutdown()
         self.upload_pool.shutdown()
 
