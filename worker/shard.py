@@ -51,6 +51,7 @@ from typing import Any
 import pyarrow as pa
 
 from fewstep import UserError
+from fewstep.condition_sources import ConditionSources
 from fewstep.contract import (
     CONDITION_COLUMNS,
     JOB_SPEC_KEY,
@@ -71,7 +72,7 @@ from fewstep.settings import defaults
 from fewstep.storage import StorageError, Store, open_store, read_table, requests_sent
 from worker.batching import BatchSizes
 from worker.commit import ShardGuard, ShutdownRequested, commit, shutdown
-from worker.conditioning import INIT, ConditionError, Conditioning, ShardConditioning, Sources
+from worker.conditioning import INIT, ConditionError, Conditioning, ShardConditioning
 from worker.encode import PILLOW, HostPixels, ImageFormat, encode, encode_jpeg_on_device, to_host
 from worker.model import Batch, Model
 from worker.writer import ShardWriter, shard_writer
@@ -652,7 +653,7 @@ class ShardRunner:
         batch = self.batch_sizes.size(*shard.resolution) if self.batch_sizes.known(*shard.resolution) else 1
         window = int(defaults()["condition_images"]["batches_ahead"]) * batch
         conditioning = ShardConditioning(
-            settings, shard.rows, Sources(shard.store), self.condition_pool, shard.resolution, window
+            settings, shard.rows, ConditionSources(shard.store), self.condition_pool, shard.resolution, window
         )
         conditioning.start()
         return conditioning
