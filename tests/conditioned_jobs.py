@@ -91,7 +91,8 @@ def enqueue_conditioned(
         steps=preset["img2img"].get("steps") if init else None,
     )  # fmt: skip
     source = _Prompts([r.prompt for r in rows])
-    selector = Selector(Selection(), {}, max_prompt_chars=int(defaults()["producer"]["max_prompt_chars"]))
+    chars = int(defaults()["producer"]["max_prompt_chars"])
+    selector = Selector(Selection(), {}, max_prompt_chars=chars, log_duplicates=False)
     spec = build_spec(source, opts, selector)
     control = preset.get("control") or {}
     spec["conditioning"] = {

@@ -70,7 +70,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fewstep.condition_sources import ConditionSources
 from fewstep.settings import defaults, describe_error
@@ -351,6 +351,8 @@ class ShardConditioning:
             image = decode(data, self.max_pixels)
         except ConditionError as e:
             raise ConditionError(f"{where}: {e}") from None
+        except UnidentifiedImageError:
+            raise ConditionError(f"{where}: not an image in a format Pillow reads") from None
         except Exception as e:  # Pillow raises many kinds on damaged files
             raise ConditionError(
                 f"{where}: cannot decode the conditioning image: {describe_error(e, 300)}"
