@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import uuid
 
 import numpy as np
@@ -30,6 +29,7 @@ from tests.conftest import BUCKET
 from tests.support import (
     attempt_records,
     committed_metadata,
+    module_env,
     start_worker,
     stop_worker,
     wait_done,
@@ -72,14 +72,7 @@ def _settled(url: str, timeout: float = 120) -> None:
 @pytest.fixture(scope="module")
 def jobs(local_services, model_cache, tmp_path_factory):
     """Every job run, and what the tests compare them with."""
-    env = {
-        **os.environ,
-        **local_services.env(),
-        "HF_HUB_OFFLINE": "1",
-        "FEWSTEP_MODEL_CACHE": str(model_cache),
-        "FEWSTEP_QUEUE_PREFIX": "t" + uuid.uuid4().hex[:10],
-        "PYTHONUNBUFFERED": "1",
-    }
+    env = module_env(local_services, model_cache)
     output = f"s3://{BUCKET}/runs/{uuid.uuid4().hex[:8]}"
     tmp = tmp_path_factory.mktemp("conditioning")
     photos = _photos()

@@ -7,12 +7,11 @@ the model sees, on a CPU pool ahead of the device.
     (cond_ref…)     file, s3, ranged,             RGB by     --resize   init | canny |
                     parquet row                   the rules             sketch | as-is
 
-**Reading** (the manifest's :data:`fewstep.contract.CONDITION_MANIFEST` columns): ``cond_ref``
-is ``file:///path``, ``s3://bucket/key`` or a key relative to the job root (the sidecar of
-bytes the source held). ``cond_offset``/``cond_length`` ask for a ranged read (one image in
-another job's tar); ``cond_row`` for a row of a parquet's ``image`` column (the sidecar, or
-another job's parquet layout), read one row group at a time through ranged reads, never the
-whole file. ``cond_sha256``, when given, must equal the sha256 of the bytes read.
+**Reading** (:class:`fewstep.condition_sources.ConditionSources`, by the manifest's
+:data:`fewstep.contract.CONDITION_MANIFEST` columns): a local file, an S3 object, a ranged
+read of another job's tar, a row of a parquet (the sidecar of bytes the source held, or
+another job's parquet layout) read one row group at a time. ``cond_sha256``, when given,
+must equal the sha256 of the bytes read.
 
 **Decoding** (one documented rule per case, so a dataset of odd files converts predictably):
 
