@@ -200,7 +200,7 @@ def test_same_spec_gives_the_same_conditioning_and_the_same_bytes(jobs):
     assert len({r["sha256"] for r in first}) == 3
 
 
-def test_canny_map_saved_in_the_tar_equals_cv2_canny_of_the_resized_image(jobs):
+def test_canny_map_saved_in_the_tar_equals_cv2_canny_of_the_resized_image(jobs, tmp_path):
     import cv2
 
     rows = _meta(jobs, "canny")
@@ -215,12 +215,17 @@ def test_canny_map_saved_in_the_tar_equals_cv2_canny_of_the_resized_image(jobs):
 
     with tarfile.open(fileobj=io.BytesIO(store.get(rows[0]["image_key"]))) as tar:
         names = tar.getnames()
-    assert names[:4] == [
-        "000000000000.png",
-        "000000000000.control.png",
-        "000000000000.json",
-        "000000000000.txt",
-    ]
+    assert names[:4] == [f"000000000000.{s}" for s in ("png", "control.png", "json", "txt")]
+    # WebDataset groups it with its sample, as the "control.png" field.
+    import webdataset as wds
+
+    local = tmp_path / "part.tar"
+    local.write_bytes(store.get(rows[0]["image_key"]))
+    sample = next(iter(wds.WebDataset(str(local), shardshuffle=False)))
+    first = rows[0]
+    assert sample["control.png"] == store.get_range(
+        first["control_key"], first["control_offset"], first["control_bytes"]
+    )
     assert verify(store)["ok"]
 
 

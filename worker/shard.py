@@ -650,6 +650,11 @@ class ShardRunner:
             raise ConditionError(
                 f"job {shard.spec['job']}: model {self.model.name} takes no {settings.condition} control maps"
             )
+        # What runs when the spec leaves it to the preset: recorded as run.
+        if settings.condition == INIT and settings.strength is None:
+            settings = replace(settings, strength=float(preset["img2img"]["strength"]))
+        if settings.condition != INIT and settings.controlnet_scale is None:
+            settings = replace(settings, controlnet_scale=float(preset["control"].get("scale", 1.0)))
         batch = self.batch_sizes.size(*shard.resolution) if self.batch_sizes.known(*shard.resolution) else 1
         window = int(defaults()["condition_images"]["batches_ahead"]) * batch
         conditioning = ShardConditioning(
