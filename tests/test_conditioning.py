@@ -189,6 +189,16 @@ def test_init_job_records_sources_digests_and_saves_the_init_image_beside_each_r
     saved = np.asarray(Image.open(io.BytesIO(store.get(rows[0]["control_key"]))))
     assert np.array_equal(saved, np.asarray(_expected(jobs, "astronaut.png")))  # the init image the model saw
     assert verify(store)["ok"]
+    # verify checks the saved maps: a damaged one is reported, by key.
+    key, original = rows[0]["control_key"], store.get(rows[0]["control_key"])
+    store.put(key, original[:-10])
+    try:
+        report = verify(store)
+    finally:
+        store.put(key, original)
+    assert not report["ok"] and report["problems"] == [
+        f"{key}: control map of {len(original) - 10} bytes, metadata says {len(original)}"
+    ]
 
 
 def test_same_spec_gives_the_same_conditioning_and_the_same_bytes(jobs):

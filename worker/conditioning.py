@@ -266,6 +266,7 @@ class ShardConditioning:
         self.pool = pool
         self.width, self.height = size
         self.window = max(1, window)
+        self.batches_ahead = int(defaults()["condition_images"]["batches_ahead"])
         self.n = len(rows["row_id"])
         self.sha256: list[str | None] = [None] * self.n
         self._futures: dict[int, Future] = {}
@@ -299,7 +300,8 @@ class ShardConditioning:
             prepared = [f.result() for f in futures]
         except CancelledError:
             raise RuntimeError("conditioning was stopped") from None
-        self._submit_until(hi + self.window)
+        # A few batches of the size the device asks for (measured batch sizes become known late).
+        self._submit_until(hi + max(self.window, self.batches_ahead * (hi - lo)))
         return prepared
 
     def release(self, lo: int, hi: int) -> None:
