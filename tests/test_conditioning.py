@@ -163,7 +163,7 @@ def _meta(jobs, job: str) -> list[dict]:
 
 
 def _expected(jobs, name: str, policy: str = "center-crop") -> Image.Image:
-    image, _offset = resize(decode(jobs["files"][name], 10**9), SIZE, SIZE, policy)
+    image, _offset = resize(decode(jobs["files"][name], 10**9, (SIZE, SIZE)), SIZE, SIZE, policy)
     return image
 
 
