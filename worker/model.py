@@ -193,7 +193,7 @@ class Model:
         # `guidance_scale` feeds a guidance embedding the model may not have.
         kwargs[self.preset.get("guidance_argument", "guidance_scale")] = guidance
         generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-        if _accepts(pipeline, "width"):  # img2img pipelines of the SD family take the image's size
+        if pipeline is self.pipeline or _accepts(pipeline, "width"):  # SD img2img: the image's size
             kwargs.update(width=width, height=height)
         start = time.perf_counter()
         with torch.inference_mode():
@@ -247,7 +247,9 @@ class Model:
         components = self.pipeline.components
         made = self._img2img
         if made is None or any(
-            made.components.get(k) is not v for k, v in components.items() if k in made.components
+            made.components.get(k) is not v
+            for k, v in components.items()
+            if k in made.components and k != "scheduler"  # the sampler is handed over below
         ):
             import inspect
 
