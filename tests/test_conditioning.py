@@ -239,11 +239,18 @@ def test_canny_map_saved_in_the_tar_equals_cv2_canny_of_the_resized_image(jobs, 
     assert verify(store)["ok"]
 
 
-def test_sketch_job_pads_and_stores_white_strokes_on_black_in_the_parquet_control_column(jobs):
+def test_sketch_job_pads_and_stores_white_strokes_on_black_in_the_parquet_control_column(jobs, tmp_path):
+    import datasets
+
     rows = _meta(jobs, "sketch")
     store = open_store(jobs["made"]["sketch"]["job_url"])
     table = pq.read_table(io.BytesIO(store.get(rows[2]["image_key"])))
     assert table.column_names[:2] == ["image", "control_image"]
+    local = tmp_path / "part.parquet"
+    local.write_bytes(store.get(rows[2]["image_key"]))
+    loaded = datasets.load_dataset("parquet", data_files=[str(local)], split="train", cache_dir=str(tmp_path))
+    assert isinstance(loaded.features["control_image"], datasets.Image)  # HF datasets decodes both
+    assert loaded[0]["control_image"].size == loaded[0]["image"].size == (SIZE, SIZE)
     control = table.column("control_image").to_pylist()[rows[2]["control_offset"]]
     sketch = np.asarray(Image.open(io.BytesIO(control["bytes"])))
     assert set(np.unique(sketch)) <= {0, 255} and 0 < sketch.mean() < 128  # strokes, mostly black
