@@ -739,6 +739,8 @@ class ShardRunner:
         start, started_at, requests = time.perf_counter(), _now(), requests_sent()
         shard = self.lookahead.take(message)  # read ahead, checked not committed moments ago
         if shard is not None and shard.spec is not self._specs.get(message.job_url):
+            if shard.conditioning is not None:
+                shard.conditioning.close()
             shard = None  # read ahead with a spec the job no longer has
         if shard is None:
             store = open_store(message.job_url)
