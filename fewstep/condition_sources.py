@@ -71,8 +71,8 @@ class ConditionSources:
     def locate(self, ref: str) -> tuple[Store, str]:
         """The store and key ``cond_ref`` names."""
         parts = urlsplit(ref)
-        if parts.scheme == "file":
-            path = Path(unquote(parts.path))
+        if parts.scheme == "file" or ref.startswith("/"):  # file:///abs/path, or a bare absolute path
+            path = Path(unquote(parts.path) if parts.scheme else ref)
             return self._store(str(path.parent), lambda: LocalStore(path.parent)), path.name
         if parts.scheme == "s3":
             bucket = parts.netloc
