@@ -247,9 +247,11 @@ def _tar_member(name: str, data: bytes, mtime: float) -> bytes:
     return header + data + bytes(-len(data) % TAR_BLOCK)
 
 
-def webdataset_sample(row: dict[str, Any], image: bytes) -> bytes:
+def webdataset_sample(row: dict[str, Any], image: bytes, control: bytes | None = None) -> bytes:
     """The tar members of one metadata row's sample; the image's data starts
-    :data:`TAR_BLOCK` bytes in (a member name of up to 100 bytes has a one-block header)."""
+    :data:`TAR_BLOCK` bytes in (a member name of up to 100 bytes has a one-block header).
+    ``control``: the row's control map (``--save-control``), a member right after the image
+    (:func:`control_name`), its data at :func:`tar_control_offset`."""
     stem = row["image_name"].split(".", 1)[0]
     created = row.get("created_at")
     if isinstance(created, str):
@@ -259,6 +261,7 @@ def webdataset_sample(row: dict[str, Any], image: bytes) -> bytes:
     meta = json.dumps(values, ensure_ascii=False).encode()
     return (
         _tar_member(row["image_name"], image, mtime)
+        + (_tar_member(control_name(row["row_id"]), control, mtime) if control is not None else b"")
         + _tar_member(f"{stem}.json", meta, mtime)
         + _tar_member(f"{stem}.txt", row["prompt"].encode(), mtime)
     )
@@ -572,6 +575,20 @@ def control_name(row_id: int) -> str:
     return f"{row_id:012d}.control.png"
 
 
+# --- saved control maps (--save-control) --------------------------------------------------
+
+
+def job_saves_control(spec: dict[str, Any]) -> bool:
+    """Whether a job stores each row's control map beside its image (``--save-control``)."""
+    return bool((spec.get("conditioning") or {}).get("save_control"))
+
+
+def tar_control_offset(image_offset: int, image_bytes: int) -> int:
+    """Where a control map's data lies in a webdataset tar: its member (one header block)
+    follows the image member, whose data starts at ``image_offset`` and is padded to blocks."""
+    return image_offset + image_bytes + (-image_bytes % TAR_BLOCK) + TAR_BLOCK
+
+
 def embeddings_schema(dim: int) -> pa.Schema:
     """An embeddings object: each row's L2-normalised CLIP image embedding, float16."""
     return pa.schema(
@@ -599,11 +616,13 @@ def job_metadata_schema(spec: dict[str, Any]) -> pa.Schema:
     return metadata_schema(spec["source"].get("fields", {}), int(spec.get("format_version", FORMAT_VERSION)))
 
 
-def images_parquet_schema(metadata: pa.Schema) -> pa.Schema:
+def images_parquet_schema(metadata: pa.Schema, control: bool = False) -> pa.Schema:
     """The parquet layout's images file: the ``image`` column (decoded as an ``Image`` by HF
-    ``datasets``, as its schema metadata says) followed by every metadata column."""
-    features = {"info": {"features": {IMAGE_COLUMN: {"_type": "Image"}}}}
-    return pa.schema([pa.field(IMAGE_COLUMN, IMAGE_STRUCT), *metadata]).with_metadata(
+    ``datasets``, as its schema metadata says), with ``control``: the ``control_image`` column
+    (an ``Image`` too, ``--save-control``), followed by every metadata column."""
+    images = [IMAGE_COLUMN, *([CONTROL_IMAGE_COLUMN] if control else [])]
+    features = {"info": {"features": {name: {"_type": "Image"} for name in images}}}
+    return pa.schema([*(pa.field(name, IMAGE_STRUCT) for name in images), *metadata]).with_metadata(
         {"huggingface": json.dumps(features)}
     )
 

@@ -145,6 +145,10 @@ class Store:
         """``length`` bytes of the object from offset ``start`` (one image inside a tar)."""
         raise NotImplementedError
 
+    def size(self, key: str) -> int:
+        """The object's size in bytes (:class:`KeyMissing` if absent)."""
+        raise NotImplementedError
+
     def upload(self, key: str, part_bytes: int) -> Upload:
         """A streamed write of ``key``: the object appears only when :meth:`Upload.finish` returns."""
         raise NotImplementedError
@@ -644,6 +648,12 @@ class LocalStore(Store):
             with self._path(key).open("rb") as f:
                 f.seek(start)
                 return f.read(length)
+        except FileNotFoundError:
+            raise KeyMissing(self.url_of(key)) from None
+
+    def size(self, key: str) -> int:
+        try:
+            return self._path(key).stat().st_size
         except FileNotFoundError:
             raise KeyMissing(self.url_of(key)) from None
 

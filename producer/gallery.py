@@ -6,8 +6,10 @@ job's folder. Every link is relative (thumbnails, and the full image in ``../ima
 so the page opens the same from a local copy of the job folder (e.g. after
 ``aws s3 sync``); ``--download DIR`` fetches the gallery itself. For webdataset and parquet
 jobs the thumbnails come from the parts' tars (one ranged GET per image) or parquets, and
-link to no full image (it lies inside a tar or parquet). The page has no script,
-and every value from the data is escaped.
+link to no full image (it lies inside a tar or parquet). For an image-conditioned job each
+result has its control map beside it (as saved with ``--save-control``), or, when none was
+saved, the conditioning image its row named. The page has no script, and every value from
+the data is escaped.
 """
 
 from __future__ import annotations
@@ -27,7 +29,18 @@ import pyarrow as pa
 from PIL import Image
 
 from fewstep import UserError
-from fewstep.contract import GALLERY, LAYOUT_FILES, image_name, job_layout, metadata_key, part_name
+from fewstep.condition_sources import ConditionSources
+from fewstep.contract import (
+    CONTROL_IMAGE_COLUMN,
+    GALLERY,
+    LAYOUT_FILES,
+    LAYOUT_WEBDATASET,
+    image_name,
+    job_layout,
+    manifest_key,
+    metadata_key,
+    part_name,
+)
 from fewstep.settings import defaults
 from fewstep.storage import Store, read_table
 from producer.images import read_images
@@ -37,6 +50,8 @@ from producer.progress import Progress, read_progress
 COLUMNS = ["row_id", "part_id", "image_key", "prompt", "seed", "model", "width", "height"]
 # Where an image lies inside its part's tar or parquet (webdataset and parquet layouts).
 SPAN_COLUMNS = ["bytes", "image_offset", "image_row"]
+# Where a conditioned row's saved control map lies (null when none was saved).
+CONTROL_COLUMNS = ["control_key", "control_offset", "control_bytes"]
 THUMBS = f"{GALLERY}/thumbs"
 INDEX = f"{GALLERY}/index.html"
 NO_VALUE = "(none)"
@@ -50,6 +65,7 @@ h2 small { color: #777; font-weight: normal; }
 figure { margin: 0; background: #fff; border: 1px solid #ddd; border-radius: 6px; overflow: hidden; }
 figure img { display: block; width: 100%; height: auto; background: #eee; }
 figcaption { padding: .4rem .5rem; }
+.pair { display: grid; grid-template-columns: 1fr 1fr; }
 .prompt { margin: 0 0 .3rem; overflow-wrap: anywhere; }
 .meta { margin: 0; color: #777; font-size: 12px; }
 """
@@ -75,6 +91,8 @@ def sample_rows(
     columns = COLUMNS + ([by] if by and by not in COLUMNS else [])
     if job_layout(spec) != LAYOUT_FILES:
         columns += SPAN_COLUMNS
+    if spec.get("conditioning"):
+        columns += CONTROL_COLUMNS
 
     def read(shard: int) -> pa.Table:
         return read_table(job_store, metadata_key(shard), columns)
@@ -118,6 +136,33 @@ def thumb_name(row_id: int) -> str:
     return image_name(row_id, "jpg")
 
 
+def condition_thumb_name(row_id: int) -> str:
+    return f"{row_id:012d}.condition.jpg"
+
+
+def read_conditions(job_store: Store, spec: dict[str, Any], rows: list[dict[str, Any]]) -> list[bytes]:
+    """Each row's control map as saved (``--save-control``), else its conditioning image."""
+    out: list[bytes] = []
+    sources, manifests, parquets = ConditionSources(job_store), {}, {}
+    for row in rows:
+        key = row["control_key"]
+        if key is None:
+            part = row["part_id"]
+            if part not in manifests:
+                table = read_table(job_store, manifest_key(part)).to_pylist()
+                manifests[part] = {r["row_id"]: r for r in table}
+            out.append(sources.read(manifests[part][row["row_id"]]))
+        elif job_layout(spec) == LAYOUT_FILES:
+            out.append(job_store.get(key))
+        elif job_layout(spec) == LAYOUT_WEBDATASET:
+            out.append(job_store.get_range(key, row["control_offset"], row["control_bytes"]))
+        else:
+            if key not in parquets:
+                parquets[key] = read_table(job_store, key, [CONTROL_IMAGE_COLUMN]).column(0).to_pylist()
+            out.append(parquets[key][row["control_offset"]]["bytes"])
+    return out
+
+
 def page(spec: dict[str, Any], groups: list[tuple[str | None, list]], by: str | None, population: int) -> str:
     """The contact sheet's HTML; every value from the data is escaped."""
     e = html.escape
@@ -151,6 +196,12 @@ def page(spec: dict[str, Any], groups: list[tuple[str | None, list]], by: str | 
         linked = job_layout(spec) == LAYOUT_FILES  # else the image lies inside a tar or parquet
         for r in rows:
             img = f'<img src="thumbs/{thumb_name(r["row_id"])}" alt="{e(r["prompt"][:200])}">'
+            if spec.get("conditioning"):  # what the model saw, then what it made
+                seen = "control map" if r.get("control_key") else "conditioning image"
+                img = (
+                    f'<div class="pair"><img src="thumbs/{condition_thumb_name(r["row_id"])}" '
+                    f'alt="{seen}" title="{seen}">{img}</div>'
+                )
             out.append(
                 (f'<figure><a href="../{e(r["image_key"])}">{img}</a>' if linked else f"<figure>{img}")
                 + f'<figcaption><p class="prompt">{e(r["prompt"])}</p>'
@@ -195,6 +246,11 @@ def make_gallery(
             thumbs.add(key)
             if on_image:
                 on_image(len(thumbs), len(rows))
+        if spec.get("conditioning"):
+            for row, data in zip(rows, read_conditions(job_store, spec, rows), strict=True):
+                key = f"{THUMBS}/{condition_thumb_name(row['row_id'])}"
+                job_store.put(key, thumbnail(data, size))
+                thumbs.add(key)
     for key, _size in list(job_store.list(f"{THUMBS}/")):
         if key not in thumbs:
             job_store.delete(key)  # from an earlier gallery of other rows

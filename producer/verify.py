@@ -3,13 +3,15 @@
 For each committed shard: the metadata has the job's schema and exactly the manifest's
 rows (row ids, prompts byte for byte, seeds, source rows), keys built from ids in the folder
 of the one attempt that committed, and every image exists with the size and sha256 the
-metadata records (each image is read back and hashed). For the webdataset and parquet
-layouts the attempt's one tar or parquet is read whole: each image member (at the offset
-the metadata records) or ``image`` row is hashed, and each row's ``.txt``/``.json`` member
-or parquet row must carry the prompt byte for byte. A job with ``--embeddings`` must have
-the committed attempt's embeddings object, holding each of its rows once, unit length.
-Across shards, no row appears twice. Uncommitted shards are counted, not checked: readers
-trust committed shards only.
+metadata records (each image is read back and hashed). With ``--save-control`` every row's
+control map is checked too: at the key (and offset or row) the metadata records, of the
+size it records, a PNG of the job's width x height (the metadata keeps no digest of it).
+For the webdataset and parquet layouts the attempt's one tar or parquet is read whole: each
+image member (at the offset the metadata records) or ``image`` row is hashed, and each row's
+``.txt``/``.json`` member or parquet row must carry the prompt byte for byte. A job with
+``--embeddings`` must have the committed attempt's embeddings object, holding each of its
+rows once, unit length. Across shards,
+no row appears twice. Uncommitted shards are counted, not checked: readers trust committed shards only.
 """
 
 from __future__ import annotations
@@ -24,16 +26,20 @@ from typing import Any
 
 import click
 import pyarrow.parquet as pq
+from PIL import Image
 
 from fewstep.contract import (
+    CONTROL_IMAGE_COLUMN,
     IMAGE_EXTENSIONS,
     LAYOUT_FILES,
     LAYOUT_WEBDATASET,
     attempt_images_prefix,
+    control_name,
     image_key,
     images_parquet_schema,
     job_layout,
     job_metadata_schema,
+    job_saves_control,
     manifest_key,
     metadata_key,
     part_name,
@@ -75,6 +81,24 @@ def _check_image(store: Store, key: str, sha256: str, size: int) -> str | None:
     if hashlib.sha256(data).hexdigest() != sha256:
         return f"{key}: sha256 differs from the metadata"
     return None
+
+
+def _check_control(report: Report, where: str, data: bytes | None, row: dict[str, Any], size: tuple) -> None:
+    """A saved control map: present, of the recorded size, a PNG of the job's size."""
+    if data is None:
+        report.problem(f"{where}: control map missing")
+    elif len(data) != row["control_bytes"]:
+        report.problem(f"{where}: control map of {len(data)} bytes, metadata says {row['control_bytes']}")
+    else:
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                image.load()
+                found = (image.format, image.size)
+        except Exception as e:  # Pillow raises many kinds on damaged files
+            report.problem(f"{where}: control map unreadable ({type(e).__name__})")
+            return
+        if found != ("PNG", size):
+            report.problem(f"{where}: control map is {found[0]} {found[1]}, expected PNG {size}")
 
 
 def verify_shard(
@@ -119,6 +143,8 @@ def verify_shard(
             report.problem(f"{part}: row {row['row_id']} has part {row['part_id']}, key {row['image_key']!r}")
     # The committed attempt's folder only: what losing attempts left is not this shard's.
     stored = dict(store.list(attempt_images_prefix(shard, attempt_id)))
+    if job_saves_control(spec):
+        _check_control_files(store, spec, shard, attempt_id, rows, stored, pool, report)
     checks = []
     for row in rows:
         key, size = row["image_key"], row["bytes"]
@@ -136,6 +162,35 @@ def verify_shard(
             report.images += 1
             report.bytes += size
     return {row["row_id"] for row in rows}
+
+
+def _job_size(spec: dict[str, Any]) -> tuple[int, int]:
+    return int(spec["generation"]["width"]), int(spec["generation"]["height"])
+
+
+def _check_control_files(
+    store: Store,
+    spec: dict[str, Any],
+    shard: int,
+    attempt_id: str,
+    rows: list[dict[str, Any]],
+    stored: dict[str, int],
+    pool: ThreadPoolExecutor,
+    report: Report,
+) -> None:
+    """Files layout: each row's control map in the committed attempt's folder."""
+    size = _job_size(spec)
+    checks = []
+    for row in rows:
+        key = attempt_images_prefix(shard, attempt_id) + control_name(row["row_id"])
+        if row["control_key"] != key:
+            report.problem(f"row {row['row_id']}: control key {row['control_key']!r}, expected {key}")
+        elif key not in stored:
+            report.problem(f"{key}: control map missing")
+        else:
+            checks.append((key, row, pool.submit(store.get, key)))
+    for key, row, data in checks:
+        _check_control(report, key, data.result(), row, size)
 
 
 def _check_bytes(report: Report, where: str, data: bytes | None, row: dict[str, Any]) -> None:
@@ -175,6 +230,12 @@ def _check_shard_object(
                 report.problem(f"{key}: member {row['image_name']} at offset {offset}, metadata says "
                                f"{row['image_offset']}")  # fmt: skip
             _check_bytes(report, f"{key}: member {row['image_name']}", image, row)
+            if job_saves_control(spec):
+                where = f"{key}: member {control_name(row['row_id'])}"
+                offset, control = members.get(control_name(row["row_id"]), (None, None))
+                if control is not None and offset != row["control_offset"]:
+                    report.problem(f"{where} at offset {offset}, metadata says {row['control_offset']}")
+                _check_control(report, where, control, row, _job_size(spec))
             text = members.get(f"{stem}.txt", (0, None))[1]
             if text != row["prompt"].encode():
                 report.problem(f"{key}: member {stem}.txt differs from the prompt")
@@ -190,9 +251,14 @@ def _check_shard_object(
     except Exception as e:  # pyarrow raises several kinds on damaged files
         report.problem(f"{key}: not a readable parquet ({e})")
         return
-    if not table.schema.equals(images_parquet_schema(job_metadata_schema(spec)), check_metadata=True):
+    control = job_saves_control(spec)
+    expected = images_parquet_schema(job_metadata_schema(spec), control)
+    if not table.schema.equals(expected, check_metadata=True):
         report.problem(f"{key}: schema differs from the job's images schema")
-    stored = table.select(["image", "row_id", "prompt"]).to_pylist()
+        return
+    stored = table.select(
+        ["image", "row_id", "prompt", *([CONTROL_IMAGE_COLUMN] if control else [])]
+    ).to_pylist()
     for row in rows:
         index = row["image_row"]
         if index is None or not 0 <= index < len(stored):
@@ -203,6 +269,13 @@ def _check_shard_object(
             report.problem(f"{key}: row {index} holds row {found['row_id']} or another prompt")
         image = (found["image"] or {}).get("bytes")
         _check_bytes(report, f"{key}: row {index} ({row['image_name']})", image, row)
+        if control:
+            where = f"{key}: row {index} ({CONTROL_IMAGE_COLUMN})"
+            if row["control_offset"] != index:
+                report.problem(f"{where}: metadata says row {row['control_offset']}")
+            _check_control(
+                report, where, (found[CONTROL_IMAGE_COLUMN] or {}).get("bytes"), row, _job_size(spec)
+            )
 
 
 def verify(store: Store, threads: int = 16) -> dict[str, Any]:

@@ -15,6 +15,22 @@ import pyarrow.parquet as pq
 from fewstep.storage import open_store
 
 
+def module_env(local_services, model_cache) -> dict[str, str]:
+    """The environment of a module fixture's workers and commands: the session's services, the
+    model cache, offline, and a queue prefix of the module's own."""
+    import os
+    import uuid
+
+    return {
+        **os.environ,
+        **local_services.env(),
+        "HF_HUB_OFFLINE": "1",
+        "FEWSTEP_MODEL_CACHE": str(model_cache),
+        "FEWSTEP_QUEUE_PREFIX": "t" + uuid.uuid4().hex[:10],
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
 def cli(tool: str, *args: str, env: dict[str, str], check: bool = True, timeout: float = 120):
     """Run ``python -m producer|worker|fewstep ARGS`` as a user would."""
     result = subprocess.run(

@@ -34,6 +34,7 @@ from tests.support import (
     cli_json,
     committed_metadata,
     config_dir,
+    module_env,
     run_worker_until_done,
     start_worker,
     wait_for,
@@ -85,14 +86,7 @@ def _crash_mid_tar(env: dict[str, str], output: str, job: str, parti, tmp_path) 
 @pytest.fixture(scope="module")
 def jobs(local_services, model_cache, parti_path, tmp_path_factory):
     """(env, output, {layout: enqueue summary}, the source's prompts, what the crash left)."""
-    env = {
-        **os.environ,
-        **local_services.env(),
-        "HF_HUB_OFFLINE": "1",
-        "FEWSTEP_MODEL_CACHE": str(model_cache),
-        "FEWSTEP_QUEUE_PREFIX": "t" + uuid.uuid4().hex[:10],
-        "PYTHONUNBUFFERED": "1",
-    }
+    env = module_env(local_services, model_cache)
     output = f"s3://{BUCKET}/runs/{uuid.uuid4().hex[:8]}"
     tmp_path = tmp_path_factory.mktemp("layouts")
     env["FEWSTEP_CONFIG_DIR"] = config_dir(tmp_path, recovery=FAST_RECOVERY)

@@ -79,10 +79,26 @@ def test_every_preset_is_pinned_or_says_why_not():
 
 
 def test_every_preset_declares_gating_conditioning_and_commercial_use():
+    import diffusers
+
     for name, preset in presets().items():
         assert isinstance(preset.get("gated"), bool), name
-        assert preset.get("conditioning") and set(preset["conditioning"]) <= {"text"}, name
         assert preset.get("commercial") in ("yes", "no", "limited", "unclear"), name
+        # The modes it lists are the ones its data can run: text (not a ControlNet preset),
+        # init (an img2img table naming a class diffusers has), its ControlNet's modes.
+        control = preset.get("control") or {}
+        img2img = preset.get("img2img")
+        modes = (["text"] if not control else []) + (["init"] if img2img else []) + control.get("modes", [])
+        assert preset.get("conditioning") == modes, name
+        if img2img:
+            assert (
+                hasattr(diffusers, img2img["pipeline"]) and int(img2img["steps"] * img2img["strength"]) >= 1
+            )
+        if control:
+            assert (
+                preset["pipeline"] == "StableDiffusionControlNetPipeline"
+                and control["default"] in control["modes"]
+            )
     assert resolve_model("sd35-large-turbo")["gated"] is True
 
 
@@ -100,7 +116,7 @@ def test_worker_models_lists_revision_gating_vram_modes_vaes_and_notes():
         "pinned",
         "no",
         UNMEASURED,
-        "text",
+        "text,init",
     )
     assert (turbo["vaes"], turbo["commercial"]) == ("default,fp16-fix", "no")
     assert dict(zip(columns, rows["sd35-large-turbo"], strict=False))["gated"] == "yes"

@@ -61,6 +61,17 @@ QWEN_LIGHTNING_SCHEDULER = {
 CARDS = {
     "sdxs-512-0.9": Card(SD, "EulerDiscreteScheduler", 1, 0.0, 512, "float32", TRAILING, (999,)),
     "sdxs-512-dreamshaper": Card(SD, "EulerDiscreteScheduler", 1, 0.0, 512, "float16", TRAILING, (999,)),
+    # The authors' sketch demo: one step, no CFG, float32, white-on-black sketches.
+    "sdxs-512-dreamshaper-sketch": Card(
+        "StableDiffusionControlNetPipeline",
+        "EulerDiscreteScheduler",
+        1,
+        0.0,
+        512,
+        "float32",
+        TRAILING,
+        (999,),
+    ),
     "sd-turbo": Card(
         SD, "EulerDiscreteScheduler", 1, 0.0, 512, "float16", TRAILING, (999,), license="COMMERCIAL"
     ),
@@ -153,7 +164,9 @@ class Denoiser:
     def record(self, module, args, kwargs):
         sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
         t = args[1] if len(args) > 1 else kwargs.get("timestep")
-        self.batches.append(int(sample.shape[0]))
+        self.batches.append(
+            len(sample) if isinstance(sample, list) else int(sample.shape[0])
+        )  # Z-Image: a list
         self.timesteps.append(round(float(torch.as_tensor(t).flatten()[0])))
 
 
@@ -162,10 +175,39 @@ def run(model, prompts=("a photo of a cat", "two blue cubes"), seeds=(1, 2), siz
     args = {"steps": p["steps"], "guidance": p["guidance"], "width": size, "height": size, **overrides}
     denoiser = Denoiser(model)
     try:
-        batch = model.generate(list(prompts), list(seeds), **args)
+        batch = model.generate(
+            list(prompts), list(seeds), **model.probe_inputs(len(prompts), size, size), **args
+        )
     finally:
         denoiser.handle.remove()
     return batch, denoiser
+
+
+# One preset per img2img pipeline class (and DMD2, whose fixed timesteps strength cuts): the
+# CI budget. Every other table names one of these classes (test_preset_fidelity checks it).
+IMG2IMG_RUN = {
+    "sd-turbo", "sdxl-turbo", "lcm-dreamshaper-v7", "dmd2-sdxl-4step", "flux-schnell", "sd35-large-turbo",
+    "qwen-image-lightning-4step", "sana-sprint-0.6b-1024", "z-image-turbo",
+}  # fmt: skip
+
+
+def check_img2img(model) -> None:
+    """A preset with an img2img table runs it: the pipeline built from the loaded modules (no
+    copy), int(steps x strength) denoising steps from the given images."""
+    img2img = model.preset.get("img2img")
+    if not img2img or model.name not in IMG2IMG_RUN:
+        return
+    from PIL import Image
+
+    pipe, steps, strength = model.pipeline, img2img["steps"], img2img["strength"]
+    images = [Image.new("RGB", (64, 64), (v, v, v)) for v in (40, 220)]
+    batch, denoiser = run(model, images=images, strength=strength, steps=steps)
+    assert type(model.img2img()).__name__ == img2img["pipeline"]
+    for part in ("unet", "transformer", "vae", "text_encoder"):  # the same modules, no copy
+        assert getattr(model.img2img(), part, None) is getattr(pipe, part, None), part
+    # LCM's own img2img pipeline spreads all its steps below the strength's timestep.
+    runs = steps if img2img["pipeline"] == "LatentConsistencyModelImg2ImgPipeline" else int(steps * strength)
+    assert len(denoiser.batches) == runs and batch.images.shape == (2, 64, 64, 3)
 
 
 def builtins() -> set[str]:
@@ -181,7 +223,7 @@ def all_cards() -> dict[str, Card]:
 
 
 def test_every_preset_has_a_card_and_every_card_a_preset():
-    assert builtins() == {"tiny", "synthetic"}
+    assert builtins() == {"tiny", "tiny-controlnet", "synthetic"}
     assert set(presets()) - builtins() == set(all_cards())
 
 
@@ -216,6 +258,8 @@ def test_preset_loads_and_runs_as_its_card_says(hub, name):
         assert tuple(denoiser.timesteps) == card.timesteps
     assert batch.images.shape == (2, 64, 64, 3) and batch.images.dtype == np.uint8
     assert not np.array_equal(batch.images[0], batch.images[1])
+
+    check_img2img(model)
 
     # float32 on a CPU; on a GPU the card's dtype.
     assert model.dtype == "float32" and next(denoiser.module.parameters()).dtype == torch.float32

@@ -18,7 +18,7 @@ from tests import replicas
 from tests.replicas.hub import offline
 from tests.support import cli_json, committed_metadata, run_worker_until_done
 from tests.test_end_to_end import SAMPLE
-from tests.test_presets import PIXART, Card, Denoiser
+from tests.test_presets import PIXART, Card, Denoiser, check_img2img
 
 SANA = "SanaSprintPipeline"
 NC = "NON-COMMERCIAL"
@@ -109,6 +109,7 @@ def test_preset_loads_and_runs_as_its_card_says(hub, name):
     assert model.dtype == "float32" and next(calls.module.parameters()).dtype == torch.float32
     assert _torch_dtype(model.preset["dtype"], "cuda")[0] == getattr(torch, card.dtype)
     assert model.revision.split()[0] == hub.commit(model.preset["repo"], model.preset["revision"])
+    check_img2img(model)
 
 
 def test_dmd_transformer_and_scheduler_come_from_the_dmd_repository(hub):

@@ -64,6 +64,7 @@ from fewstep.storage import (
 )
 from worker import commit
 from worker.commit import Attempt, ShardGuard, ShutdownRequested, Superseded
+from worker.conditioning import ConditionError
 from worker.shard import ShardRunner
 
 log = logging.getLogger("fewstep.worker")
@@ -230,6 +231,13 @@ def _run(task, store: Store, message: ShardMessage, max_attempts: int, retry_del
         raise Reject("worker shutting down", requeue=True) from None
     except StorageAccessError:
         raise
+    except ConditionError as e:
+        # A conditioning image that cannot be read or decoded stays so: no retry, failed at
+        # once with the row and source named (``producer retry JOB --failed`` after a fix).
+        attempt.finish(ATTEMPT_ERROR, e)
+        log.error("%s of %s: %s", part, message.job_url, describe_error(e))
+        commit.mark_failed(store, message.shard, [*failures, attempt.record], message.attempt)
+        return {"shard": message.shard, "state": "failed"}
     except StorageUnavailable as e:
         # Shutting down, the message goes back to the queue (see generate_shard): interrupted.
         attempt.finish(ATTEMPT_INTERRUPTED if commit.shutdown.requested else ATTEMPT_STORAGE_UNAVAILABLE, e)

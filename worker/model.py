@@ -139,6 +139,8 @@ class Model:
     safety: tuple[Any, Any] | None = None
     #: Token counting off the device thread (None: the pipeline has no tokenizer).
     tokens: TokenCounter | None = None
+    #: The img2img pipeline sharing ``pipeline``'s components, made on first use (:meth:`img2img`).
+    _img2img: Any = None
 
     def use_sampler(self, label: str | None) -> None:
         """Switch to one of the preset's samplers (None: keep the current one)."""
@@ -157,18 +159,28 @@ class Model:
         width: int,
         height: int,
         keep_on_device: bool = False,
+        images: list | None = None,
+        strength: float | None = None,
+        control_images: list | None = None,
+        controlnet_scale: float | None = None,
     ) -> Batch:
         """Images for ``prompts``, image i from ``seeds[i]`` (CPU generators: device-independent noise).
 
         With ``keep_on_device`` the images stay a uint8 tensor on the model's device, so the
         encode stage can copy them asynchronously or encode them there.
+
+        Conditioned batches: ``images`` (one RGB image per prompt, at width x height) with
+        ``strength`` run the preset's img2img pipeline (``--condition init``); ``control_images``
+        with ``controlnet_scale`` are a ControlNet preset's maps. Without them a preset with an
+        img2img table still runs text-to-image; a ControlNet preset refuses.
         """
         import torch
 
         out_of_memory_failpoint(len(prompts))
         # Fixed timesteps: diffusers would run them whatever `steps` says, and the metadata lie.
         check_generation(self.preset, {"steps": steps})
-        kwargs = dict(self.preset.get("call") or {})
+        pipeline, kwargs = self._conditioned_call(images, strength, control_images, controlnet_scale)
+        kwargs.update(self.preset.get("call") or {})
         # Arguments the pipeline accepts only at some step counts (TOML has no null to say so).
         for arg, at_steps in (self.preset.get("call_none_unless_steps") or {}).items():
             if steps not in at_steps:
@@ -181,13 +193,13 @@ class Model:
         # `guidance_scale` feeds a guidance embedding the model may not have.
         kwargs[self.preset.get("guidance_argument", "guidance_scale")] = guidance
         generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+        if pipeline is self.pipeline or _accepts(pipeline, "width"):  # SD img2img: the image's size
+            kwargs.update(width=width, height=height)
         start = time.perf_counter()
         with torch.inference_mode():
-            out = self.pipeline(
+            out = pipeline(
                 prompt=list(prompts),
                 num_inference_steps=steps,
-                width=width,
-                height=height,
                 generator=generators,
                 output_type="pt",
                 **kwargs,
@@ -203,6 +215,65 @@ class Model:
             nsfw = self._nsfw(images)  # on the host copy when there is one: one copy, not two
         seconds = time.perf_counter() - start
         return Batch(images=images, nsfw=nsfw, seconds=seconds)
+
+    def _conditioned_call(
+        self,
+        images: list | None,
+        strength: float | None,
+        control_images: list | None,
+        controlnet_scale: float | None,
+    ) -> tuple[Any, dict[str, Any]]:
+        """The pipeline to call for a batch and its conditioning arguments."""
+        control = self.preset.get("control")
+        if control:
+            if control_images is None:
+                raise UserError(f"model {self.name} is a ControlNet preset: every image needs a control map")
+            scale = float(control.get("scale", 1.0)) if controlnet_scale is None else controlnet_scale
+            return self.pipeline, {"image": list(control_images), "controlnet_conditioning_scale": scale}
+        if control_images is not None:
+            raise UserError(f"model {self.name} has no ControlNet: it cannot take control maps")
+        if images is None:
+            return self.pipeline, {}
+        table = self.preset.get("img2img")
+        if not table:
+            raise UserError(f"model {self.name} has no img2img pipeline: it cannot start from an image")
+        value = float(table["strength"]) if strength is None else strength
+        return self.img2img(), {"image": list(images), "strength": value}
+
+    def img2img(self) -> Any:
+        """The preset's img2img pipeline, made once (device thread) from the loaded pipeline's
+        components: the same modules, no second copy of the weights. Made again if a
+        component was swapped since (``--vae``, compilation), and given the current sampler."""
+        components = self.pipeline.components
+        made = self._img2img
+        if made is None or any(
+            made.components.get(k) is not v
+            for k, v in components.items()
+            if k in made.components and k != "scheduler"  # the sampler is handed over below
+        ):
+            import inspect
+
+            cls = _diffusers_class(self.preset["img2img"]["pipeline"], "pipeline")
+            # The constructor's own parameters, filled from the loaded pipeline (diffusers'
+            # from_pipe drops parts whose class differs from the annotation: a tiny VAE).
+            parameters = inspect.signature(cls.__init__).parameters
+            kwargs = {k: components.get(k) for k in parameters if k != "self" and k in components}
+            kwargs.update({k: None for k, p in parameters.items() if k not in kwargs and p.default is None})
+            if "requires_safety_checker" in parameters:
+                kwargs["requires_safety_checker"] = False  # the checker runs apart (Model.safety)
+            made = self._img2img = cls(**kwargs)
+            made.set_progress_bar_config(disable=True)
+        made.scheduler = self.pipeline.scheduler
+        return made
+
+    def probe_inputs(self, n: int, width: int, height: int) -> dict[str, Any]:
+        """What a probe or warm-up batch of ``n`` needs besides prompts: black control maps for a
+        ControlNet preset (it cannot run text-only), nothing otherwise."""
+        if not self.preset.get("control"):
+            return {}
+        from PIL import Image
+
+        return {"control_images": [Image.new("RGB", (width, height))] * n}
 
     def _nsfw(self, images) -> list[bool | None]:
         # The checker blanks the images it flags; it gets a copy, the real images are kept.
@@ -224,6 +295,13 @@ class Model:
         if self.tokens is None:
             return [0] * len(prompts), 0
         return self.tokens.count(prompts), self.tokens.limit
+
+
+def _accepts(pipeline: Any, argument: str) -> bool:
+    """Whether the pipeline's ``__call__`` takes ``argument``."""
+    import inspect
+
+    return argument in inspect.signature(type(pipeline).__call__).parameters
 
 
 def _torch_dtype(name: str, device: str):
@@ -436,10 +514,10 @@ def load_model(name: str, device: str = "auto") -> Model:
     diffusers.utils.logging.set_verbosity_error()  # its truncation warning would log prompts
 
     location = preset["repo"]
-    if location == "builtin:tiny":
+    if location in ("builtin:tiny", "builtin:tiny-controlnet"):
         from worker import tiny
 
-        location = str(tiny.ensure(preset["revision"]))
+        location = str(tiny.ensure(preset["revision"], location.removeprefix("builtin:")))
     pipe = build_pipeline(preset, location, torch_dtype)
     safety = None
     if getattr(pipe, "safety_checker", None) is not None:

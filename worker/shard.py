@@ -52,6 +52,7 @@ import numpy as np
 import pyarrow as pa
 
 from fewstep import UserError
+from fewstep.condition_sources import ConditionSources
 from fewstep.contract import (
     CONDITION_COLUMNS,
     JOB_SPEC_KEY,
@@ -61,6 +62,7 @@ from fewstep.contract import (
     image_name,
     job_layout,
     job_metadata_schema,
+    job_saves_control,
     metadata_key,
     new_attempt_id,
     part_name,
@@ -68,9 +70,11 @@ from fewstep.contract import (
 )
 from fewstep.queue import peek_next, redis_client
 from fewstep.scorers import embeddings_wanted
+from fewstep.settings import defaults
 from fewstep.storage import StorageError, Store, open_store, read_table, requests_sent
 from worker.batching import BatchSizes
 from worker.commit import ShardGuard, ShutdownRequested, commit, shutdown
+from worker.conditioning import INIT, ConditionError, Conditioning, ShardConditioning
 from worker.encode import PILLOW, HostPixels, ImageFormat, encode, encode_jpeg_on_device, to_host
 from worker.model import Batch, Model
 from worker.scoring import BatchScores, Scoring, write_embeddings
@@ -119,6 +123,8 @@ class OpenShard:
     image_format: ImageFormat
     tokens: list[int]
     token_limit: int
+    #: Image-conditioned jobs: the rows' conditioning images, being prepared ahead (None: text-only).
+    conditioning: ShardConditioning | None = None
 
     @property
     def label(self) -> str:
@@ -189,6 +195,7 @@ class ShardRun:
             shard.image_format.extension,
             describe=lambda lo, hi: describe(self, lo, hi),
             schema=job_metadata_schema(shard.spec),
+            control=job_saves_control(shard.spec),
         )
         n = shard.size
         self.batch_size = self.min_batch_size = self.oom_retries = 0  # see count_batch
@@ -396,7 +403,11 @@ class Lookahead:
         if future is None or not future.done():
             return None
         shard = future.result()
-        return replace(shard, message=message) if shard is not None and shard.is_for(message) else None
+        if shard is not None and shard.is_for(message):
+            return replace(shard, message=message)
+        if shard is not None and shard.conditioning is not None:
+            shard.conditioning.close()  # its images were prepared for nothing
+        return None
 
     def close(self) -> None:
         """Stop reading ahead."""
@@ -432,6 +443,9 @@ class ShardRunner:
         self.slots = Slots(max_batches_in_flight)
         self.encode_threads = encode_threads or host_cores()
         self.encode_pool = ThreadPoolExecutor(self.encode_threads, thread_name_prefix="encode")
+        # Conditioning images (read, decode, resize, control map) for image-conditioned jobs.
+        condition_threads = int(defaults()["condition_images"]["threads"]) or host_cores()
+        self.condition_pool = ThreadPoolExecutor(condition_threads, thread_name_prefix="condition")
         self.upload_pool = ThreadPoolExecutor(upload_threads, thread_name_prefix="upload")
         # Without a queue to peek at (read_ahead off) the next shard is never opened early.
         self.lookahead = Lookahead(queue_name if read_ahead else None, self._open_ahead)
@@ -476,6 +490,7 @@ class ShardRunner:
         # The job's sampler, switched here on the device thread: batches generated ahead for
         # the next shard may belong to a job with another sampler.
         self.model.use_sampler(gen.get("sampler"))
+        conditioning = self._conditioning_inputs(shard, lo, hi)  # waits for the CPU pool's maps
         started = _now()
         start = self._running_since = time.perf_counter()
         batch = self.model.generate(
@@ -486,7 +501,10 @@ class ShardRunner:
             width=gen["width"],
             height=gen["height"],
             keep_on_device=self._keep_on_device,
+            **conditioning,
         )
+        if shard.conditioning is not None:
+            shard.conditioning.release(lo, hi)
         # Scored here, from the decoded images still on the device, so batches generated ahead
         # for the next shard carry their scores too.
         scores = self.scoring.score(shard.spec.get("scoring"), batch.images, shard.rows["prompt"][lo:hi])
@@ -635,13 +653,75 @@ class ShardRunner:
             return
         try:
             start = time.perf_counter()
-            run.writer.add(row, data)
+            control = run.shard.conditioning.take_control(row) if run.shard.conditioning else None
+            run.writer.add(row, data, control)
             run.add("upload_s", time.perf_counter() - start)
         except BaseException as e:
             run.fail(e)
             uploads.settle(False)
             return
         uploads.settle(True)
+
+    # -- image-conditioned jobs (worker/conditioning.py) --
+
+    def _open_conditioning(self, shard: OpenShard) -> ShardConditioning | None:
+        """Start preparing a conditioned shard's images on the CPU pool (read-ahead included):
+        a few batches ahead, never the whole shard. None for a text-only job."""
+        settings = Conditioning.from_spec(shard.spec)
+        preset = self.model.preset
+        if settings is None:
+            if preset.get("control"):
+                raise ConditionError(
+                    f"job {shard.spec['job']} is text-only; model {self.model.name} is a ControlNet "
+                    "preset and needs a conditioning image per row"
+                )
+            return None
+        if settings.condition == INIT and not preset.get("img2img"):
+            raise ConditionError(f"job {shard.spec['job']}: model {self.model.name} has no img2img pipeline")
+        modes = (preset.get("control") or {}).get("modes", ())
+        if settings.condition != INIT and settings.condition not in modes:
+            raise ConditionError(
+                f"job {shard.spec['job']}: model {self.model.name} takes no {settings.condition} control maps"
+            )
+        # What runs when the spec leaves it to the preset: recorded as run.
+        if settings.condition == INIT and settings.strength is None:
+            settings = replace(settings, strength=float(preset["img2img"]["strength"]))
+        if settings.condition != INIT and settings.controlnet_scale is None:
+            settings = replace(settings, controlnet_scale=float(preset["control"].get("scale", 1.0)))
+        batch = self.batch_sizes.size(*shard.resolution) if self.batch_sizes.known(*shard.resolution) else 1
+        window = int(defaults()["condition_images"]["batches_ahead"]) * batch
+        conditioning = ShardConditioning(
+            settings, shard.rows, ConditionSources(shard.store), self.condition_pool, shard.resolution, window
+        )
+        conditioning.start()
+        return conditioning
+
+    def _conditioning_inputs(self, shard: OpenShard, lo: int, hi: int) -> dict[str, Any]:
+        """The batch's conditioning arguments for :meth:`Model.generate` (device thread; waits
+        for the pool): init images and strength, or control maps and their scale."""
+        if shard.conditioning is None:
+            return {}
+        settings = shard.conditioning.settings
+        images = [p.image for p in shard.conditioning.batch(lo, hi)]
+        if settings.condition == INIT:
+            return {"images": images, "strength": settings.strength}
+        return {"control_images": images, "controlnet_scale": settings.controlnet_scale}
+
+    def _condition_columns(self, run: ShardRun) -> None:
+        """The conditioning metadata of a shard's rows (``run.extra``); ``cond_sha256`` fills in
+        as the pool reads each row's bytes, the control map columns come from the writer."""
+        conditioning = run.shard.conditioning
+        if conditioning is None:
+            return
+        settings, n = conditioning.settings, run.shard.size
+        run.extra.update(
+            cond_key=[conditioning.source(i) for i in range(n)],
+            cond_sha256=conditioning.sha256,
+            condition=[settings.condition] * n,
+            strength=[settings.strength] * n,
+            controlnet_scale=[settings.controlnet_scale] * n,
+            resize=[settings.resize] * n,
+        )
 
     # -- the task's thread --
 
@@ -676,7 +756,9 @@ class ShardRunner:
         rows = read_table(store, message.manifest_key).to_pydict()
         image_format = ImageFormat.from_generation(spec["generation"])
         tokens, limit = self.model.count_tokens(rows["prompt"])
-        return OpenShard(message, spec, store, rows, image_format, tokens, limit)
+        shard = OpenShard(message, spec, store, rows, image_format, tokens, limit)
+        shard.conditioning = self._open_conditioning(shard)
+        return shard
 
     def run(
         self, message: ShardMessage, guard: ShardGuard | None = None, attempt_id: str | None = None
@@ -690,6 +772,8 @@ class ShardRunner:
         start, started_at, requests = time.perf_counter(), _now(), requests_sent()
         shard = self.lookahead.take(message)  # read ahead, checked not committed moments ago
         if shard is not None and shard.spec is not self._specs.get(message.job_url):
+            if shard.conditioning is not None:
+                shard.conditioning.close()
             shard = None  # read ahead with a spec the job no longer has
         if shard is None:
             store = open_store(message.job_url)
@@ -700,11 +784,16 @@ class ShardRunner:
             shard = self.open_shard(message, store)
 
         run = ShardRun(shard, attempt_id or new_attempt_id(), guard, self.metadata_columns)
+        self._condition_columns(run)
         self.slots.reset_peak()
         self._current = run
         self.on_shard_start()  # the heartbeat names this attempt at once, not a beat later
         self._device_calls.put((self._generate_shard, (run,), Future()))
-        self._wait(run, start)
+        try:
+            self._wait(run, start)
+        finally:
+            if shard.conditioning is not None:
+                shard.conditioning.close()
         self._current = None
         if run.error is not None:
             run.writer.abort()
@@ -893,6 +982,10 @@ class ShardRunner:
         for name in SCORE_COLUMNS + CONDITION_COLUMNS:
             values = run.extra.get(name)
             columns[name] = values[lo:hi] if values is not None else [None] * n
+        if job_saves_control(spec):
+            columns["control_key"] = writer.control_keys[lo:hi]
+            columns["control_offset"] = writer.control_offsets[lo:hi]
+            columns["control_bytes"] = writer.control_sizes[lo:hi]
         for name in fields:
             columns[name] = rows[name][lo:hi]
         return columns
@@ -907,6 +1000,7 @@ class ShardRunner:
         self._device_calls.put(None)
         self._device.join(timeout=30)
         self.lookahead.close()
+        self.condition_pool.shutdown(cancel_futures=True)
         self.encode_pool.shutdown()
         self.upload_pool.shutdown()
 

@@ -178,13 +178,15 @@ def run_batch(model: Model, batch_size: int, width: int | None = None, height: i
     """One batch of ``batch_size`` at the preset's steps, at ``width`` x ``height`` (default:
     the preset's size): probes, warm-up, benchmarks."""
     preset = model.preset
+    width, height = width or int(preset["width"]), height or int(preset["height"])
     model.generate(
         [PROBE_PROMPT] * batch_size,
         list(range(batch_size)),
         steps=int(preset["steps"]),
         guidance=float(preset["guidance"]),
-        width=width or int(preset["width"]),
-        height=height or int(preset["height"]),
+        width=width,
+        height=height,
+        **model.probe_inputs(batch_size, width, height),
     )
 
 

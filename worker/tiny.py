@@ -119,10 +119,31 @@ def vae_tiny(channels: int):
     return vae
 
 
-def build(directory: Path) -> None:
-    """Create the tiny pipeline with fixed seeds and save it in the hub layout."""
+def controlnet_for(unet_model, seed: int):
+    """A small ControlNetModel shaped after ``unet_model``, its zero convolutions given random
+    weights: a trained ControlNet starts from zeros, and one left so would ignore its maps."""
     import torch
-    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(seed)
+    net = ControlNetModel.from_unet(unet_model, conditioning_embedding_out_channels=(8, 16, 32, 32))
+    with torch.no_grad():
+        for block in [
+            *net.controlnet_down_blocks,
+            net.controlnet_mid_block,
+            net.controlnet_cond_embedding.conv_out,
+        ]:
+            block.weight.normal_(0.0, 2.0)
+            block.bias.zero_()
+    return net
+
+
+def build(directory: Path, controlnet: bool = False) -> None:
+    """Create the tiny pipeline with fixed seeds and save it in the hub layout (``controlnet``:
+    the StableDiffusionControlNetPipeline of the ``tiny-controlnet`` preset, the same tiny
+    model with a tiny ControlNet)."""
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionControlNetPipeline, StableDiffusionPipeline
 
     with tempfile.TemporaryDirectory() as scratch:
         tokenizer = clip_tokenizer(Path(scratch))
@@ -136,31 +157,40 @@ def build(directory: Path) -> None:
         steps_offset=1,
         timestep_spacing="trailing",
     )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet(),
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    parts = {
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "unet": unet(),
+        "scheduler": scheduler,
+        "safety_checker": None,
+        "feature_extractor": None,
+        "requires_safety_checker": False,
+    }
+    if controlnet:
+        pipe = StableDiffusionControlNetPipeline(**parts, controlnet=controlnet_for(parts["unet"], 1))
+    else:
+        pipe = StableDiffusionPipeline(**parts)
     pipe.save_pretrained(directory, safe_serialization=True)
 
 
-def ensure(revision: str) -> Path:
-    """The tiny model's directory, building it on first use (atomically, safe to race).
+#: Locally built models: preset repo ``builtin:<name>`` → whether it has a ControlNet.
+BUILDS = {"tiny": False, "tiny-controlnet": True}
 
-    ``revision`` is the ``tiny`` preset's: bump it there whenever :func:`build` changes.
+
+def ensure(revision: str, name: str = "tiny") -> Path:
+    """The directory of the locally built model ``name`` (``tiny`` or ``tiny-controlnet``),
+    building it on first use (atomically, safe to race).
+
+    ``revision`` is the preset's: bump it there whenever :func:`build` changes.
     """
-    final = cache_root() / f"tiny-{revision}"
+    final = cache_root() / f"{name}-{revision}"
     if (final / "model_index.json").is_file():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".tiny-", dir=final.parent))
     try:
-        build(scratch)
+        build(scratch, controlnet=BUILDS[name])
         try:
             os.rename(scratch, final)
         except OSError:

@@ -30,15 +30,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fewstep.contract import (
+    CONTROL_IMAGE_COLUMN,
     IMAGE_COLUMN,
     LAYOUT_FILES,
     LAYOUT_WEBDATASET,
     TAR_BLOCK,
     TAR_END,
+    attempt_images_prefix,
+    control_name,
     image_key,
     image_name,
     images_parquet_schema,
     shard_object_key,
+    tar_control_offset,
     webdataset_sample,
 )
 from fewstep.settings import defaults
@@ -63,10 +67,14 @@ class ShardWriter:
         self.digests: list[tuple[str, int] | None] = [None] * n
         self.offsets: list[int | None] = [None] * n  # webdataset: the image data's offset in the tar
         self.image_rows: list[int | None] = [None] * n  # parquet: the image's row in the parquet
+        # Saved control maps (--save-control): key, offset in a tar, size; None without one.
+        self.control_keys: list[str | None] = [None] * n
+        self.control_offsets: list[int | None] = [None] * n
+        self.control_sizes: list[int | None] = [None] * n
         self.requests = 0  # storage requests made for the images
 
-    def add(self, index: int, data: bytes) -> None:
-        """Store the image of the shard's row ``index``."""
+    def add(self, index: int, data: bytes, control: bytes | None = None) -> None:
+        """Store the image of the shard's row ``index`` (and its control map, if saved)."""
         raise NotImplementedError
 
     def finish(self) -> None:
@@ -84,12 +92,19 @@ class FilesWriter(ShardWriter):
         # Keys in this attempt's own folder: no other attempt ever writes them.
         self.keys = [image_key(shard, attempt_id, r, ext) for r in row_ids]
 
-    def add(self, index: int, data: bytes) -> None:
+    def add(self, index: int, data: bytes, control: bytes | None = None) -> None:
+        if control is not None:  # beside the image, in the attempt's folder
+            key = attempt_images_prefix(self.shard, self.attempt_id) + control_name(self.row_ids[index])
+            self.store.put(key, control)
+            self.control_keys[index], self.control_sizes[index] = key, len(control)
         self.store.put(self.keys[index], data)
         self.digests[index] = (hashlib.sha256(data).hexdigest(), len(data))
 
     def finish(self) -> None:
-        self.requests = sum(d is not None for d in self.digests)  # one PUT per image stored
+        # One PUT per image (and control map) stored.
+        self.requests = sum(d is not None for d in self.digests) + sum(
+            k is not None for k in self.control_keys
+        )
 
 
 class StreamWriter(ShardWriter):
@@ -112,18 +127,18 @@ class StreamWriter(ShardWriter):
         self.keys = [self.key] * len(row_ids)
         self.describe = describe
         self.upload: Upload = store.upload(self.key, part_bytes)
-        self._pending: dict[int, bytes] = {}
+        self._pending: dict[int, tuple[bytes, bytes | None]] = {}
         self._next = 0  # the next row to append
         self._lock = threading.Lock()
         self._aborted = False
 
-    def add(self, index: int, data: bytes) -> None:
+    def add(self, index: int, data: bytes, control: bytes | None = None) -> None:
         digest = (hashlib.sha256(data).hexdigest(), len(data))  # outside the lock: threads hash in parallel
         with self._lock:
             if self._aborted:
                 return
             self.digests[index] = digest
-            self._pending[index] = data
+            self._pending[index] = (data, control)
             while self._next in self._pending:
                 start = self._next
                 while self._next in self._pending:
@@ -133,7 +148,8 @@ class StreamWriter(ShardWriter):
                     # Fault tests kill a worker here, its object half written.
                     failpoint("mid-upload", self.shard)
 
-    def _append(self, lo: int, hi: int, images: list[bytes]) -> None:
+    def _append(self, lo: int, hi: int, images: list[tuple[bytes, bytes | None]]) -> None:
+        """Append rows [lo, hi): (image, control map or None) each."""
         raise NotImplementedError
 
     def finish(self) -> None:
@@ -160,13 +176,19 @@ class TarWriter(StreamWriter):
 
     layout = LAYOUT_WEBDATASET
 
-    def _append(self, lo: int, hi: int, images: list[bytes]) -> None:
+    def _append(self, lo: int, hi: int, images: list[tuple[bytes, bytes | None]]) -> None:
         columns = self.describe(lo, hi)  # once for the rows appended together
-        for j, (i, data) in enumerate(zip(range(lo, hi), images, strict=True)):
+        for j, (i, (data, control)) in enumerate(zip(range(lo, hi), images, strict=True)):
             row = {k: v[j] for k, v in columns.items()}
             # Known before writing, so the .json member records it.
             row["image_offset"] = self.offsets[i] = self.upload.tell() + TAR_BLOCK
-            self.upload.write(webdataset_sample(row, data))
+            if control is not None:
+                self.control_keys[i], self.control_sizes[i] = self.key, len(control)
+                self.control_offsets[i] = tar_control_offset(self.offsets[i], len(data))
+                row.update(
+                    control_key=self.key, control_offset=self.control_offsets[i], control_bytes=len(control)
+                )
+            self.upload.write(webdataset_sample(row, data, control))
 
     def _close(self) -> None:
         self.upload.write(TAR_END)
@@ -177,25 +199,34 @@ class ParquetWriter(StreamWriter):
 
     layout = "parquet"
 
-    def __init__(self, *args: Any, schema: pa.Schema, row_group_rows: int, **kwargs: Any):
+    def __init__(self, *args: Any, schema: pa.Schema, row_group_rows: int, control: bool, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.schema = images_parquet_schema(schema)
+        self.control = control
+        self.schema = images_parquet_schema(schema, control)
         self.row_group_rows = row_group_rows
         self._rows: list[int] = []
-        self._images: list[bytes] = []
+        self._images: list[tuple[bytes, bytes | None]] = []
         # Image bytes are compressed already: zstd only for the metadata columns.
         codecs = {name: "zstd" for name in self.schema.names}
         codecs[f"{IMAGE_COLUMN}.bytes"] = "none"
+        if control:
+            codecs[f"{CONTROL_IMAGE_COLUMN}.bytes"] = "none"  # PNG: compressed already
         # No dictionary for the images either: distinct images gain nothing from it (and a
         # benchmark's repeated images would shrink to one copy, hiding the real size).
-        dictionary = [name for name in self.schema.names if name != IMAGE_COLUMN]
+        dictionary = [name for name in self.schema.names if name not in (IMAGE_COLUMN, CONTROL_IMAGE_COLUMN)]
         self._writer = pq.ParquetWriter(
             pa.PythonFile(self.upload, mode="w"), self.schema, compression=codecs, use_dictionary=dictionary
         )
 
-    def _append(self, lo: int, hi: int, images: list[bytes]) -> None:
-        for i in range(lo, hi):
+    def _append(self, lo: int, hi: int, images: list[tuple[bytes, bytes | None]]) -> None:
+        for i, (_data, control) in zip(range(lo, hi), images, strict=True):
             self.image_rows[i] = i
+            if control is not None:  # the same row's control_image column
+                self.control_keys[i], self.control_offsets[i], self.control_sizes[i] = (
+                    self.key,
+                    i,
+                    len(control),
+                )
         self._rows.extend(range(lo, hi))
         self._images.extend(images)
         while len(self._rows) >= self.row_group_rows:
@@ -206,7 +237,12 @@ class ParquetWriter(StreamWriter):
         images, self._images = self._images[:n], self._images[n:]
         lo, hi = rows[0], rows[-1] + 1
         names = [image_name(self.row_ids[i], self.ext) for i in rows]
-        columns = {IMAGE_COLUMN: [{"bytes": d, "path": p} for d, p in zip(images, names, strict=True)]}
+        columns = {IMAGE_COLUMN: [{"bytes": d, "path": p} for (d, _c), p in zip(images, names, strict=True)]}
+        if self.control:
+            columns[CONTROL_IMAGE_COLUMN] = [
+                None if c is None else {"bytes": c, "path": control_name(self.row_ids[i])}
+                for i, (_d, c) in zip(rows, images, strict=True)
+            ]
         columns.update(self.describe(lo, hi))
         self._writer.write_table(pa.Table.from_pydict(columns, schema=self.schema))
 
@@ -226,12 +262,16 @@ def shard_writer(
     *,
     describe: Describe,
     schema: pa.Schema,
+    control: bool = False,
 ) -> ShardWriter:
-    """The writer of one shard attempt's images for the job's ``layout``."""
+    """The writer of one shard attempt's images for the job's ``layout`` (``control``: with
+    each row's control map, ``--save-control``)."""
     if layout == LAYOUT_FILES:
         return FilesWriter(store, shard, attempt_id, row_ids, ext)
     out = defaults()["output"]
     args = (store, shard, attempt_id, row_ids, ext, describe, int(out["part_bytes"]))
     if layout == LAYOUT_WEBDATASET:
         return TarWriter(*args)
-    return ParquetWriter(*args, schema=schema, row_group_rows=int(out["parquet_row_group_rows"]))
+    return ParquetWriter(
+        *args, schema=schema, row_group_rows=int(out["parquet_row_group_rows"]), control=control
+    )

@@ -20,6 +20,7 @@ from tests.replicas.hub import HubCache
 BUILDERS = {
     "IDKiro/sdxs-512-0.9": stable_diffusion.sdxs_09,
     "IDKiro/sdxs-512-dreamshaper": stable_diffusion.sdxs_dreamshaper,
+    "IDKiro/sdxs-512-dreamshaper-sketch": stable_diffusion.sdxs_dreamshaper_sketch,
     "stabilityai/sd-turbo": stable_diffusion.sd_turbo,
     "stable-diffusion-v1-5/stable-diffusion-v1-5": stable_diffusion.sd15,
     "SimianLuo/LCM_Dreamshaper_v7": stable_diffusion.lcm_dreamshaper,

@@ -91,6 +91,12 @@ def sdxs_dreamshaper(snapshot: Path, files: list[str]) -> None:
     )
 
 
+def sdxs_dreamshaper_sketch(snapshot: Path, files: list[str]) -> None:
+    """The sketch ControlNet: a ControlNetModel shaped after the DreamShaper replica's UNet
+    (config.json and diffusion_pytorch_model.safetensors at the root, as the repository has)."""
+    tiny.controlnet_for(unet(22), 23).save_pretrained(snapshot, safe_serialization=True)
+
+
 def sd_turbo(snapshot: Path, files: list[str]) -> None:
     from diffusers import EulerDiscreteScheduler
 
