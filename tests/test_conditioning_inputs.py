@@ -248,7 +248,9 @@ def _tiny(output, job, prompts: Path, layout: str) -> dict:
     return enqueue(open_file(str(prompts)), opts, progress=False)
 
 
-def test_enqueue_job_chains_a_tiny_jobs_committed_rows_in_every_layout(env, output, tmp_path):
+def test_enqueue_job_chains_every_layout_and_the_worker_reads_the_references_enqueue_wrote(
+    env, output, tmp_path, photos
+):
     prompts = tmp_path / "prompts.csv"
     texts = ["a red fox  ", 'ünïcödé, "quoted", and a\nnewline', "a lighthouse at dusk"]
     with prompts.open("w", newline="") as f:
@@ -288,6 +290,30 @@ def test_enqueue_job_chains_a_tiny_jobs_committed_rows_in_every_layout(env, outp
         assert spec["conditioning"]["source_job"] == parent["job_url"]
         assert (spec["conditioning"]["image_column"], spec["conditioning"]["strength"]) == (None, 1.0)
         assert spec["source"]["name"] == "job" and spec["source"]["layout"] == layout
+    # The producer's references as the worker reads them: the chained jobs and a CSV job of
+    # local photographs (through the CLI) run on a real worker, whose metadata records the
+    # digest of the very bytes each row named.
+    local = photos / "local.csv"
+    local.write_text("prompt,image\nan astronaut,astronaut.png\na cat,cats/chelsea.png\n")
+    csv_job = _json(
+        env, output, "photo-init", ["file", str(local)], "--image-column", "image", "--save-control",
+        "--width", "64", "--height", "64",
+    )  # fmt: skip
+    run_worker_until_idle(env, tmp_path / "worker-2.log")
+    for layout, parent in parents.items():
+        source = {m["row_id"]: m for m in committed_metadata(parent["job_url"]).to_pylist()}
+        made = committed_metadata(f"{output}/chain-{layout}").to_pylist()
+        assert len(made) == 3
+        for m in made:
+            assert m["cond_sha256"] == source[m["source_row"]]["sha256"]
+            assert m["cond_key"] == f"job:src-{layout}/row {m['source_row']}"
+            assert (m["condition"], m["strength"], m["resize"]) == ("init", 1.0, "center-crop")
+    made = committed_metadata(csv_job["job_url"]).to_pylist()
+    assert [m["cond_key"] for m in made] == ["astronaut.png", "cats/chelsea.png"]
+    assert [m["cond_sha256"] for m in made] == [
+        _sha(_skimage_file(n).read_bytes()) for n in ("astronaut.png", "chelsea.png")
+    ]
+    assert all(m["control_key"] and m["control_bytes"] for m in made)
 
 
 # Until the worker side's real ControlNet preset is in config/models.toml, a minimal one with the
