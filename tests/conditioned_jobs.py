@@ -1,12 +1,14 @@
-"""Image-conditioned jobs for the worker's tests, enqueued as ``producer enqueue --image-column``
-will enqueue them (docs/CONDITIONING.md "Inputs", built in parallel on the producer side).
+"""Image-conditioned jobs for the worker's tests, written as ``producer enqueue --image-column``
+writes them (docs/CONDITIONING.md "Inputs"), without the producer's image checks.
 
-Isolated on purpose: the spec comes from the producer's own ``build_spec`` with the
-``conditioning`` block of the interface (iface15), the manifests have the contract's
-conditioned schema (``manifest_schema(fields, conditioned=True)``) with seeds derived as
-``producer.sharding`` derives them, bytes the source held go once per shard into
-``condition_images_key(shard)``, and the shards are sent with the producer's
-``send_job_shards``. Once the producer side is merged, the tests can call the real CLI instead.
+The worker must cope with rows the producer would refuse at enqueue: a file that is removed,
+cut short or replaced after the job was enqueued, a digest that no longer matches. This helper
+writes such jobs directly: the spec from the producer's own ``build_spec`` with the
+``conditioning`` block, manifests of the contract's conditioned schema
+(``manifest_schema(fields, conditioned=True)``) with seeds derived as ``producer.sharding``
+derives them, bytes the source held once per shard in ``condition_images_key(shard)``, and the
+shards sent with the producer's ``send_job_shards``. The producer's own path, enqueue to worker,
+is tested in tests/test_conditioning_inputs.py (chained jobs and a CSV of local photographs).
 """
 
 from __future__ import annotations
