@@ -149,13 +149,14 @@ class MetadataFiles:
             self._write_group(min(self.row_group_rows, self.file_rows - self._file_rows))
 
     def _write_group(self, rows: int) -> None:
-        combined = pa.concat_tables(self._pending)
+        combined = pa.concat_tables(self._pending) if self._pending else self.schema.empty_table()
         group, rest = combined.slice(0, rows), combined.slice(rows)
         self._pending, self._pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
         if self._writer is None:
             self._tmp = tempfile.TemporaryFile()  # noqa: SIM115 - open across add() calls, closed in _upload
             self._writer = pq.ParquetWriter(self._tmp, self.schema, compression="zstd")
-        self._writer.write_table(group, row_group_size=rows)
+        if group.num_rows:
+            self._writer.write_table(group, row_group_size=rows)
         self._file_rows += group.num_rows
         if self._file_rows >= self.file_rows:
             self._upload()
@@ -170,7 +171,8 @@ class MetadataFiles:
         self._writer, self._tmp, self._file_rows = None, None, 0
 
     def close(self) -> list[str]:
-        if self._pending_rows:
+        if self._pending_rows or (not self.keys and self._writer is None):
+            # The rest; or, when a filter removed every row, an empty file: a dataset of no rows.
             self._write_group(self._pending_rows)
         if self._writer is not None:
             self._upload()
@@ -188,8 +190,10 @@ def column_kinds(schema: pa.Schema, source_fields: dict[str, str]) -> dict[str, 
             kinds[f.name] = "float64"
         elif pa.types.is_boolean(f.type):
             kinds[f.name] = "bool"
+        elif source_fields.get(f.name) == "string":
+            kinds[f.name] = "string"
         else:
-            kinds[f.name] = "string" if source_fields.get(f.name) == "string" else str(f.type)
+            kinds[f.name] = "text" if pa.types.is_string(f.type) else str(f.type)
     return kinds
 
 
