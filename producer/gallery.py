@@ -45,7 +45,7 @@ from fewstep.contract import (
 from fewstep.settings import defaults
 from fewstep.storage import Store, read_table
 from producer.images import read_images
-from producer.options import JSON, OUTPUT, job_store, progress_bar
+from producer.options import JSON, OUTPUT, download_option, job_store, progress_bar
 from producer.progress import Progress, read_progress
 
 COLUMNS = ["row_id", "part_id", "image_key", "prompt", "seed", "model", "width", "height"]
@@ -145,6 +145,19 @@ def thumb_name(row_id: int) -> str:
     return image_name(row_id, "jpg")
 
 
+def page_head(title: str, style: str) -> list[str]:
+    """The head of a static page (gallery, report): no script runs, images come from its folder only."""
+    return [
+        "<!doctype html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; img-src 'self'; "
+        "style-src 'unsafe-inline'\">",
+        f"<title>{html.escape(title)}</title>",
+        f"<style>{style}</style></head><body>",
+    ]
+
+
 def page(spec: dict[str, Any], groups: list[tuple[str | None, list]], by: str | None, population: int) -> str:
     """The contact sheet's HTML; every value from the data is escaped."""
     e = html.escape
@@ -154,14 +167,7 @@ def page(spec: dict[str, Any], groups: list[tuple[str | None, list]], by: str | 
         f"{gen['steps']} steps, guidance {gen['guidance']:g}, {gen['width']}×{gen['height']}, {gen['format']}"
     )
     out = [
-        "<!doctype html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        # No script runs here; images come from this folder only.
-        "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; img-src 'self'; "
-        "style-src 'unsafe-inline'\">",
-        f"<title>{e(spec['job'])} · fewstep gallery</title>",
-        f"<style>{STYLE}</style></head><body>",
+        *page_head(f"{spec['job']} · fewstep gallery", STYLE),
         f"<header><h1>{e(spec['job'])}</h1>",
         f"<p>model <b>{e(spec['model']['name'])}</b> (revision {e(str(spec['model'].get('revision')))}) · "
         f"{e(settings)} · source {e(str(spec['source'].get('name')))}</p>",
@@ -263,12 +269,7 @@ def download(job_store: Store, directory: Path, image_keys: list[str], folder: s
 @click.option(
     "--sort", type=click.Choice(SORTS), help="Order the sample by this score, highest first (nulls last)."
 )
-@click.option(
-    "--download",
-    "download_dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Also copy the gallery and the images it links to into this local directory.",
-)
+@download_option("Also copy the gallery and the images it links to into this local directory.")
 @JSON
 def gallery_command(
     job: str, output: str, n: int | None, by: str | None, seed: int, sort: str | None, download_dir, as_json

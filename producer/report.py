@@ -29,7 +29,6 @@ import json
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import click
@@ -41,9 +40,9 @@ from fewstep import UserError
 from fewstep.contract import SCORE_COLUMNS, job_layout, job_metadata_schema, metadata_key
 from fewstep.settings import defaults
 from fewstep.storage import Store, read_table
-from producer.gallery import NO_VALUE, download, thumbnail
+from producer.gallery import NO_VALUE, download, page_head, thumbnail
 from producer.images import read_images
-from producer.options import JSON, OUTPUT, job_store
+from producer.options import JSON, OUTPUT, download_option, job_store
 from producer.progress import read_progress
 
 REPORT = "report"
@@ -408,13 +407,7 @@ def page(
     e = html.escape
     title = " vs ".join(j.name for j in jobs)
     out = [
-        "<!doctype html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; img-src 'self'; "
-        "style-src 'unsafe-inline'\">",
-        f"<title>{e(title)} · fewstep report</title>",
-        f"<style>{STYLE}</style></head><body>",
+        *page_head(f"{title} · fewstep report", STYLE),
         f"<h1>{e(title)}</h1>",
         "<table><tr><th>job</th><th>model</th><th>revision</th><th>prompt set</th><th>rows</th>"
         + "".join(f"<th>{e(SCORE_NAMES[s])} scored</th>" for s in scores)
@@ -575,12 +568,7 @@ def make_report(
     type=click.Choice(SCORE_COLUMNS),
     help="The score that picks the best and worst images [clip_score, else the first the jobs have].",
 )
-@click.option(
-    "--download",
-    "download_dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Also copy the report folder into this local directory.",
-)
+@download_option("Also copy the report folder into this local directory.")
 @JSON
 def report_command(
     jobs: tuple[str, ...], output: str, by: str | None, rank_by: str | None, download_dir, as_json: bool

@@ -180,15 +180,10 @@ def test_dedupe_finds_the_planted_exact_and_near_duplicates_and_nothing_else(job
     assert_one_line_error(no_scores, "job ddb has no scores", "--score")
 
 
-@pytest.fixture
-def chromium() -> str:
-    path = chromium_path()
-    if path is None:
+def test_report_of_three_layouts_renders_every_plot_and_thumbnail_in_a_real_browser(jobs):
+    chromium = chromium_path()
+    if chromium is None:
         pytest.skip("no chromium on this machine (Debian: apt-get install chromium; .ci/run installs it)")
-    return path
-
-
-def test_report_of_three_layouts_renders_every_plot_and_thumbnail_in_a_real_browser(jobs, chromium):
     output, tmp = jobs["output"], jobs["tmp"]
     local = tmp / "report-copy"
     summary = producer("report", "parti-a", "parti-b", "parti-c", "--output", output,
@@ -218,11 +213,7 @@ def test_report_of_three_layouts_renders_every_plot_and_thumbnail_in_a_real_brow
     browser = Chromium(chromium, tmp / "profile")
     try:
         tab = browser.open((local / "report" / "index.html").as_uri())
-        images = browser.evaluate(
-            tab,
-            "[...document.images]"
-            ".map(i => ({src: i.getAttribute('src'), ok: i.complete && i.naturalWidth > 0}))",
-        )
+        images = browser.images(tab)
         text = browser.evaluate(tab, "document.body.innerText")
         scripts = browser.evaluate(tab, "document.scripts.length")
     finally:
