@@ -83,9 +83,11 @@ def _read_embeddings(store: Store, spec: dict[str, Any], shards: list[int], thre
         parts = list(pool.map(read, shards))
     if len({v.shape[1] for _r, v in parts}) > 1:
         raise UserError(f"job {spec['job']}: embeddings of different sizes in different shards")
-    rows = np.concatenate([r for r, _v in parts])
+    rows, vectors = np.concatenate([r for r, _v in parts]), np.concatenate([v for _r, v in parts])
+    if np.all(rows[1:] > rows[:-1]):
+        return rows, vectors  # shards hold consecutive rows: no second copy of the vectors
     order = np.argsort(rows, kind="stable")
-    return rows[order], np.concatenate([v for _r, v in parts])[order]
+    return rows[order], vectors[order]
 
 
 @dataclass(frozen=True)

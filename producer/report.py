@@ -118,7 +118,7 @@ def load_job(store: Store, by: str | None, threads: int = 16) -> JobScores:
     if not shards:
         raise UserError(f"job {spec['job']} has no committed shard yet: nothing to report")
     scores = [c for c in SCORE_COLUMNS if c in names]
-    wanted = ["row_id", "source_row", "prompt", "seed", *IMAGE_COLUMNS, *scores]
+    wanted = ["row_id", "source_row", "prompt", *IMAGE_COLUMNS, *scores]
     columns = [c for c in dict.fromkeys([*wanted, *([by] if by else [])]) if c in names]
     with ThreadPoolExecutor(max(1, min(threads, len(shards)))) as pool:
         parts = list(pool.map(lambda s: read_table(store, metadata_key(s), columns), shards))
