@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 from tests.conftest import REPO
+from tests.support import config_dir
 
 
 def run_bench(script: str, *args: str) -> str:
@@ -34,3 +35,11 @@ def test_enqueue_diffusiondb_enqueues_every_row(tmp_path):
     record = json.loads(out.strip().splitlines()[-1])
     counts = [record[k] for k in ("prompts", "shards", "enqueued", "queue_length")]
     assert counts == [2000, 2, 2, 2]
+
+
+def test_dedupe_bench_finds_every_planted_pair_with_the_approximate_index(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEWSTEP_CONFIG_DIR", config_dir(tmp_path, dedupe={"exact_max": 1000}))
+    out = run_bench("dedupe.py", "--sizes", "4000")
+    record = json.loads(out.strip().splitlines()[-1])
+    assert (record["rows"], record["method"], record["lists"]) == (4000, "approximate", 102)
+    assert record["planted_found"] == record["planted_pairs"] == 20 and record["other_pairs_found"] == 0
