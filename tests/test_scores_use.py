@@ -72,8 +72,9 @@ def clip_a(row: int) -> float | None:
 
 @pytest.fixture(scope="module")
 def jobs(local_services, model_cache, tmp_path_factory):
-    """Three PartiPrompts-style jobs of one prompt set (files, webdataset, parquet layouts) and a
-    DiffusionDB job with planted duplicates, made by one real worker, then scored."""
+    """Three PartiPrompts-style jobs of one prompt set (files, webdataset, parquet layouts; the
+    last one with --limit 6: another selection of the same prompts) and a DiffusionDB job with
+    planted duplicates, made by one real worker, then scored."""
     tmp = tmp_path_factory.mktemp("scores")
     output = f"s3://fewstep-test/runs/{uuid.uuid4().hex[:8]}"
     with pytest.MonkeyPatch.context() as mp:
@@ -89,7 +90,7 @@ def jobs(local_services, model_cache, tmp_path_factory):
         for job, extra in (
             ("parti-a", ["--layout", "files", "--shard-size", "4"]),
             ("parti-b", ["--layout", "webdataset", "--shard-size", "6", "--seed", "1"]),
-            ("parti-c", ["--layout", "parquet", "--shard-size", "12", "--seed", "2"]),
+            ("parti-c", ["--layout", "parquet", "--shard-size", "12", "--seed", "2", "--limit", "6"]),
         ):
             producer("enqueue", "partiprompts", "--path", str(parti), "--model", "tiny",
                      "--job", job, "--output", output, *extra)  # fmt: skip
