@@ -66,6 +66,7 @@ def one(n: int, threshold: float, exact: bool) -> dict:
     group(n, a, b, sims)
     grouped = time.perf_counter()
     found = set(zip(a.tolist(), b.tolist(), strict=True))
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     return {
         "rows": n,
         **how,
@@ -75,7 +76,8 @@ def one(n: int, threshold: float, exact: bool) -> dict:
         "search_s": round(searched - built, 1),
         "group_s": round(grouped - searched, 2),
         "dedupe_s": round(grouped - made, 1),
-        "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2),
+        "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),  # the whole process, generation included
         "planted_pairs": len(pairs),
         "planted_found": len(pairs & found),
         "other_pairs_found": len(found - pairs),
