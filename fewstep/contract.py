@@ -21,6 +21,7 @@ name and ids only, never from dataset fields)::
     stats/part-000001.json                    shard 1's timings (generate / encode / upload)
     workers/<worker-id>.json                  a worker's heartbeat while it works on this job
     duplicates.parquet                        with --dedupe: each dropped row and the row kept for it
+    embeddings/part-000001/<attempt-id>.parquet  with --embeddings: one attempt's image embeddings
 
 What ``producer finalize`` and ``producer gallery`` add to a job::
 
@@ -31,6 +32,10 @@ What ``producer finalize`` and ``producer gallery`` add to a job::
     images/part-000001/part-000001.json       DiffusionDB-style prompts of a part (--json-parts)
     webdataset/part-000001.tar                WebDataset shard of part 1 (--webdataset)
     gallery/index.html                        a contact sheet, with gallery/thumbs/*.jpg
+    near_duplicates.parquet                   ``producer dedupe``: each near-duplicate image and the
+                                              row kept for it
+    report/index.html                         ``producer report``: score plots, best and worst
+                                              images, report.csv
 
 Parts are numbered from 1, as in DiffusionDB. The Celery message for a shard
 carries references only (:class:`ShardMessage`), never prompts or credentials.
@@ -286,6 +291,23 @@ def embeddings_key_attempt(key: str) -> tuple[int, str] | None:
     """(shard, attempt id) of an attempt's embeddings object; None for any other key."""
     m = _EMBEDDINGS_KEY.match(key)
     return (int(m.group(1)), m.group(2)) if m else None
+
+
+# --- near duplicates (``producer dedupe``) -------------------------------------------
+
+#: ``near_duplicates.parquet`` at the job root: one row per image that nearly repeats an image
+#: of a smaller row id (the one kept), with their cosine similarity.
+NEAR_DUPLICATES_KEY = "near_duplicates.parquet"
+#: The column ``producer finalize`` adds once the job has been deduplicated: the kept row a
+#: row nearly repeats; null for kept rows.
+NEAR_DUPLICATE_COLUMN = "near_duplicate_of"
+NEAR_DUPLICATES_SCHEMA = pa.schema(
+    [
+        pa.field("row_id", pa.int64(), nullable=False),
+        pa.field("duplicate_of", pa.int64(), nullable=False),
+        pa.field("similarity", pa.float32(), nullable=False),
+    ]
+)
 
 
 def json_part_key(shard: int) -> str:

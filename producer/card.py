@@ -89,6 +89,33 @@ def _loading_lines(layout: str) -> list[str]:
     return []
 
 
+def _filter_lines(facts: dict[str, Any]) -> list[str]:
+    """The ``Filters`` section: each ``--where`` and the near-duplicate step, with the rows removed."""
+    steps, near = facts.get("filters") or [], facts.get("near_duplicates")
+    if not steps and not near:
+        return []
+    lines = ["", "## Filters", ""]
+    if steps:
+        lines.append(
+            f"Of {facts['committed_rows']:,} committed rows, {facts['rows']:,} are in this dataset. "
+            "Applied in this order; each count is of the rows the steps before it kept, and a row "
+            "with a null in a compared column (a score not computed) is removed by that condition:"
+        )
+        lines.append("")
+    for step in steps:
+        if "where" in step:
+            lines.append(f"- `{step['where']}`: removed {step['removed']:,} rows")
+        else:
+            lines.append(f"- near duplicates (`--drop-near-duplicates`): removed {step['removed']:,} rows")
+    if near and not near["dropped"]:
+        lines.append(
+            f"- near duplicates (similarity >= {near['threshold']}, `producer dedupe`): "
+            f"{near['rows']:,} rows have `near_duplicate_of` set and are kept; filter on that column, "
+            "or finalize with `--drop-near-duplicates`"
+        )
+    return lines
+
+
 def dataset_card(spec: dict[str, Any], facts: dict[str, Any]) -> str:
     """The card's Markdown. ``facts`` are what finalize measured: rows, files, time span, missing."""
     job, model, gen, source = spec["job"], spec["model"], spec["generation"], spec["source"]
@@ -165,6 +192,7 @@ def dataset_card(spec: dict[str, Any], facts: dict[str, Any]) -> str:
         f"- generated between {facts['first_created']} and {facts['last_created']} (UTC); "
         f"job enqueued {spec.get('created_at')}",
     ]
+    lines += _filter_lines(facts)
     if facts["missing_shards"]:
         shown = ", ".join(f"part-{s:06d}" for s in facts["missing_shards"][:20])
         more = " …" if len(facts["missing_shards"]) > 20 else ""

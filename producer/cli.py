@@ -13,10 +13,12 @@ from fewstep.presets import ALLOW_SYNTHETIC_ENV
 from fewstep.settings import load_config
 from producer import finalize, gallery, jobs, status_view
 from producer.conditioning import CONDITIONS, RESIZES, ConditioningOptions
+from producer.dedupe import dedupe_command
 from producer.enqueue import JobOptions, enqueue
 from producer.gc import gc_command
 from producer.options import JSON, OUTPUT
 from producer.reconcile import reconcile_command
+from producer.report import report_command
 from producer.retry import retry_command
 from producer.selection import Selection
 from producer.sources.diffusiondb import DiffusionDB
@@ -325,5 +327,7 @@ cli.add_command(reconcile_command)
 cli.add_command(retry_command)
 cli.add_command(verify_command)
 cli.add_command(gc_command)
+cli.add_command(dedupe_command)
+cli.add_command(report_command)
 
 main = functools.partial(console.run, cli)

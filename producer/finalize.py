@@ -13,6 +13,18 @@ attempts' objects lie next to them until ``producer gc``, so load that list, not
 
 Only committed shards are read. A job with shards not committed is refused unless
 ``--partial``, which names what is missing, in the output and in the card.
+
+Filtering (:class:`RowFilter`): ``--where 'clip_score>=28'`` (enqueue's ``--where`` grammar,
+``producer/selection.py``, on any numeric metadata column: scores, ``gen_ms``, numeric source
+fields) keeps the rows for which every condition holds; a row with a null in a compared column
+(a score the job did not compute) is removed by that condition. Conditions apply in the order
+given, and each one's count is the rows it removed of those the earlier ones kept. Once
+``producer dedupe`` has run, the dataset gets a ``near_duplicate_of`` column (null for kept
+rows), and ``--drop-near-duplicates`` removes the rows it names, after the conditions. The
+counts go into ``finalized.json`` (``filters``) and the card. Filtering changes
+``metadata.parquet`` (and ``--json-parts``) only: a webdataset or parquet job's image objects
+keep every row (the metadata's ``image_offset``/``image_row`` still point into them), so
+``--webdataset`` (which would copy images) is refused together with a filter.
 """
 
 from __future__ import annotations
@@ -27,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import click
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -37,6 +50,7 @@ from fewstep.contract import (
     FINALIZED_KEY,
     LAYOUT_FILES,
     LAYOUT_WEBDATASET,
+    NEAR_DUPLICATE_COLUMN,
     dataset_metadata_key,
     job_layout,
     job_metadata_schema,
@@ -49,8 +63,10 @@ from fewstep.contract import (
 from fewstep.settings import defaults
 from fewstep.storage import Store, read_table
 from producer.card import dataset_card
+from producer.dedupe import read_near_duplicates
 from producer.options import JSON, OUTPUT, job_store, progress_bar
 from producer.progress import Progress, read_progress
+from producer.selection import Condition, parse_where
 from producer.tar_shards import part_tar
 
 _DATASET_FILE = re.compile(r"metadata(-\d{5}-of-\d{5})?\.parquet")
@@ -133,13 +149,14 @@ class MetadataFiles:
             self._write_group(min(self.row_group_rows, self.file_rows - self._file_rows))
 
     def _write_group(self, rows: int) -> None:
-        combined = pa.concat_tables(self._pending)
+        combined = pa.concat_tables(self._pending) if self._pending else self.schema.empty_table()
         group, rest = combined.slice(0, rows), combined.slice(rows)
         self._pending, self._pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
         if self._writer is None:
             self._tmp = tempfile.TemporaryFile()  # noqa: SIM115 - open across add() calls, closed in _upload
             self._writer = pq.ParquetWriter(self._tmp, self.schema, compression="zstd")
-        self._writer.write_table(group, row_group_size=rows)
+        if group.num_rows:
+            self._writer.write_table(group, row_group_size=rows)
         self._file_rows += group.num_rows
         if self._file_rows >= self.file_rows:
             self._upload()
@@ -154,11 +171,108 @@ class MetadataFiles:
         self._writer, self._tmp, self._file_rows = None, None, 0
 
     def close(self) -> list[str]:
-        if self._pending_rows:
+        if self._pending_rows or (not self.keys and self._writer is None):
+            # The rest; or, when a filter removed every row, an empty file: a dataset of no rows.
             self._write_group(self._pending_rows)
         if self._writer is not None:
             self._upload()
         return self.keys
+
+
+def column_kinds(schema: pa.Schema, source_fields: dict[str, str]) -> dict[str, str]:
+    """What ``--where`` may compare: numeric metadata columns by kind, source text fields as
+    numbers in text (as enqueue does), any other column by a kind it refuses to compare."""
+    kinds = {}
+    for f in schema:
+        if pa.types.is_integer(f.type):
+            kinds[f.name] = "int64"
+        elif pa.types.is_floating(f.type):
+            kinds[f.name] = "float64"
+        elif pa.types.is_boolean(f.type):
+            kinds[f.name] = "bool"
+        elif source_fields.get(f.name) == "string":
+            kinds[f.name] = "string"
+        else:
+            kinds[f.name] = "text" if pa.types.is_string(f.type) else str(f.type)
+    return kinds
+
+
+class RowFilter:
+    """finalize's filters: ``--where`` conditions in the order given, then near duplicates.
+
+    ``near`` is near_duplicates.parquet (row_id → duplicate_of) when ``producer dedupe`` ran:
+    each table gets the ``near_duplicate_of`` column from it, and with ``drop`` those rows go.
+    """
+
+    def __init__(self, conditions: list[Condition], near: pa.Table | None, drop: bool):
+        self.conditions = conditions
+        self.near = near
+        self.drop = drop
+        self.removed = [0] * len(conditions)
+        self.dropped = 0
+        self.marked = 0
+        if near is not None:
+            near = near.sort_by("row_id")
+            self.near_rows = near.column("row_id").to_numpy()
+            self.near_of = near.column("duplicate_of").to_numpy()
+
+    def fresh(self) -> RowFilter:
+        """The same filter with its counts at zero."""
+        return RowFilter(self.conditions, self.near, self.drop)
+
+    @property
+    def active(self) -> bool:
+        """Whether rows can be removed (else the row count is known before reading)."""
+        return bool(self.conditions) or self.drop
+
+    @property
+    def columns(self) -> list[str]:
+        """The columns the filter reads."""
+        return sorted({"row_id", *(c.field for c in self.conditions)})
+
+    def near_column(self, table: pa.Table) -> pa.Array:
+        """Each row's ``near_duplicate_of``: the kept row it nearly repeats, or null."""
+        rows = table.column("row_id").to_numpy()
+        if not len(self.near_rows):
+            return pa.nulls(len(rows), pa.int64())
+        at = np.minimum(np.searchsorted(self.near_rows, rows), len(self.near_rows) - 1)
+        return pa.array(self.near_of[at], pa.int64(), mask=self.near_rows[at] != rows)
+
+    def apply(self, table: pa.Table) -> pa.Table:
+        """``table`` with the near_duplicate_of column (when deduplicated), less the rows filtered out."""
+        if self.near is not None:
+            table = table.append_column(NEAR_DUPLICATE_COLUMN, self.near_column(table))
+        for i, condition in enumerate(self.conditions):
+            kept = table.filter(condition.mask(table))
+            self.removed[i] += table.num_rows - kept.num_rows
+            table = kept
+        if self.near is not None:
+            duplicate = table.column(NEAR_DUPLICATE_COLUMN).is_valid()
+            self.marked += int(pc.sum(pc.cast(duplicate, pa.int64())).as_py() or 0)
+            if self.drop:
+                kept = table.filter(pc.invert(duplicate))
+                self.dropped += table.num_rows - kept.num_rows
+                table = kept
+        return table
+
+    def counts(self) -> list[dict[str, Any]]:
+        """Each step and the rows it removed, for finalized.json and the card."""
+        steps = [{"where": str(c), "removed": n} for c, n in zip(self.conditions, self.removed, strict=True)]
+        if self.drop:
+            steps.append({"drop_near_duplicates": True, "removed": self.dropped})
+        return steps
+
+
+def kept_rows(job_store: Store, shards: list[int], row_filter: RowFilter, threads: int) -> int:
+    """How many rows the filter keeps (a first pass over only the columns it compares), so the
+    dataset's files can be named ``-of-N`` before they are written."""
+    counter = row_filter.fresh()
+
+    def count(shard: int) -> int:
+        return counter.apply(read_table(job_store, metadata_key(shard), row_filter.columns)).num_rows
+
+    with ThreadPoolExecutor(threads) as pool:
+        return sum(pool.map(count, shards))
 
 
 def committed_tables(
@@ -187,10 +301,13 @@ def finalize(
     partial: bool = False,
     json_parts: bool = False,
     webdataset: bool = False,
+    where: tuple[str, ...] = (),
+    drop_near_duplicates: bool = False,
     on_shard: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Consolidate a job's committed shards; returns what was written (also saved as ``finalized.json``).
 
+    ``where`` and ``drop_near_duplicates`` filter the rows (see the module's docstring).
     ``on_shard(done, total)`` is called after each shard, for a progress bar.
     """
     cfg = defaults()["finalize"]
@@ -210,19 +327,42 @@ def finalize(
 
     layout = job_layout(spec)
     schema = job_metadata_schema(spec)
+    conditions = [parse_where(w, column_kinds(schema, spec["source"].get("fields", {})), "metadata column")
+                  for w in where]  # fmt: skip
+    near = read_near_duplicates(job_store)
+    if near is not None and near[1].get("shards") != shards:
+        raise UserError(
+            f"near_duplicates.parquet of job {spec['job']} was made from other shards than the "
+            f"{len(shards):,} committed now: run `producer dedupe {spec['job']}` again"
+        )
+    if drop_near_duplicates and near is None:
+        raise UserError(
+            f"job {spec['job']} has no near_duplicates.parquet: run `producer dedupe {spec['job']}` "
+            "before --drop-near-duplicates"
+        )
+    row_filter = RowFilter(conditions, near[0] if near else None, drop_near_duplicates)
+    if webdataset and row_filter.active:
+        raise UserError(
+            "--webdataset copies every committed image: use it without --where/--drop-near-duplicates"
+        )
+    read_schema = schema
+    if near is not None:
+        schema = schema.append(pa.field(NEAR_DUPLICATE_COLUMN, pa.int64()))
     schema = schema.with_metadata({"fewstep.job": json.dumps(spec, ensure_ascii=False)})
-    total_rows = sum(shard_rows(spec, s) for s in shards)
+    committed_rows = sum(shard_rows(spec, s) for s in shards)
+    total_rows = kept_rows(job_store, shards, row_filter, threads) if row_filter.active else committed_rows
     files = MetadataFiles(job_store, schema, total_rows, int(cfg["row_group_rows"]), int(cfg["file_rows"]))
     facts = Facts()
     tars: list[str] = []
     image_files: list[str] = []  # webdataset and parquet layouts: each committed part's object
-    tables = committed_tables(job_store, shards, schema, threads)
+    tables = committed_tables(job_store, shards, read_schema, threads)
     for done, (shard, table) in enumerate(zip(shards, tables, strict=True), start=1):
         if table.num_rows != shard_rows(spec, shard):
             raise UserError(
                 f"{metadata_key(shard)} has {table.num_rows} rows, its manifest {shard_rows(spec, shard)}: "
                 "run `producer verify` on this job"
             )
+        table = row_filter.apply(table)
         facts.add(table)
         files.add(table)
         if json_parts:
@@ -252,6 +392,17 @@ def finalize(
         "finalized_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "partial": bool(missing),
         "rows": facts.rows,
+        "committed_rows": committed_rows,
+        "filters": row_filter.counts(),
+        "near_duplicates": (
+            {
+                "rows": row_filter.marked,
+                "dropped": drop_near_duplicates,
+                "threshold": near[1].get("threshold"),
+            }
+            if near is not None
+            else None
+        ),
         "shards": len(shards),
         "shards_total": progress.shards_total,
         "missing_shards": missing,
@@ -287,16 +438,44 @@ def finalize(
 @click.option(
     "--webdataset", is_flag=True, help="Also write WebDataset tar shards (webdataset/part-NNNNNN.tar)."
 )
+@click.option(
+    "--where",
+    multiple=True,
+    metavar="COLUMN<OP>NUMBER",
+    help="Keep rows whose metadata column compares so, e.g. 'clip_score>=28' (repeatable; all hold; "
+    "a null removes the row).",
+)
+@click.option(
+    "--drop-near-duplicates",
+    is_flag=True,
+    help="Leave out the rows `producer dedupe` found to nearly repeat a kept row.",
+)
 @JSON
-def finalize_command(job: str, output: str, partial: bool, json_parts: bool, webdataset: bool, as_json: bool):
+def finalize_command(
+    job: str,
+    output: str,
+    partial: bool,
+    json_parts: bool,
+    webdataset: bool,
+    where: tuple[str, ...],
+    drop_near_duplicates: bool,
+    as_json: bool,
+):
     """Consolidate JOB's committed shards into metadata.parquet with a dataset card (README.md).
 
     Refuses a job with shards not committed unless --partial (which says what is missing).
+    --where and --drop-near-duplicates filter the rows; the card says how many each removed.
     """
     store = job_store(output, job)
     with progress_bar("finalize: shards") as on_shard:
         summary = finalize(
-            store, partial=partial, json_parts=json_parts, webdataset=webdataset, on_shard=on_shard
+            store,
+            partial=partial,
+            json_parts=json_parts,
+            webdataset=webdataset,
+            where=where,
+            drop_near_duplicates=drop_near_duplicates,
+            on_shard=on_shard,
         )
     if as_json:
         click.echo(json.dumps(summary))
@@ -305,6 +484,9 @@ def finalize_command(job: str, output: str, partial: bool, json_parts: bool, web
         f"finalized {summary['job']}: {summary['rows']:,} rows from {summary['shards']:,} shards "
         f"into {', '.join(summary['files'])}; card {summary['card']}"
     )
+    for step in summary["filters"]:
+        what = step.get("where") or "near duplicates"
+        click.echo(f"filter {what}: removed {step['removed']:,} of {summary['committed_rows']:,} rows")
     if summary["webdataset"]:
         click.echo(f"webdataset: {len(summary['webdataset']):,} tar shards under {store.url}/webdataset/")
     if summary["partial"]:

@@ -10,6 +10,11 @@ link to no full image (it lies inside a tar or parquet). For an image-conditione
 result has its control map beside it (as saved with ``--save-control``), or, when none was
 saved, the conditioning image its row named. The page has no script, and every value from
 the data is escaped.
+
+Scores (``--score`` jobs) show under each thumbnail; ``--sort clip_score|aesthetic`` orders the
+sample (within each group) by that score, highest first, rows without it last. The sample
+itself is the same as without ``--sort``: a sorted gallery is a look at the spread of a job,
+the best and worst images of each group are ``producer report``'s.
 """
 
 from __future__ import annotations
@@ -35,8 +40,10 @@ from fewstep.contract import (
     GALLERY,
     LAYOUT_FILES,
     LAYOUT_WEBDATASET,
+    SCORE_COLUMNS,
     image_name,
     job_layout,
+    job_metadata_schema,
     manifest_key,
     metadata_key,
     part_name,
@@ -44,7 +51,7 @@ from fewstep.contract import (
 from fewstep.settings import defaults
 from fewstep.storage import Store, read_table
 from producer.images import read_images
-from producer.options import JSON, OUTPUT, job_store, progress_bar
+from producer.options import JSON, OUTPUT, download_option, job_store, progress_bar
 from producer.progress import Progress, read_progress
 
 COLUMNS = ["row_id", "part_id", "image_key", "prompt", "seed", "model", "width", "height"]
@@ -55,6 +62,9 @@ CONTROL_COLUMNS = ["control_key", "control_offset", "control_bytes"]
 THUMBS = f"{GALLERY}/thumbs"
 INDEX = f"{GALLERY}/index.html"
 NO_VALUE = "(none)"
+#: Scores ``--sort`` orders by, and how each is shown under a thumbnail.
+SORTS = ("clip_score", "aesthetic")
+SCORE_LABELS = {"clip_score": "clip {:.1f}", "aesthetic": "aesthetic {:.2f}", "nsfw_score": "nsfw {:.2f}"}
 
 STYLE = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5rem; color: #222; background: #fafafa; }
@@ -72,9 +82,10 @@ figcaption { padding: .4rem .5rem; }
 
 
 def sample_rows(
-    job_store: Store, progress: Progress, n: int, by: str | None, seed: int
+    job_store: Store, progress: Progress, n: int, by: str | None, seed: int, sort: str | None = None
 ) -> tuple[list[tuple[str | None, list]], int]:
-    """Up to ``n`` committed rows, grouped by ``by``; and how many rows were sampled from."""
+    """Up to ``n`` committed rows, grouped by ``by`` (each group ordered by ``sort``, highest
+    first, nulls last); and how many rows were sampled from."""
     spec = progress.spec
     fields = spec["source"].get("fields", {})
     if by is not None and by not in fields and by not in ("model", "part_id", "source"):
@@ -93,6 +104,9 @@ def sample_rows(
         columns += SPAN_COLUMNS
     if spec.get("conditioning"):
         columns += CONTROL_COLUMNS
+    columns += [c for c in SCORE_COLUMNS if c in job_metadata_schema(spec).names]
+    if sort is not None and sort not in columns:
+        raise UserError(f"--sort {sort}: job {spec['job']} has no scores (enqueue it with --score)")
 
     def read(shard: int) -> pa.Table:
         return read_table(job_store, metadata_key(shard), columns)
@@ -101,9 +115,15 @@ def sample_rows(
         table = pa.concat_tables(pool.map(read, chosen)).sort_by("row_id")
     population = table.num_rows
 
+    if sort is not None and table.column(sort).null_count == population:
+        raise UserError(f"--sort {sort}: job {spec['job']} was not scored with it (the column is empty)")
+
     def rows(indices: list[int]) -> list[dict[str, Any]]:
         # The table is in row-id order, so sorted indices give the rows in row-id order.
-        return table.take(pa.array(sorted(indices), pa.int64())).to_pylist()
+        taken = table.take(pa.array(sorted(indices), pa.int64())).to_pylist()
+        if sort is None:
+            return taken
+        return sorted(taken, key=lambda r: (r[sort] is None, -(r[sort] or 0.0)))
 
     # The sample is drawn over row indices: only the rows shown become Python objects.
     if by is None:
@@ -163,6 +183,19 @@ def read_conditions(job_store: Store, spec: dict[str, Any], rows: list[dict[str,
     return out
 
 
+def page_head(title: str, style: str) -> list[str]:
+    """The head of a static page (gallery, report): no script runs, images come from its folder only."""
+    return [
+        "<!doctype html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; img-src 'self'; "
+        "style-src 'unsafe-inline'\">",
+        f"<title>{html.escape(title)}</title>",
+        f"<style>{style}</style></head><body>",
+    ]
+
+
 def page(spec: dict[str, Any], groups: list[tuple[str | None, list]], by: str | None, population: int) -> str:
     """The contact sheet's HTML; every value from the data is escaped."""
     e = html.escape
@@ -172,14 +205,7 @@ def page(spec: dict[str, Any], groups: list[tuple[str | None, list]], by: str | 
         f"{gen['steps']} steps, guidance {gen['guidance']:g}, {gen['width']}×{gen['height']}, {gen['format']}"
     )
     out = [
-        "<!doctype html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        # No script runs here; images come from this folder only.
-        "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; img-src 'self'; "
-        "style-src 'unsafe-inline'\">",
-        f"<title>{e(spec['job'])} · fewstep gallery</title>",
-        f"<style>{STYLE}</style></head><body>",
+        *page_head(f"{spec['job']} · fewstep gallery", STYLE),
         f"<header><h1>{e(spec['job'])}</h1>",
         f"<p>model <b>{e(spec['model']['name'])}</b> (revision {e(str(spec['model'].get('revision')))}) · "
         f"{e(settings)} · source {e(str(spec['source'].get('name')))}</p>",
@@ -206,11 +232,17 @@ def page(spec: dict[str, Any], groups: list[tuple[str | None, list]], by: str | 
                 (f'<figure><a href="../{e(r["image_key"])}">{img}</a>' if linked else f"<figure>{img}")
                 + f'<figcaption><p class="prompt">{e(r["prompt"])}</p>'
                 f'<p class="meta">seed {r["seed"]} · {e(r["model"])} · {part_name(r["part_id"])} · '
-                f"row {r['row_id']}</p></figcaption></figure>"
+                f"row {r['row_id']}</p>{score_line(r)}</figcaption></figure>"
             )
         out.append("</div></section>")
     out.append("</body></html>")
     return "\n".join(out)
+
+
+def score_line(row: dict[str, Any]) -> str:
+    """The row's scores as a caption line (empty when it has none)."""
+    shown = [label.format(row[c]) for c, label in SCORE_LABELS.items() if row.get(c) is not None]
+    return f'<p class="meta scores">{" · ".join(shown)}</p>' if shown else ""
 
 
 def make_gallery(
@@ -219,6 +251,7 @@ def make_gallery(
     n: int,
     by: str | None = None,
     seed: int = 0,
+    sort: str | None = None,
     on_image: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Write ``gallery/index.html`` and its thumbnails into the job folder; returns a summary.
@@ -228,7 +261,7 @@ def make_gallery(
     cfg = defaults()["gallery"]
     progress = read_progress(job_store)
     spec = progress.spec
-    groups, population = sample_rows(job_store, progress, n, by, seed)
+    groups, population = sample_rows(job_store, progress, n, by, seed, sort)
     rows = [r for _name, group in groups for r in group]
     size = int(cfg["thumbnail_px"])
 
@@ -265,15 +298,15 @@ def make_gallery(
     }
 
 
-def download(job_store: Store, directory: Path, image_keys: list[str]) -> Path:
-    """Copy the gallery and the full images it links to into ``directory``, in the job's
-    layout, so every link works offline; returns the page's path."""
-    keys = [key for key, _size in job_store.list(f"{GALLERY}/")] + image_keys
+def download(job_store: Store, directory: Path, image_keys: list[str], folder: str = GALLERY) -> Path:
+    """Copy the page's folder (the gallery, or ``producer report``'s) and the full images it links
+    to into ``directory``, in the job's layout, so every link works offline; returns the page's path."""
+    keys = [key for key, _size in job_store.list(f"{folder}/")] + image_keys
     for key in keys:
         target = directory / key
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(job_store.get(key))
-    return directory / INDEX
+    return directory / folder / "index.html"
 
 
 @click.command("gallery")
@@ -283,18 +316,18 @@ def download(job_store: Store, directory: Path, image_keys: list[str]) -> Path:
 @click.option("--by", metavar="FIELD", help="Group by this source field (e.g. category).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sample.")
 @click.option(
-    "--download",
-    "download_dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Also copy the gallery and the images it links to into this local directory.",
+    "--sort", type=click.Choice(SORTS), help="Order the sample by this score, highest first (nulls last)."
 )
+@download_option("Also copy the gallery and the images it links to into this local directory.")
 @JSON
-def gallery_command(job: str, output: str, n: int | None, by: str | None, seed: int, download_dir, as_json):
+def gallery_command(
+    job: str, output: str, n: int | None, by: str | None, seed: int, sort: str | None, download_dir, as_json
+):
     """Write a contact sheet of JOB (gallery/index.html, thumbnails with prompt, seed and model)."""
     store = job_store(output, job)
     with progress_bar("gallery: thumbnails") as on_image:
         summary = make_gallery(
-            store, n=n or int(defaults()["gallery"]["images"]), by=by, seed=seed, on_image=on_image
+            store, n=n or int(defaults()["gallery"]["images"]), by=by, seed=seed, sort=sort, on_image=on_image
         )
     if download_dir is not None:
         summary["local"] = str(download(store, download_dir, summary["image_keys"]).resolve())

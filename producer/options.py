@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import click
 from rich.console import Console
@@ -32,6 +33,13 @@ def abandoned_after(help_text: str) -> Callable:
         show_default=True,
         metavar="SECONDS",
         help=help_text,
+    )
+
+
+def download_option(help_text: str) -> Callable:
+    """``--download DIR``: also copy a page's folder (gallery, report) into a local directory."""
+    return click.option(
+        "--download", "download_dir", type=click.Path(file_okay=False, path_type=Path), help=help_text
     )
 
 

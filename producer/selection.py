@@ -97,8 +97,9 @@ class Condition:
         return pc.fill_null(_COMPARE[self.op](column, self.value), False)
 
 
-def parse_where(text: str, fields: dict[str, str]) -> Condition:
-    """``prompt_nsfw<0.2`` → a Condition on a source field (``source_`` prefix optional)."""
+def parse_where(text: str, fields: dict[str, str], what: str = "source field") -> Condition:
+    """``prompt_nsfw<0.2`` → a Condition on a source field (``source_`` prefix optional);
+    ``fields`` are the columns it may name (name → type name), ``what`` says what they are."""
     m = _WHERE.fullmatch(text)
     if not m:
         raise UserError(
@@ -109,7 +110,7 @@ def parse_where(text: str, fields: dict[str, str]) -> Condition:
     resolved = name if name in columns else f"source_{name}" if f"source_{name}" in columns else None
     if resolved is None:
         numeric = sorted(n for n, k in columns.items() if k in NUMERIC_KINDS)
-        raise UserError(f"--where {text!r}: no source field {name!r} (fields: {', '.join(numeric)})")
+        raise UserError(f"--where {text!r}: no {what} {name!r} (numeric ones: {', '.join(numeric)})")
     kind = columns[resolved]
     if kind not in NUMERIC_KINDS:
         raise UserError(f"--where {text!r}: field {resolved!r} is {kind}; --where compares numbers")

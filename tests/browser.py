@@ -119,6 +119,14 @@ class Chromium:
         result = self.call("Runtime.evaluate", {"expression": expression, "returnByValue": True}, session)
         return result["result"].get("value")
 
+    def images(self, session: str) -> list[dict[str, Any]]:
+        """Every ``<img>`` of the page: its ``src`` as written and whether it loaded (``ok``)."""
+        return self.evaluate(
+            session,
+            "[...document.images]"
+            ".map(i => ({src: i.getAttribute('src'), ok: i.complete && i.naturalWidth > 0}))",
+        )
+
     def close(self) -> None:
         with contextlib.suppress(RuntimeError, TimeoutError, OSError):
             self.call("Browser.close")

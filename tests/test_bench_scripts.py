@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 from tests.conftest import REPO
+from tests.support import config_dir
 
 
 def run_bench(script: str, *args: str) -> str:
@@ -43,3 +44,11 @@ def test_scoring_bench_times_every_scorer_set(tmp_path):
     assert record["generate_ms_per_image"] > 0
     assert all(s["score_ms_per_image"] > 0 for s in record["sets"].values())
     assert record["embedding_bytes_per_image"]["768"] <= 2048  # the issue's bound at CLIP ViT-L/14's size
+
+
+def test_dedupe_bench_finds_every_planted_pair_with_the_approximate_index(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEWSTEP_CONFIG_DIR", config_dir(tmp_path, dedupe={"exact_max": 1000}))
+    out = run_bench("dedupe.py", "--sizes", "4000")
+    record = json.loads(out.strip().splitlines()[-1])
+    assert (record["rows"], record["method"], record["lists"]) == (4000, "approximate", 102)
+    assert record["planted_found"] == record["planted_pairs"] == 20 and record["other_pairs_found"] == 0
