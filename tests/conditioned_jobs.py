@@ -34,6 +34,7 @@ from fewstep.contract import (
 from fewstep.presets import resolve_model
 from fewstep.settings import defaults, queue_prefix
 from fewstep.storage import open_store
+from producer.conditioning import ConditioningOptions
 from producer.enqueue import JobOptions, build_spec, send_job_shards
 from producer.selection import Selection, Selector
 from producer.sharding import manifest_bytes
@@ -91,6 +92,7 @@ def enqueue_conditioned(
         job=job, output=output, model=model, shard_size=shard_size, width=width, height=height,
         layout=layout, image_format=image_format,
         steps=preset["img2img"].get("steps") if init else None,
+        conditioning=ConditioningOptions(image_column="image", condition=condition),
     )  # fmt: skip
     source = _Prompts([r.prompt for r in rows])
     chars = int(defaults()["producer"]["max_prompt_chars"])

@@ -374,7 +374,7 @@ def test_conditioning_options_are_checked_against_the_preset(tmp_path, monkeypat
         ("tiny", {"strength": 0.5}, "only for jobs with conditioning images"),
         ("tiny", {"image_column": "nope"}, "no text column of that name"),
         ("sd-turbo", {"image_column": "image", "strength": 1.5}, "--strength must be in (0, 1]"),
-        ("sdxs-512-0.9", {"image_column": "image"}, "takes no conditioning image"),
+        ("pixart-alpha-512", {"image_column": "image"}, "takes no conditioning image"),
     ]  # fmt: skip
     for model, options, message in refusals:
         with pytest.raises(UserError, match=re.escape(message)):
