@@ -29,7 +29,6 @@ import datetime as dt
 import json
 import math
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,55 +38,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fewstep import UserError
-from fewstep.contract import NEAR_DUPLICATES_KEY, NEAR_DUPLICATES_SCHEMA, embeddings_key, metadata_key
+from fewstep.contract import NEAR_DUPLICATES_KEY, NEAR_DUPLICATES_SCHEMA
 from fewstep.settings import defaults
-from fewstep.storage import KeyMissing, Store, read_table
+from fewstep.storage import Store, read_table
+from producer.embeddings import read_embeddings
 from producer.options import JSON, OUTPUT, job_store
 from producer.progress import read_progress
 
 #: Schema metadata key of near_duplicates.parquet holding how it was made.
 DEDUPE_META = b"fewstep.dedupe"
-
-
-def _read_embeddings(store: Store, spec: dict[str, Any], shards: list[int], threads: int = 16):
-    """(row ids, float16 embeddings) of the committed shards, sorted by row id.
-
-    Private until the scorers' ``producer/embeddings.py`` lands: it follows the same contract
-    (``contract.embeddings_key`` of the committed ``attempt_id``, ``contract.embeddings_schema``).
-    """
-    if not (spec.get("scoring") or {}).get("embeddings"):
-        raise UserError(
-            f"job {spec['job']} has no image embeddings: enqueue it with --score clip --embeddings "
-            "to deduplicate it"
-        )
-
-    def read(shard: int) -> tuple[np.ndarray, np.ndarray]:
-        meta = read_table(store, metadata_key(shard), ["row_id", "attempt_id"])
-        attempts = set(meta.column("attempt_id").to_pylist())
-        if len(attempts) != 1:
-            raise UserError(f"{metadata_key(shard)} names {len(attempts)} attempts, not one")
-        key = embeddings_key(shard, attempts.pop())
-        try:
-            table = read_table(store, key, ["row_id", "embedding"])
-        except KeyMissing:
-            raise UserError(f"{key} is missing: shard {shard} was committed without its embeddings") from None
-        rows = table.column("row_id").to_numpy()
-        if sorted(rows.tolist()) != sorted(meta.column("row_id").to_pylist()):
-            raise UserError(f"{key} does not hold the rows of {metadata_key(shard)}")
-        column = table.column("embedding").combine_chunks()
-        dim = column.type.list_size
-        vectors = column.values.to_numpy(zero_copy_only=False).astype(np.float16).reshape(-1, dim)
-        return rows, vectors
-
-    with ThreadPoolExecutor(max(1, min(threads, len(shards)))) as pool:
-        parts = list(pool.map(read, shards))
-    if len({v.shape[1] for _r, v in parts}) > 1:
-        raise UserError(f"job {spec['job']}: embeddings of different sizes in different shards")
-    rows, vectors = np.concatenate([r for r, _v in parts]), np.concatenate([v for _r, v in parts])
-    if np.all(rows[1:] > rows[:-1]):
-        return rows, vectors  # shards hold consecutive rows: no second copy of the vectors
-    order = np.argsort(rows, kind="stable")
-    return rows[order], vectors[order]
 
 
 @dataclass(frozen=True)
@@ -186,7 +145,9 @@ def group(n: int, a: np.ndarray, b: np.ndarray, sims: np.ndarray) -> tuple[np.nd
     and the similarity to it. In order, a kept position claims every unclaimed later neighbour."""
     duplicate_of = np.full(n, -1, dtype=np.int64)
     similarity = np.zeros(n, dtype=np.float32)
-    starts = np.flatnonzero(np.r_[True, a[1:] != a[:-1]]) if len(a) else np.empty(0, np.int64)
+    if not len(a):  # no pair reached the threshold
+        return duplicate_of, similarity
+    starts = np.flatnonzero(np.r_[True, a[1:] != a[:-1]])
     ends = np.r_[starts[1:], len(a)]
     for lo, hi in zip(starts.tolist(), ends.tolist(), strict=True):
         keeper = a[lo]
@@ -228,7 +189,7 @@ def dedupe(store: Store, threshold: float, settings: SearchSettings | None = Non
     if not shards:
         raise UserError(f"job {spec['job']} has no committed shard yet: nothing to deduplicate")
     started = time.perf_counter()
-    row_ids, vectors = _read_embeddings(store, spec, shards)
+    row_ids, vectors = read_embeddings(store, spec, shards=shards)
     read_s = time.perf_counter() - started
     table, how = near_duplicates(row_ids, vectors, threshold, settings)
     summary = {

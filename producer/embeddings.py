@@ -47,7 +47,7 @@ def _committed_attempt(store: Store, shard: int) -> str:
 
 
 def read_embeddings(
-    store: Store, spec: dict[str, Any] | None = None, threads: int = 16
+    store: Store, spec: dict[str, Any] | None = None, threads: int = 16, shards: list[int] | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """(row ids int64, float16 matrix rows × dim) of every committed shard of the job, sorted by
     row id; each shard's vectors from the attempt its committed metadata names. A job without
@@ -55,8 +55,10 @@ def read_embeddings(
     progress = read_progress(store)
     spec = spec or progress.spec
     if not embeddings_wanted(spec):
-        raise UserError(f"job {spec['job']} has no embeddings (enqueue it with --embeddings)")
-    shards = sorted(progress.committed)
+        raise UserError(
+            f"job {spec['job']} has no image embeddings: enqueue it with --score clip --embeddings"
+        )
+    shards = sorted(progress.committed) if shards is None else shards
 
     def one(shard: int) -> tuple[np.ndarray, np.ndarray]:
         try:
@@ -72,6 +74,8 @@ def read_embeddings(
         raise UserError(f"job {spec['job']}: shards hold embeddings of different dimensions")
     row_ids = np.concatenate([r for r, _ in parts])
     matrix = np.concatenate([m for _, m in parts])
+    if np.all(row_ids[1:] > row_ids[:-1]):
+        return row_ids, matrix  # shards hold consecutive rows: no second copy of the vectors
     order = np.argsort(row_ids, kind="stable")
     return row_ids[order], matrix[order]
 

@@ -35,11 +35,14 @@ from fewstep import UserError
 from fewstep.contract import ShardStats, embeddings_key, metadata_key, stats_key
 from fewstep.scorers import scorer_presets, scoring_spec
 from fewstep.storage import Store, open_store, read_table
+from producer.dedupe import dedupe
 from producer.embeddings import read_embeddings
 from producer.enqueue import JobOptions
 from producer.enqueue import enqueue as enqueue_job
+from producer.finalize import finalize
 from producer.gc import collect
 from producer.images import tar_members
+from producer.report import make_report
 from producer.sources.partiprompts import PartiPrompts
 from producer.verify import verify
 from tests.replicas import scorers as replicas
@@ -144,7 +147,7 @@ def check_scores(table, expected: dict[str, np.ndarray], columns: tuple[str, ...
         np.testing.assert_allclose(values, expected[column], rtol=0, atol=tolerance[column], err_msg=column)
 
 
-def test_worker_scores_every_image_like_an_independent_clip_and_commits_its_embeddings(
+def test_worker_scores_like_an_independent_clip_commits_embeddings_and_producer_tools_read_them(
     env, output, tmp_path, scorer_hub
 ):
     prompts = prompts_from_1_to_300_tokens(8, seed=3)  # cut at 77 tokens by CLIP, and short ones
@@ -203,13 +206,23 @@ def test_worker_scores_every_image_like_an_independent_clip_and_commits_its_embe
     assert json.loads(member)["clip_score"] == first["clip_score"]
     assert len(read_embeddings(tar_store)[0]) == 4
     verify_job("tar", output, env)
+    # What the worker wrote is what the producer's tools use: dedupe reads the real embeddings
+    # (nothing reaches a similarity of 1 but an image with itself), finalize --where filters on
+    # the real scores, report plots them.
+    assert dedupe(tar_store, 0.99999)["near_duplicates"] == 0
+    scores = sorted(tar_table.column("clip_score").to_pylist())
+    kept = finalize(tar_store, where=(f"clip_score >= {scores[2]}",))
+    assert kept["rows"] == len([x for x in scores if x >= scores[2]]) and kept["filters"][0]["removed"] == 2
+    made = make_report([tar_store])
+    assert made["scores"] == ["clip_score"] and made["thumbnails"] > 0, made
+    assert tar_store.exists("report/index.html")
 
     # Without --score: null columns, no embeddings, no scoring in job.json, no scoring time.
     plain_store = open_store(plain["job_url"])
     check_scores(committed_metadata(plain["job_url"]), {}, ())
     assert list(plain_store.list("embeddings/")) == []
     assert "scoring" not in json.loads(plain_store.get("job.json"))
-    with pytest.raises(UserError, match="no embeddings"):
+    with pytest.raises(UserError, match="no image embeddings"):
         read_embeddings(plain_store)
     stats = [ShardStats.from_json(json.loads(s.get(stats_key(n)))) for s, shards in
              ((store, 2), (tar_store, 1), (plain_store, 1)) for n in range(1, shards + 1)]  # fmt: skip
