@@ -11,47 +11,13 @@ reads, never the whole file. No torch, no decoding: bytes only.
 
 from __future__ import annotations
 
-import io
 import threading
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from fewstep.storage import LocalStore, Store, open_store
-
-
-class _RangeFile(io.RawIOBase):
-    """A read-only file over an object, each read a ranged GET: parquet footers and row groups
-    are fetched, not the whole object."""
-
-    def __init__(self, store: Store, key: str):
-        self.store, self.key = store, key
-        self.length = store.size(key)
-        self.position = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.position
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.length}[whence]
-        self.position = max(0, base + offset)
-        return self.position
-
-    def readinto(self, buffer) -> int:
-        n = min(len(buffer), self.length - self.position)
-        if n <= 0:
-            return 0
-        data = self.store.get_range(self.key, self.position, n)
-        buffer[: len(data)] = data
-        self.position += len(data)
-        return len(data)
+from fewstep.storage import LocalStore, RangedFile, Store, open_store
 
 
 class ConditionSources:
@@ -108,7 +74,11 @@ class ConditionSources:
         with self._lock:  # a parquet file object reads from one position at a time
             parquet = self._parquets.get(name)
             if parquet is None:
-                parquet = self._parquets[name] = pq.ParquetFile(_RangeFile(store, key))
+                parquet = self._parquets[name] = pq.ParquetFile(
+                    RangedFile(
+                        store.size(key), lambda start, n, s=store, k=key: s.get_range(k, start, n), key
+                    )
+                )
                 while len(self._parquets) > 4:
                     self._parquets.popitem(last=False)
             start = 0

@@ -812,3 +812,36 @@ def open_store(url: str, *, max_attempts: int | None = None, retry_seconds: floa
     if parts.scheme in ("", None) or len(parts.scheme) == 1:  # a path (or a Windows drive)
         return LocalStore(url)
     raise UserError(f"unsupported output URL {url!r}: use s3://BUCKET/PREFIX or a local directory")
+
+
+class RangedFile(io.RawIOBase):
+    """A read-only, seekable file over a ``fetch(start, length)`` function (S3, https ranges)."""
+
+    def __init__(self, size: int, fetch: Callable[[int, int], bytes], name: str):
+        self.size = size
+        self.name = name
+        self._fetch = fetch
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, buffer) -> int:
+        length = min(len(buffer), self.size - self._pos)
+        if length <= 0:
+            return 0
+        data = self._fetch(self._pos, length)
+        buffer[: len(data)] = data
+        self._pos += len(data)
+        return len(data)

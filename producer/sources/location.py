@@ -14,14 +14,13 @@ import os
 import tempfile
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import urlsplit
 
 from fewstep import UserError
 from fewstep.settings import redact_url
-from fewstep.storage import KeyMissing, S3Store, StorageError
+from fewstep.storage import KeyMissing, RangedFile, S3Store, StorageError
 
 PIECE = 8 << 20
 _TIMEOUT = 30
@@ -51,39 +50,6 @@ def base_name(location: str) -> str:
     return (
         urlsplit(location).path.rstrip("/").rsplit("/", 1)[-1] if is_remote(location) else Path(location).name
     )
-
-
-class RangedFile(io.RawIOBase):
-    """A read-only, seekable file over a ``fetch(start, length)`` function (S3, https ranges)."""
-
-    def __init__(self, size: int, fetch: Callable[[int, int], bytes], name: str):
-        self.size = size
-        self.name = name
-        self._fetch = fetch
-        self._pos = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
-        self._pos = max(0, base + offset)
-        return self._pos
-
-    def readinto(self, buffer) -> int:
-        length = min(len(buffer), self.size - self._pos)
-        if length <= 0:
-            return 0
-        data = self._fetch(self._pos, length)
-        buffer[: len(data)] = data
-        self._pos += len(data)
-        return len(data)
 
 
 def _buffered(raw: io.RawIOBase, buffered: bool) -> BinaryIO:
