@@ -4,12 +4,18 @@ Storage layout (keys relative to the job root ``{output}/{job}/``, built from th
 name and ids only, never from dataset fields)::
 
     job.json                                  the job spec
-    manifests/part-000001.parquet             the prompts of shard 1
+    manifests/part-000001.parquet             the prompts of shard 1 (with conditioning image
+                                              references for image-conditioned jobs)
+    manifests/part-000001.images.parquet      image bytes the source itself held, once per shard
     images/part-000001/<attempt-id>/000000000042.png
                                               one image, named by its global row id, in the
                                               folder of the attempt that made it; the committed
                                               metadata names the one attempt whose images count
                                               (layout "files", the default)
+    images/part-000001/<attempt-id>/000000000042.control.png
+                                              with --save-control: the control map the model saw
+                                              (in the tar, or a ``control_image`` column, for
+                                              the other layouts)
     images/part-000001/<attempt-id>.tar       layout "webdataset": every image of one attempt,
                                               with its .json row and .txt prompt, in one tar
     images/part-000001/<attempt-id>.parquet   layout "parquet": every image of one attempt in
