@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 from collections.abc import Callable
 
@@ -11,20 +13,43 @@ from fewstep import UserError
 from fewstep.storage import StorageError
 
 
-def run(command: Callable[..., object]) -> None:
-    """Invoke a click command; print UserError/StorageError as one line and exit non-zero."""
+def run(command: Callable[..., object], *, hard_exit: bool = False) -> None:
+    """Invoke a click command; print UserError/StorageError as one line and exit non-zero.
+
+    ``hard_exit``: once the command is over, flush stdout and stderr and leave with
+    ``os._exit``, skipping the interpreter's teardown. pyarrow's native thread pools can
+    abort a process in that teardown (``terminate called without an active exception``,
+    SIGABRT; apache/arrow#34314), turning a command that finished its work into exit -6. The
+    producer's commands hold nothing that needs a clean teardown: every write they make is
+    done before they return.
+    """
+    code = _invoke(command)
+    if hard_exit:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+def _invoke(command: Callable[..., object]) -> int:
+    """The command's exit code, having printed any error as one line."""
     try:
         code = command(standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
-        sys.exit(130)
+        return 130
     except click.ClickException as e:
         e.show()
-        sys.exit(e.exit_code)
+        return e.exit_code
     except (UserError, StorageError) as e:
         click.echo(f"error: {e}", err=True)
-        sys.exit(2 if isinstance(e, UserError) else 1)
+        return 2 if isinstance(e, UserError) else 1
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
-        sys.exit(130)
-    sys.exit(code if isinstance(code, int) else 0)
+        return 130
+    except SystemExit as e:  # a command that exits itself
+        if isinstance(e.code, str):
+            click.echo(e.code, err=True)
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return code if isinstance(code, int) else 0

@@ -116,6 +116,40 @@ def _filter_lines(facts: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _conditioning_lines(spec: dict[str, Any]) -> list[str]:
+    """How an image-conditioned job used its images (``spec["conditioning"]``)."""
+    cond = spec.get("conditioning")
+    if not cond:
+        return []
+    origin = (
+        f"the images of job `{cond['source_job']}`"
+        if cond.get("source_job")
+        else (
+            f"column `{cond.get('image_column')}`"
+            + (f" under `{cond['image_root']}`" if cond.get("image_root") else "")
+        )
+    )
+    how = ", ".join(
+        f"{k.replace('_', ' ')} {cond[k]}"
+        for k in ("strength", "controlnet_scale", "resize")
+        if cond.get(k) is not None
+    )
+    return [
+        f"- conditioning: **{cond['condition']}** from {origin} ({how}); per row: `cond_key`, `cond_sha256`"
+    ]
+
+
+def _scoring_lines(spec: dict[str, Any]) -> list[str]:
+    """Which scorers filled the score columns, at which revisions (``spec["scoring"]``)."""
+    scoring = spec.get("scoring") or {}
+    scorers = scoring.get("scorers") or {}
+    if not scorers and not scoring.get("embeddings"):
+        return []
+    named = ", ".join(f"`{n}` ({s.get('model')}@{s.get('revision')})" for n, s in scorers.items())
+    extra = "; CLIP image embeddings in `embeddings/`" if scoring.get("embeddings") else ""
+    return [f"- scores computed on the worker: {named or 'none'}{extra}"]
+
+
 def dataset_card(spec: dict[str, Any], facts: dict[str, Any]) -> str:
     """The card's Markdown. ``facts`` are what finalize measured: rows, files, time span, missing."""
     job, model, gen, source = spec["job"], spec["model"], spec["generation"], spec["source"]
@@ -181,6 +215,8 @@ def dataset_card(spec: dict[str, Any], facts: dict[str, Any]) -> str:
         "(the same spec gives the same seeds)",
         f"- shard size: {spec.get('shard_size')} prompts",
         f"- layout: **{layout}** ({LAYOUT_WORDS[layout]})",
+        *_conditioning_lines(spec),
+        *_scoring_lines(spec),
         "",
         "## Counts",
         "",
@@ -240,6 +276,10 @@ def dataset_card(spec: dict[str, Any], facts: dict[str, Any]) -> str:
         "",
         f"- model `{model['name']}`: {model_licence(spec)}",
         f"- prompt set `{source.get('name')}`: {source_licence(spec) or 'see its source'}",
+        *[
+            f"- scorer `{name}` (`{s.get('model')}`): {s.get('licence') or 'not stated by its card'}"
+            for name, s in ((spec.get("scoring") or {}).get("scorers") or {}).items()
+        ],
         "- The images are synthetic; check both licences before you redistribute them or train on them.",
         "",
     ]

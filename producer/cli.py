@@ -330,4 +330,4 @@ cli.add_command(gc_command)
 cli.add_command(dedupe_command)
 cli.add_command(report_command)
 
-main = functools.partial(console.run, cli)
+main = functools.partial(console.run, cli, hard_exit=True)

@@ -31,6 +31,7 @@ from fewstep.presets import presets
 from fewstep.storage import S3Store, open_store
 from producer.conditioning import ConditioningOptions
 from producer.enqueue import JobOptions, enqueue
+from producer.finalize import finalize
 from producer.sources.formats import open_file
 from producer.sources.job import JobSource
 from tests.conftest import BUCKET
@@ -314,6 +315,9 @@ def test_enqueue_job_chains_every_layout_and_the_worker_reads_the_references_enq
         _sha(_skimage_file(n).read_bytes()) for n in ("astronaut.png", "chelsea.png")
     ]
     assert all(m["control_key"] and m["control_bytes"] for m in made)
+    photo_store = open_store(csv_job["job_url"])
+    finalize(photo_store)
+    assert "conditioning: **init** from column `image` under" in photo_store.get("README.md").decode()
 
 
 # Until the worker side's real ControlNet preset is in config/models.toml, a minimal one with the

@@ -213,6 +213,9 @@ def test_worker_scores_like_an_independent_clip_commits_embeddings_and_producer_
     scores = sorted(tar_table.column("clip_score").to_pylist())
     kept = finalize(tar_store, where=(f"clip_score >= {scores[2]}",))
     assert kept["rows"] == len([x for x in scores if x >= scores[2]]) and kept["filters"][0]["removed"] == 2
+    card, clip = tar_store.get("README.md").decode(), scorer_presets()["clip"]
+    assert f"scores computed on the worker: `clip` ({clip['repo']}@{clip['revision']})" in card
+    assert f"- scorer `clip` (`{clip['repo']}`): {clip['licence']}" in card
     made = make_report([tar_store])
     assert made["scores"] == ["clip_score"] and made["thumbnails"] > 0, made
     assert tar_store.exists("report/index.html")
