@@ -66,7 +66,17 @@ def _job_option_list(image_format_flags: tuple[str, ...]) -> list:
             multiple=True,
             metavar="clip,aesthetic,nsfw[,NAME=PATH_OR_HUB_ID]",
             help="Score every image on the worker (config/scorers.toml): clip_score, aesthetic, "
-            "nsfw_score; NAME=DIR or NAME=owner/repo[@revision] replaces a scorer's model.",
+            "nsfw_score; NAME=DIR or NAME=owner/repo[@revision] replaces a scorer's model, "
+            "aesthetic.backbone=... the CLIP the aesthetic head reads; `tiny` (or NAME=tiny): "
+            "random-weight scorers built locally, to try it offline.",
+        ),
+        click.option(
+            "--no-scorer-check",
+            "check_scorers",
+            flag_value=False,
+            default=True,
+            help="Enqueue --score even where this machine cannot find the scorer weights "
+            "(only the workers have them).",
         ),
         click.option(
             "--embeddings",

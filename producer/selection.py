@@ -82,7 +82,9 @@ class Condition:
     field: str
     op: str
     value: float
-    text: bool  # the field is text holding numbers (CSV, TSV)
+    text: bool  # the field is text that may hold numbers (CSV, TSV cells have no type)
+    #: For a text field: how many values so far were numbers and how many other text.
+    seen: dict[str, int] = field(default_factory=lambda: {"numbers": 0, "text": 0}, compare=False)
 
     def __str__(self) -> str:
         return f"{self.field}{'==' if self.op == '=' else self.op}{self.value:g}"
@@ -91,10 +93,28 @@ class Condition:
         column = batch.column(self.field)
         if self.text:
             numeric = pc.match_substring_regex(column, _NUMBER)
+            self._check_holds_numbers(column, numeric)
             column = pc.cast(pc.if_else(numeric, pc.utf8_trim_whitespace(column), None), pa.float64())
         elif pa.types.is_boolean(column.type):
             column = pc.cast(column, pa.float64())
         return pc.fill_null(_COMPARE[self.op](column, self.value), False)
+
+    def _check_holds_numbers(self, column: pa.Array, numeric: pa.Array) -> None:
+        """Refuse a text field that holds words, not numbers (PartiPrompts' ``category``): one
+        whose values so far, from the first batch on, include text and not a single number. A
+        numeric column with an odd ``N/A`` still compares (that row is removed, like a null)."""
+        numbers = pc.sum(pc.cast(pc.fill_null(numeric, False), pa.int64())).as_py() or 0
+        blank = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(column), ""), True)
+        words = pc.and_(pc.invert(blank), pc.invert(pc.fill_null(numeric, False)))
+        count = pc.sum(pc.cast(words, pa.int64())).as_py() or 0
+        self.seen["numbers"] += numbers
+        self.seen["text"] += count
+        if self.seen["text"] and not self.seen["numbers"]:
+            example = pc.filter(column, words)[0].as_py()
+            raise UserError(
+                f"--where {self}: field {self.field!r} is text ({example[:40]!r} is not a number); "
+                "--where compares numbers"
+            )
 
 
 def parse_where(text: str, fields: dict[str, str], what: str = "source field") -> Condition:
@@ -109,8 +129,10 @@ def parse_where(text: str, fields: dict[str, str], what: str = "source field") -
     columns = {**fields, "source_row": "int64"}
     resolved = name if name in columns else f"source_{name}" if f"source_{name}" in columns else None
     if resolved is None:
-        numeric = sorted(n for n, k in columns.items() if k in NUMERIC_KINDS)
-        raise UserError(f"--where {text!r}: no {what} {name!r} (numeric ones: {', '.join(numeric)})")
+        numeric = sorted(n for n, k in columns.items() if k in NUMERIC_KINDS and k != "string")
+        texts = sorted(n for n, k in columns.items() if k == "string")
+        also = f"; text ones, compared where they hold numbers: {', '.join(texts)}" if texts else ""
+        raise UserError(f"--where {text!r}: no {what} {name!r} (numeric ones: {', '.join(numeric)}{also})")
     kind = columns[resolved]
     if kind not in NUMERIC_KINDS:
         raise UserError(f"--where {text!r}: field {resolved!r} is {kind}; --where compares numbers")

@@ -59,6 +59,13 @@ def _failure(shard: int, marker: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _error_of_job(error: object, job_url: str | None) -> bool:
+    """Whether a heartbeat's ``last_error`` is this job's: a worker writes its heartbeat to the
+    job in progress, and its last error may come from another job (older workers did not say
+    which, so an error that names no job is not shown)."""
+    return isinstance(error, dict) and bool(job_url) and error.get("job_url") == job_url
+
+
 @dataclass
 class JobStatus:
     """One reading of a job: storage markers, stats, heartbeats and (maybe) the queue."""
@@ -211,7 +218,7 @@ class StatusReader:
         status.stats = {s: v for s, v in stats.items() if v is not None}
         failed = self._read_folder(FAILED, listing=progress.listings[FAILED])
         status.failures = {s: _failure(s, v or {}) for s, v in failed.items() if s in progress.failed}
-        status.workers = self._workers(now)
+        status.workers = self._workers(now, progress.spec.get("job_url"))
         status.pending, status.redis_error = self._pending(progress)
         status.observed_rate = self._observe(progress.images_done)
         return status
@@ -249,7 +256,7 @@ class StatusReader:
         with ThreadPoolExecutor(min(self.threads, len(keys))) as pool:
             return list(pool.map(get, keys))
 
-    def _workers(self, now: dt.datetime) -> list[dict[str, Any]]:
+    def _workers(self, now: dt.datetime, job_url: str | None) -> list[dict[str, Any]]:
         keys = [key for key, _size in self.job_store.list(f"{WORKERS}/") if key.endswith(".json")]
         workers = []
         for _key, beat in self._fetch(keys):
@@ -257,7 +264,15 @@ class StatusReader:
                 continue
             age = heartbeat_age(beat, now)
             live = heartbeat_live(beat, now, self.stale_after_intervals)
-            workers.append({**beat, "age_s": None if age is None else round(max(age, 0.0), 1), "live": live})
+            error = beat.get("last_error")
+            workers.append(
+                {
+                    **beat,
+                    "last_error": error if _error_of_job(error, job_url) else None,
+                    "age_s": None if age is None else round(max(age, 0.0), 1),
+                    "live": live,
+                }
+            )
         workers.sort(key=lambda w: (not w["live"], str(w.get("worker"))))
         return workers
 

@@ -64,11 +64,12 @@ def test_where_compares_numbers_with_or_without_the_source_prefix():
     [
         ("nope<1", "no source field 'nope'"),
         ("prompt_nsfw ~ 1", "expected FIELD OP NUMBER"),
-        ("category<1", None),
+        ("category<1", "field 'category' is text \\('Animals' is not a number\\); --where compares numbers"),
+        ("score<1", None),
     ],
 )
 def test_where_errors(where, message):
-    if message is None:  # a text field is compared as numbers: allowed
+    if message is None:  # a text field holding numbers is compared as numbers: allowed
         select(Selection(where=(where,)), batches(["a"]))
         return
     with pytest.raises(UserError, match=message):

@@ -136,3 +136,37 @@ def test_jobs_lists_the_jobs_under_an_output_with_state_and_counts(env, output, 
     assert (row["state"], row["images_done"], row["finalized_at"]) == ("done", 32, None)
     empty = tmp_path / "empty-output"
     assert "no jobs under" in cli("producer", "jobs", "--output", str(empty), env=env).stdout
+
+
+def test_status_of_a_job_never_shows_another_jobs_worker_error(env, output):
+    staged_job(env, output)
+    store = open_store(f"{output}/fleet")
+    other = dict(heartbeat("gpu-c:3:cpu", 6, 1, 1.0), last_error={
+        "job_url": f"{output}/scored2", "shard": 4, "at": iso(2),
+        "error": "Retry: cannot load scorer model openai/clip-vit-large-patch14",
+    })  # fmt: skip
+    own = dict(heartbeat("gpu-d:4:cpu", 7, 1, 1.0), last_error={
+        "job_url": f"{output}/fleet", "shard": 7, "at": iso(1), "error": "OSError: disk full",
+    })  # fmt: skip
+    unnamed = dict(heartbeat("gpu-e:5:cpu", 8, 1, 1.0), last_error={"shard": 2, "at": iso(1), "error": "old"})
+    for name, beat in (("c", other), ("d", own), ("e", unnamed)):
+        put_json(store, f"workers/gpu-{name}.json", beat)
+    s = cli_json("producer", "status", "fleet", "--output", output, env=env)
+    errors = [e["error"] for e in s["last_errors"]]
+    assert "OSError: disk full" in errors and "RuntimeError: CUDA out of memory" in errors
+    assert not any("scorer" in e or e == "old" for e in errors)
+    by_worker = {w["worker"]: w["last_error"] for w in s["workers"]}
+    assert by_worker["gpu-c:3:cpu"] is None and by_worker["gpu-e:5:cpu"] is None
+    assert by_worker["gpu-d:4:cpu"]["error"] == "OSError: disk full"
+
+
+def test_a_heartbeat_carries_only_the_last_error_of_its_own_job():
+    from worker.heartbeat import Activity
+
+    activity = Activity("host:1:cpu", "tiny", "cpu")
+    activity.shard_started({"job_url": "s3://b/jobs/scored2", "shard": 4})
+    activity.error(RuntimeError("cannot load scorer model"))
+    assert activity.record("working", 5)["last_error"]["job_url"] == "s3://b/jobs/scored2"
+    activity.shard_finished(None, "RETRY")
+    activity.shard_started({"job_url": "s3://b/jobs/killme", "shard": 1})
+    assert activity.record("working", 5)["last_error"] is None

@@ -115,6 +115,16 @@ class WorkerSettings:
     read_ahead: bool = True
 
 
+def _check_scorers() -> None:
+    """Say at start, in one line, which scorer presets this worker could not load: a job with
+    ``--score`` would fail every attempt here (the ``tiny`` set and directories need nothing)."""
+    from fewstep.scorers import scorer_presets, scoring_spec, unavailable
+
+    problem = unavailable(scoring_spec([",".join(scorer_presets())]), ask_hub=False)
+    if problem:
+        log.warning("jobs with --score: %s", problem)
+
+
 def start_worker(settings: WorkerSettings) -> int:
     """Load the model, tune it, then run a Celery worker on the model's queue until it stops."""
     # Import-time notices of transformers (e.g. about torchvision) are noise in a worker log.
@@ -190,6 +200,7 @@ def start_worker(settings: WorkerSettings) -> int:
         visibility_timeout(),
         worker_app.shutdown_grace,
     )
+    _check_scorers()
     activity = Activity(runner.worker_id, model_name, model.device, progress=runner.progress)
     heartbeat = Heartbeat(activity, float(cfg["heartbeat_seconds"])).connect(signals).start()
     runner.on_shard_start = heartbeat.beat_now
