@@ -24,6 +24,7 @@ from fewstep.contract import (
     parse_time,
     part_name,
     shard_of_key,
+    shard_rows,
 )
 from fewstep.queue import pending_messages, redis_client
 from fewstep.settings import defaults, describe_error
@@ -102,6 +103,14 @@ class JobStatus:
             return None
         return self.pending - self.progress.committed - self.progress.failed - self.running
 
+    @property
+    def unqueued(self) -> set[int] | None:
+        """Open shards neither in Redis nor running: lost from the queue (Redis flushed, or
+        restarted empty); ``producer reconcile`` sends them again. None when Redis is unknown."""
+        if self.pending is None:
+            return None
+        return set(self.progress.open_shards) - self.pending - self.running
+
     def rate(self) -> tuple[float | None, str | None]:
         """Current images/s of the job and where the figure comes from."""
         reported = [w["images_per_s"] for w in self.live_workers if w.get("state") == "working"]
@@ -161,23 +170,29 @@ class JobStatus:
         ]
         weight = sum(w for _f, w in idle)
         totals["gpu_idle_fraction"] = round(sum(f * w for f, w in idle) / weight, 4) if weight else None
+        # What was idle: "GPU" when the shards ran on CUDA (worker ids are host:pid:device).
+        devices = {str(s.get("worker") or "").split(":", 2)[-1] for s in self.stats.values()}
+        totals["device"] = "GPU" if all(d.startswith("cuda") for d in devices) else "device"
         return totals
 
     def summary(self) -> dict[str, Any]:
         """Everything as one JSON-ready object (the keys of the plain progress summary first)."""
         p = self.progress
         rate, source = self.rate()
-        remaining = int(p.spec["counts"]["prompts"]) - p.images_done
+        remaining = sum(shard_rows(p.spec, s) for s in p.open_shards)  # failed shards wait for no one
         created = parse_time(p.spec.get("created_at"))
-        queued = self.queued
+        queued, unqueued = self.queued, self.unqueued
+        # Without a live worker nothing moves, whatever the recent rate was: no ETA.
+        eta = round(remaining / rate, 1) if rate and remaining > 0 and self.live_workers else None
         return {
             **p.summary(),
             "shards_running": len(self.running),
             "shards_queued": None if queued is None else len(queued),
+            "shards_unqueued": None if unqueued is None else len(unqueued),
             "shards_open": len(p.open_shards),
             "images_per_s": None if rate is None else round(rate, 3),
             "rate_source": source,
-            "eta_s": round(remaining / rate, 1) if rate and remaining > 0 and p.state != "done" else None,
+            "eta_s": eta,
             "created_at": p.spec.get("created_at"),
             "elapsed_s": round((self.read_at - created).total_seconds(), 1) if created else None,
             "read_at": self.read_at.isoformat(timespec="seconds"),

@@ -66,7 +66,7 @@ def test_status_json_counts_shards_workers_rate_and_errors(env, output):
         ("gpu-b:7:cuda:1", False),
     ]
     assert (s["images_per_s"], s["rate_source"]) == (3.5, "heartbeats")
-    assert abs(s["eta_s"] - (32 - 8) / 3.5) < 0.2
+    assert abs(s["eta_s"] - (32 - 8 - 4) / 3.5) < 0.2  # the given-up shard 3 waits for no one
     assert s["failures"][0]["part"] == "part-000003" and "CUDA out of memory" in s["failures"][0]["error"]
     assert s["last_errors"][0]["error"] == "RuntimeError: CUDA out of memory"
     assert s["stages"]["generate_s"] == 3.0 and s["stages"]["gpu_idle_fraction"] == 0.1
@@ -170,3 +170,44 @@ def test_a_heartbeat_carries_only_the_last_error_of_its_own_job():
     activity.shard_finished(None, "RETRY")
     activity.shard_started({"job_url": "s3://b/jobs/killme", "shard": 1})
     assert activity.record("working", 5)["last_error"] is None
+
+
+def test_status_says_to_reconcile_shards_redis_lost_and_gives_no_eta_without_a_live_worker(env, output):
+    from fewstep.queue import redis_client
+
+    summary, store = staged_job(env, output)
+    redis_client().delete(summary["queue"])  # as after a flush: the waiting messages are gone
+    s = cli_json("producer", "status", "fleet", "--output", output, env=env)
+    assert (s["shards_queued"], s["shards_unqueued"], s["shards_running"]) == (0, 4, 1)
+    view = cli("producer", "status", "fleet", "--output", output, env=env).stdout
+    assert "4 open shards are neither queued nor running" in view
+    assert "`producer reconcile fleet` sends them again" in view
+    # The live worker goes silent: nothing moves, so no ETA, however fast the last shards were.
+    put_json(store, "workers/gpu-a-1-cuda-0.json", heartbeat("gpu-a:1:cuda:0", 4, 600, 3.5))
+    s = cli_json("producer", "status", "fleet", "--output", output, env=env)
+    assert s["workers_live"] == 0 and s["eta_s"] is None
+    assert "ETA - (no live worker)" in cli("producer", "status", "fleet", "--output", output, env=env).stdout
+    # Every open shard given up: the job failed, no ETA either.
+    for shard in (4, 5, 6, 7, 8):
+        put_json(store, f"failed/part-{shard:06d}.json", {"shard": shard, "attempts": 3, "error": "x"})
+    s = cli_json("producer", "status", "fleet", "--output", output, env=env)
+    assert (s["state"], s["eta_s"], s["shards_unqueued"]) == ("failed", None, 0)
+
+
+def test_jobs_and_status_in_a_pipe_keep_whole_names_and_watch_prints_a_frame_per_refresh(env, output):
+    names = ("sample-one-with-a-long-name", "sample-two-with-a-long-name")
+    for name in names:
+        enqueue(SAMPLE, name, output, env, "--shard-size", "16")
+    piped = {k: v for k, v in env.items() if k != "COLUMNS"}
+    listing = cli("producer", "jobs", "--output", output, env=piped).stdout
+    assert all(name in listing for name in names) and "…" not in listing
+    # --watch into a pipe: frames as the job is read, not one at the end (the job stays queued).
+    command = [sys.executable, "-m", "producer", "status", names[0], "--output", output, "--watch"]
+    watcher = subprocess.Popen([*command, "--interval", "0.5"], env=piped, stdout=subprocess.PIPE, text=True)
+    try:
+        frames = [watcher.stdout.readline() for _ in range(40)]
+    finally:
+        watcher.kill()
+        watcher.communicate()
+    headers = [line for line in frames if line.startswith(f"job {names[0]} [queued]")]
+    assert len(headers) >= 2, frames

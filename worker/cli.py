@@ -115,6 +115,19 @@ class WorkerSettings:
     read_ahead: bool = True
 
 
+class ExpectedReject(logging.Filter):
+    """Celery logs a task's ``Reject`` with its traceback; fewstep rejects only on purpose (a
+    shard going back to the queue on shutdown, a worker storage refuses), already said in one
+    line by the task: keep Celery's line, drop the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from celery.exceptions import Reject
+
+        if record.exc_info and isinstance(record.exc_info[1], Reject):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 def _check_scorers() -> None:
     """Say at start, in one line, which scorer presets this worker could not load: a job with
     ``--score`` would fail every attempt here (the ``tiny`` set and directories need nothing)."""
@@ -147,6 +160,7 @@ def start_worker(settings: WorkerSettings) -> int:
     # Their debug logs print request headers (the access key id) and bodies: never at our debug level.
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("celery.app.trace").addFilter(ExpectedReject())
     check_broker()
     model_name = settings.model
     queue = queue_name(queue_prefix(), model_name)
