@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -137,6 +137,16 @@ def parse_where(text: str, fields: dict[str, str], what: str = "source field") -
     if kind not in NUMERIC_KINDS:
         raise UserError(f"--where {text!r}: field {resolved!r} is {kind}; --where compares numbers")
     return Condition(resolved, op, float(value), text=kind == "string")
+
+
+def _sliced(batches: Iterator[pa.RecordBatch], need: Callable[[], int]) -> Iterator[pa.RecordBatch]:
+    """``batches`` in slices of ``need()`` rows at most, asked again before each slice."""
+    for batch in batches:
+        start = 0
+        while start < batch.num_rows:
+            piece = batch.slice(start, need())
+            start += piece.num_rows
+            yield piece
 
 
 def prompt_keys(prompts: pa.Array, chunk: int = 8192) -> np.ndarray:
@@ -296,27 +306,38 @@ class Selector:
         """The selected rows, in source order."""
         s = self.selection
         sample = BottomSample(s.sample, s.sample_seed) if s.sample is not None else None
-        kept = self._filtered(batches)
+        left = s.limit
+        # With --limit and no --sample, the source's batches are taken in slices no larger than
+        # what the limit still needs (so reading, and rows_read, stop at the limit's row), or,
+        # when filters drop rows, at least a chunk, so a sparse filter does not crawl row by row.
+        floor = (
+            1
+            if not (self.conditions or self.wanted or self.seen is not None or s.min_chars or s.max_chars)
+            else 1024
+        )
+        need = (lambda: max(left, floor)) if left is not None and sample is None else None
+        kept = self._filtered(batches, need)
         if sample is not None:
             for batch in kept:
                 sample.add(batch)
             kept = sample.result()
-        left = s.limit
         passed = 0
-        for batch in kept:
+        for batch in kept if left is None or left > 0 else ():
             if left is not None:
-                if left <= 0:
-                    break
                 batch = batch.slice(0, left)
                 left -= batch.num_rows
             passed += batch.num_rows
             yield batch
+            if left is not None and left <= 0:
+                break
         kept.close()  # stops reading the source when the limit is reached
         self.counts["not_selected"] = self.eligible - passed
         self._check_matches()
 
-    def _filtered(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        for batch in batches:
+    def _filtered(
+        self, batches: Iterator[pa.RecordBatch], need: Callable[[], int] | None = None
+    ) -> Iterator[pa.RecordBatch]:
+        for batch in _sliced(batches, need) if need else batches:
             self.counts["rows_read"] += batch.num_rows
             batch = self._usable(batch)
             batch = self._keep(batch, self._filter_mask(batch), "skipped_filtered")

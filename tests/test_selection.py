@@ -203,3 +203,13 @@ def test_dedupe_across_many_batches_matches_a_plain_reference():
     log = pq.read_table(io.BytesIO(selector.duplicate_log.close())).to_pylist()
     assert all(prompts[d["duplicate_of"]] == prompts[d["source_row"]] for d in log)
     assert len(log) == selector.counts["duplicates"] == len(prompts) - len(first)
+
+
+def test_limit_reads_up_to_the_row_that_fills_it_even_inside_one_large_batch():
+    data = batches(["a", "b", "", "c", "d", "e", "f", "g", "h", "i"], size=10)  # one batch, as a TSV gives
+    rows, selector = select(Selection(limit=3), data)
+    assert prompts_of(rows) == ["a", "b", "c"]
+    assert (selector.counts["rows_read"], selector.counts["skipped_empty"]) == (4, 1)
+    assert selector.counts["not_selected"] == 0
+    rows, selector = select(Selection(limit=0), data)
+    assert rows == [] and selector.counts["rows_read"] == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import json
 import logging
 import os
 import signal
@@ -386,11 +387,13 @@ def cli(
 
 
 @cli.command("models")
-def list_models() -> None:
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per preset, a line each.")
+def list_models(as_json: bool) -> None:
     """List the model presets: steps, guidance, size, dtype, samplers, status, whether the
     revision is pinned, gating, VRAM class, conditioning modes, VAEs, commercial use, licence.
 
-    Under the table, why each preset that is not simply available or not pinned is so.
+    Under the table, why each preset that is not simply available or not pinned is so. The
+    table is wide (about 230 columns): --json gives the same facts for scripts and pipes.
     """
     columns = list(listing(presets()["tiny"]))
     rows = [("preset", *columns)]
@@ -398,13 +401,20 @@ def list_models() -> None:
     for name, p in sorted(presets().items()):
         facts = listing(p)
         rows.append((name, *(facts[c] for c in columns)))
+        why = None
         if facts["status"] != "available":
             try:
                 check_runnable(p)
             except UserError as e:
-                notes.append(str(e))
+                why = str(e)
+                notes.append(why)
         if p.get("revision_note"):
             notes.append(f"model {name}: {p['revision_note']}")
+        if as_json:
+            note = p.get("revision_note")
+            click.echo(json.dumps({"preset": name, **facts, "why": why, "revision_note": note}))
+    if as_json:
+        return
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for r in rows:  # the licence, free text, last and unpadded
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1])
@@ -427,6 +437,8 @@ def list_scorers() -> None:
     for name, p in scorer_presets().items():
         click.echo(f"{name}  {p['column']}  {p['repo']}@{p['revision']}  {p['licence']}")
         click.echo(f"    {p['description']}")
+    click.echo("tiny  (all three)  built locally, offline (worker/tiny_scorers.py)  random weights")
+    click.echo("    --score tiny (or NAME=tiny): to try scores without downloading; the numbers mean nothing")
 
 
 @scorers_group.command("convert-aesthetic")
