@@ -294,6 +294,8 @@ class StatusReader:
     def _pending(self, progress: Progress) -> tuple[set[int] | None, str | None]:
         """Shards of this job still in Redis, or (None, why) when Redis does not answer."""
         queue = progress.spec.get("queue")
+        if not progress.open_shards:
+            return set(), None  # nothing left to wait in a queue: Redis need not even be up
         if not self.use_redis or not queue:
             return None, "not asked"
         if self._redis_failed_at is not None and time.monotonic() - self._redis_failed_at < REDIS_RETRY_S:

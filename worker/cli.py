@@ -136,7 +136,7 @@ def _check_scorers() -> None:
 
     problem = unavailable(scoring_spec([",".join(scorer_presets())]), ask_hub=False)
     if problem:
-        log.warning("jobs with --score: %s", problem)
+        log.info("jobs with --score: %s", problem)
 
 
 def start_worker(settings: WorkerSettings) -> int:
