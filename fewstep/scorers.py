@@ -1,7 +1,10 @@
 """Scorer presets (``config/scorers.toml``) and the job spec's ``scoring`` entry.
 
 Pure data: no torch here, so the producer can turn ``--score clip,aesthetic=DIR`` and
-``--embeddings`` into the job spec without the GPU stack. The worker (``worker/scoring.py``)
+``--embeddings`` into the job spec without the GPU stack, and check (:func:`unavailable`) that
+the models it names can be had. ``--score tiny`` (or ``NAME=tiny``) names the locally built
+random-weight set (``builtin:tiny-clip``, ...; ``worker/tiny_scorers.py``);
+``aesthetic.backbone=...`` replaces the CLIP the aesthetic head reads. The worker (``worker/scoring.py``)
 loads what the spec says, never its own config, so every worker of a job scores alike::
 
     "scoring": {
@@ -202,7 +205,7 @@ def _hub_problem(model: str, revision: str | None, filename: str, ask_hub: bool)
     except (RepositoryNotFoundError, RevisionNotFoundError):
         return "not on the hub"
     except Exception:  # offline, proxy, DNS: the workers may still have it cached
-        return "not cached"
+        return "not cached, hub not reachable"
     return None
 
 
@@ -229,7 +232,7 @@ def unavailable(scoring: dict[str, Any] | None, *, ask_hub: bool = True) -> str 
             where = model
         else:
             problem = _hub_problem(model, revision, filename, ask_hub and not hub_down)
-            hub_down = hub_down or problem == "not cached"
+            hub_down = hub_down or bool(problem and problem.startswith("not cached"))
             where = label(model, revision)
             if problem:
                 downloads.append(f"hf download {model} --revision {revision}")

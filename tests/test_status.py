@@ -7,6 +7,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from fewstep.storage import open_store
 from tests.support import cli, cli_json, committed_metadata, run_worker_until_idle
 from tests.test_end_to_end import SAMPLE, enqueue
@@ -203,11 +205,8 @@ def test_jobs_and_status_in_a_pipe_keep_whole_names_and_watch_prints_a_frame_per
     assert all(name in listing for name in names) and "…" not in listing
     # --watch into a pipe: frames as the job is read, not one at the end (the job stays queued).
     command = [sys.executable, "-m", "producer", "status", names[0], "--output", output, "--watch"]
-    watcher = subprocess.Popen([*command, "--interval", "0.5"], env=piped, stdout=subprocess.PIPE, text=True)
-    try:
-        frames = [watcher.stdout.readline() for _ in range(40)]
-    finally:
-        watcher.kill()
-        watcher.communicate()
+    with pytest.raises(subprocess.TimeoutExpired) as stopped:
+        subprocess.run([*command, "--interval", "0.5"], env=piped, capture_output=True, timeout=20)
+    frames = (stopped.value.stdout or b"").decode().splitlines()
     headers = [line for line in frames if line.startswith(f"job {names[0]} [queued]")]
     assert len(headers) >= 2, frames
