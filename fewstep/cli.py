@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import functools
+import os
 import shlex
 
 import click
 
 from fewstep import console, services
 
-DEFAULT_DIR = ".fewstep/services"
+
+def default_dir() -> str:
+    """Where ``services start`` keeps its state unless ``--dir`` says: one place per user, so
+    ``services env`` and ``stop`` find it from any directory (``FEWSTEP_SERVICES_DIR`` overrides)."""
+    state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(state, "fewstep", "services")
 
 
 @click.group()
@@ -24,12 +30,20 @@ def services_group() -> None:
 
 
 DIR = click.option(
-    "--dir", "directory", default=DEFAULT_DIR, show_default=True, help="Data and state directory."
+    "--dir",
+    "directory",
+    default=default_dir,
+    envvar="FEWSTEP_SERVICES_DIR",
+    show_default="~/.local/state/fewstep/services",
+    help="Data and state directory (env FEWSTEP_SERVICES_DIR).",
 )
 
 
 def _exports(svc: services.Services) -> str:
-    return "\n".join(f"export {k}={shlex.quote(v)}" for k, v in svc.env().items())
+    env = svc.env()
+    if svc.buckets:  # what --output defaults to: jobs in the first bucket
+        env["FEWSTEP_OUTPUT"] = f"s3://{svc.buckets[0]}/jobs"
+    return "\n".join(f"export {k}={shlex.quote(v)}" for k, v in env.items())
 
 
 @services_group.command("start")
@@ -47,7 +61,8 @@ def services_start(directory: str, buckets: tuple[str, ...]) -> None:
         )
     else:
         click.echo("# already running", err=True)
-    click.echo(f'# load with: eval "$(fewstep services env --dir {shlex.quote(directory)})"', err=True)
+    where = "" if directory == default_dir() else f" --dir {shlex.quote(os.path.abspath(directory))}"
+    click.echo(f'# load with: eval "$(fewstep services env{where})"', err=True)
     click.echo(_exports(running))
 
 

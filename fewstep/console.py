@@ -8,9 +8,24 @@ import sys
 from collections.abc import Callable
 
 import click
+from rich.console import Console
 
 from fewstep import UserError
 from fewstep.storage import StorageError
+
+#: Width of tables written to a pipe or a file: wide enough that no column is cut (tables
+#: take their natural width, not this).
+PIPE_WIDTH = 1000
+
+
+def stdout_console() -> Console:
+    """A rich Console on stdout: a terminal's width there; in a pipe or a file (where rich would
+    assume 80 columns and cut identifiers to "sampl…") wide enough for any table, unless
+    ``COLUMNS`` says otherwise."""
+    console = Console()
+    if not console.is_terminal and not os.environ.get("COLUMNS"):
+        console = Console(width=PIPE_WIDTH)
+    return console
 
 
 def run(command: Callable[..., object], *, hard_exit: bool = False) -> None:

@@ -8,9 +8,9 @@ from S3 and copied to a local folder to look at.
 from __future__ import annotations
 
 import datetime as dt
-import io
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -71,6 +71,11 @@ def run_demo(prompts: str | None, out_dir: str) -> None:
                     output,
                     "--shard-size",
                     "8",
+                    # Scores with the tiny scorer set (random weights, built locally): offline,
+                    # and enough for `producer report` and `gallery --sort` to have something.
+                    "--score",
+                    "tiny",
+                    "--embeddings",
                 ],
                 env,
             )
@@ -119,21 +124,17 @@ def _follow(py: str, job: str, output: str, env: dict[str, str], worker: subproc
 def _summarise(job: str, output: str, status: dict, out_dir: Path, elapsed: float) -> None:
     job_store = open_store(output).child(job)
     local = out_dir / job
-    tables = []
-    for key, _ in job_store.list(f"{METADATA}/"):
-        data = job_store.get(key)
-        (local / key).parent.mkdir(parents=True, exist_ok=True)
-        (local / key).write_bytes(data)
-        tables.append(pq.read_table(io.BytesIO(data)))
-    table = pa.concat_tables(tables).sort_by("row_id")
-    for key in table.column("image_key").to_pylist():
+    # The whole job folder: every producer command works on it, with --output OUT_DIR (a local
+    # directory is an output location like a bucket), after the services are gone.
+    for key, _ in job_store.list():
         (local / key).parent.mkdir(parents=True, exist_ok=True)
         (local / key).write_bytes(job_store.get(key))
-    (local / "job.json").write_bytes(job_store.get("job.json"))
+    tables = [pq.read_table(local / key) for key, _ in job_store.list(f"{METADATA}/")]
+    table = pa.concat_tables(tables).sort_by("row_id")
     click.echo("")
     click.echo(f"done in {elapsed:.1f}s: {status['images_done']} images in {status['shards_done']} shards")
     click.echo(f"in S3:   {job_store.url}/images/ and {job_store.url}/metadata/ (services now stopped)")
-    click.echo(f"locally: {local}/images/ and {local}/metadata/")
+    click.echo(f"locally: {local}/images/ and {local}/metadata/ (the whole job folder)")
     click.echo("")
     rows = table.select(["image_name", "seed", "bytes", "category", "prompt"]).slice(0, 5).to_pylist()
     for r in rows:
@@ -142,3 +143,16 @@ def _summarise(job: str, output: str, status: dict, out_dir: Path, elapsed: floa
             f"{r['category']:<14} {r['prompt'][:50]}"
         )
     click.echo(f"  ... {table.num_rows} rows; read them with pandas.read_parquet('{local}/metadata')")
+    producer = shutil.which("producer") or os.path.relpath(Path(sys.executable).with_name("producer"))
+    where = shlex.quote(str(out_dir))
+    click.echo("")
+    click.echo("next, on the local copy (README: After the demo; a local directory works as --output):")
+    for command, what in (
+        (f"status {job} --output {where}", "progress, rate, workers, errors"),
+        (f"gallery {job} --output {where} --by category", f"contact sheet: {local}/gallery/index.html"),
+        (f"report {job} --output {where} --by category", f"score plots: {local}/report/index.html"),
+    ):
+        click.echo(f"  {producer} {command}    # {what}")
+    click.echo(
+        "  (the scores come from --score tiny: random weights, to try the commands; see docs/SCORES.md)"
+    )

@@ -7,7 +7,7 @@ import json
 
 import click
 
-from fewstep import console
+from fewstep import UserError, console
 from fewstep.contract import LAYOUTS
 from fewstep.presets import ALLOW_SYNTHETIC_ENV
 from fewstep.settings import load_config
@@ -27,6 +27,8 @@ from producer.sources.job import JobSource
 from producer.sources.journeydb import TEXT_FIELDS, JourneyDB
 from producer.sources.partiprompts import PartiPrompts
 from producer.verify import verify_command
+
+IMAGE_FORMATS = ("png", "jpeg", "webp")
 
 
 def _job_option_list(image_format_flags: tuple[str, ...]) -> list:
@@ -50,7 +52,7 @@ def _job_option_list(image_format_flags: tuple[str, ...]) -> list:
         click.option(
             *image_format_flags,
             "image_format",
-            type=click.Choice(["png", "jpeg", "webp"]),
+            type=click.Choice(IMAGE_FORMATS),
             help="Image format [png].",
         ),
         click.option("--quality", type=click.IntRange(1, 100), help="JPEG/WebP quality [90]."),
@@ -66,7 +68,17 @@ def _job_option_list(image_format_flags: tuple[str, ...]) -> list:
             multiple=True,
             metavar="clip,aesthetic,nsfw[,NAME=PATH_OR_HUB_ID]",
             help="Score every image on the worker (config/scorers.toml): clip_score, aesthetic, "
-            "nsfw_score; NAME=DIR or NAME=owner/repo[@revision] replaces a scorer's model.",
+            "nsfw_score; NAME=DIR or NAME=owner/repo[@revision] replaces a scorer's model, "
+            "aesthetic.backbone=... the CLIP the aesthetic head reads; `tiny` (or NAME=tiny): "
+            "random-weight scorers built locally, to try it offline.",
+        ),
+        click.option(
+            "--no-scorer-check",
+            "check_scorers",
+            flag_value=False,
+            default=True,
+            help="Enqueue --score even where this machine cannot find the scorer weights "
+            "(only the workers have them).",
         ),
         click.option(
             "--embeddings",
@@ -303,10 +315,26 @@ def enqueue_journeydb(path: str, field: str, carry: tuple[str, ...], **flags) ->
     run_enqueue(JourneyDB(path, field=field, carry=carry or None), **flags)
 
 
+class InputFormat(click.Choice):
+    """``enqueue file``'s ``--format``: the prompt file's format; an image format given here is
+    pointed to ``--image-format``."""
+
+    def convert(self, value, param, ctx):
+        if value in IMAGE_FORMATS or value == "jpg":
+            raise UserError(
+                f"--format {value}: for `enqueue file`, --format is the prompt file's format "
+                f"({', '.join(FORMATS)}); the images' format is --image-format {value.replace('jpg', 'jpeg')}"
+            )
+        return super().convert(value, param, ctx)
+
+
 @enqueue_group.command("file")
 @click.argument("path", metavar="PATH_OR_URL")
 @click.option(
-    "--format", "input_format", type=click.Choice(FORMATS), help="Input format [from the file name]."
+    "--format",
+    "input_format",
+    type=InputFormat(FORMATS),
+    help="Input format [from the file name] (the image format is --image-format).",
 )
 @click.option("--column", metavar="NAME", help="The prompt column; a dot path in JSON (Task2.Caption).")
 @CARRY

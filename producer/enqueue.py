@@ -37,7 +37,7 @@ from fewstep.contract import (
 )
 from fewstep.presets import check_generation, check_runnable, resolve_model
 from fewstep.queue import celery_app, check_broker, pending_messages, redis_client, send_shards
-from fewstep.scorers import scoring_spec
+from fewstep.scorers import scoring_spec, unavailable
 from fewstep.settings import defaults, queue_prefix
 from fewstep.storage import Store, check_conditional_writes, open_store
 from producer.conditioning import ConditioningOptions, choose_condition, conditioning_spec, default_steps
@@ -75,6 +75,8 @@ class JobOptions:
     #: ``--score`` values (``clip,aesthetic,nsfw[,NAME=PATH_OR_HUB_ID]``) and ``--embeddings``.
     score: tuple[str, ...] = ()
     embeddings: bool = False
+    #: Refuse scorer models this machine can neither find in its cache nor on the hub.
+    check_scorers: bool = True
 
 
 def _pick(flag, fallback):
@@ -144,6 +146,9 @@ def build_spec(source: PromptSource, opts: JobOptions, selector: Selector) -> di
     scoring = scoring_spec(opts.score, opts.embeddings)
     if scoring is not None:  # absent otherwise: jobs without scores keep their identity
         spec["scoring"] = scoring
+        problem = unavailable(scoring) if opts.check_scorers else None
+        if problem:  # every shard would fail its attempts on the worker: say so now
+            raise UserError(f"{problem} (--no-scorer-check: only the workers have them)")
     return spec
 
 

@@ -51,6 +51,7 @@ from fewstep.contract import (
     LAYOUT_FILES,
     LAYOUT_WEBDATASET,
     NEAR_DUPLICATE_COLUMN,
+    WEBDATASET,
     dataset_metadata_key,
     job_layout,
     job_metadata_schema,
@@ -70,6 +71,7 @@ from producer.selection import Condition, parse_where
 from producer.tar_shards import part_tar
 
 _DATASET_FILE = re.compile(r"metadata(-\d{5}-of-\d{5})?\.parquet")
+_WEBDATASET_TAR = re.compile(rf"{WEBDATASET}/part-\d{{6}}\.tar")
 
 
 def describe_missing(progress: Progress, limit: int = 10) -> str:
@@ -382,6 +384,11 @@ def finalize(
     for key, _size in list(job_store.list("metadata")):
         if _DATASET_FILE.fullmatch(key) and key not in keys:
             job_store.delete(key)  # left by an earlier finalize that split the rows differently
+    for key, _size in list(job_store.list(f"{WEBDATASET}/")):
+        if _WEBDATASET_TAR.fullmatch(key) and key not in tars:
+            # An earlier finalize --webdataset's: finalized.json lists the dataset's tars, and a
+            # tar it does not list would hold rows a --where of this finalize dropped.
+            job_store.delete(key)
 
     def when(t: dt.datetime | None) -> str | None:
         return t.isoformat(timespec="seconds") if t else None
@@ -487,7 +494,12 @@ def finalize_command(
     for step in summary["filters"]:
         what = step.get("where") or "near duplicates"
         click.echo(f"filter {what}: removed {step['removed']:,} of {summary['committed_rows']:,} rows")
-    if summary["webdataset"]:
-        click.echo(f"webdataset: {len(summary['webdataset']):,} tar shards under {store.url}/webdataset/")
+    if summary["webdataset"] and summary["layout"] == LAYOUT_WEBDATASET:
+        click.echo(
+            f"webdataset: the job's own {len(summary['webdataset']):,} tar shards, one per shard under "
+            f"{store.url}/images/ (finalized.json lists them)"
+        )
+    elif summary["webdataset"]:
+        click.echo(f"webdataset: {len(summary['webdataset']):,} tar shards under {store.url}/{WEBDATASET}/")
     if summary["partial"]:
         click.echo(f"partial: {summary['missing_rows']:,} prompts missing in {summary['missing']}")

@@ -12,11 +12,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import click
-from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from fewstep import UserError
+from fewstep.console import stdout_console
 from fewstep.contract import FINALIZED_KEY
 from fewstep.storage import KeyMissing, Store, open_store
 from producer.options import JSON, OUTPUT
@@ -86,4 +86,4 @@ def jobs_command(output: str, as_json: bool) -> None:
             str(r.get("created_at") or "")[:19].replace("T", " "),
             finalized,
         )
-    Console().print(table)
+    stdout_console().print(table)

@@ -10,13 +10,24 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from fewstep import UserError
 from fewstep.contract import check_job_name
 from fewstep.storage import Store, open_store
+
+
+def _required_output(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str:
+    if not value:
+        raise UserError(
+            "no output location: pass --output s3://BUCKET/PREFIX (or a local directory), or set "
+            "FEWSTEP_OUTPUT (`fewstep services start` prints one for its bucket)"
+        )
+    return value
+
 
 OUTPUT = click.option(
     "--output",
     envvar="FEWSTEP_OUTPUT",
-    required=True,
+    callback=_required_output,
     metavar="URL",
     help="Where jobs live: s3://BUCKET/PREFIX or a local directory (env FEWSTEP_OUTPUT).",
 )

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,7 +82,9 @@ class Condition:
     field: str
     op: str
     value: float
-    text: bool  # the field is text holding numbers (CSV, TSV)
+    text: bool  # the field is text that may hold numbers (CSV, TSV cells have no type)
+    #: For a text field: how many values so far were numbers and how many other text.
+    seen: dict[str, int] = field(default_factory=lambda: {"numbers": 0, "text": 0}, compare=False)
 
     def __str__(self) -> str:
         return f"{self.field}{'==' if self.op == '=' else self.op}{self.value:g}"
@@ -91,10 +93,28 @@ class Condition:
         column = batch.column(self.field)
         if self.text:
             numeric = pc.match_substring_regex(column, _NUMBER)
+            self._check_holds_numbers(column, numeric)
             column = pc.cast(pc.if_else(numeric, pc.utf8_trim_whitespace(column), None), pa.float64())
         elif pa.types.is_boolean(column.type):
             column = pc.cast(column, pa.float64())
         return pc.fill_null(_COMPARE[self.op](column, self.value), False)
+
+    def _check_holds_numbers(self, column: pa.Array, numeric: pa.Array) -> None:
+        """Refuse a text field that holds words, not numbers (PartiPrompts' ``category``): one
+        whose values so far, from the first batch on, include text and not a single number. A
+        numeric column with an odd ``N/A`` still compares (that row is removed, like a null)."""
+        numbers = pc.sum(pc.cast(pc.fill_null(numeric, False), pa.int64())).as_py() or 0
+        blank = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(column), ""), True)
+        words = pc.and_(pc.invert(blank), pc.invert(pc.fill_null(numeric, False)))
+        count = pc.sum(pc.cast(words, pa.int64())).as_py() or 0
+        self.seen["numbers"] += numbers
+        self.seen["text"] += count
+        if self.seen["text"] and not self.seen["numbers"]:
+            example = pc.filter(column, words)[0].as_py()
+            raise UserError(
+                f"--where {self}: field {self.field!r} is text ({example[:40]!r} is not a number); "
+                "--where compares numbers"
+            )
 
 
 def parse_where(text: str, fields: dict[str, str], what: str = "source field") -> Condition:
@@ -109,12 +129,24 @@ def parse_where(text: str, fields: dict[str, str], what: str = "source field") -
     columns = {**fields, "source_row": "int64"}
     resolved = name if name in columns else f"source_{name}" if f"source_{name}" in columns else None
     if resolved is None:
-        numeric = sorted(n for n, k in columns.items() if k in NUMERIC_KINDS)
-        raise UserError(f"--where {text!r}: no {what} {name!r} (numeric ones: {', '.join(numeric)})")
+        numeric = sorted(n for n, k in columns.items() if k in NUMERIC_KINDS and k != "string")
+        texts = sorted(n for n, k in columns.items() if k == "string")
+        also = f"; text ones, compared where they hold numbers: {', '.join(texts)}" if texts else ""
+        raise UserError(f"--where {text!r}: no {what} {name!r} (numeric ones: {', '.join(numeric)}{also})")
     kind = columns[resolved]
     if kind not in NUMERIC_KINDS:
         raise UserError(f"--where {text!r}: field {resolved!r} is {kind}; --where compares numbers")
     return Condition(resolved, op, float(value), text=kind == "string")
+
+
+def _sliced(batches: Iterator[pa.RecordBatch], need: Callable[[], int]) -> Iterator[pa.RecordBatch]:
+    """``batches`` in slices of ``need()`` rows at most, asked again before each slice."""
+    for batch in batches:
+        start = 0
+        while start < batch.num_rows:
+            piece = batch.slice(start, need())
+            start += piece.num_rows
+            yield piece
 
 
 def prompt_keys(prompts: pa.Array, chunk: int = 8192) -> np.ndarray:
@@ -274,27 +306,38 @@ class Selector:
         """The selected rows, in source order."""
         s = self.selection
         sample = BottomSample(s.sample, s.sample_seed) if s.sample is not None else None
-        kept = self._filtered(batches)
+        left = s.limit
+        # With --limit and no --sample, the source's batches are taken in slices no larger than
+        # what the limit still needs (so reading, and rows_read, stop at the limit's row), or,
+        # when filters drop rows, at least a chunk, so a sparse filter does not crawl row by row.
+        floor = (
+            1
+            if not (self.conditions or self.wanted or self.seen is not None or s.min_chars or s.max_chars)
+            else 1024
+        )
+        need = (lambda: max(left, floor)) if left is not None and sample is None else None
+        kept = self._filtered(batches, need)
         if sample is not None:
             for batch in kept:
                 sample.add(batch)
             kept = sample.result()
-        left = s.limit
         passed = 0
-        for batch in kept:
+        for batch in kept if left is None or left > 0 else ():
             if left is not None:
-                if left <= 0:
-                    break
                 batch = batch.slice(0, left)
                 left -= batch.num_rows
             passed += batch.num_rows
             yield batch
+            if left is not None and left <= 0:
+                break
         kept.close()  # stops reading the source when the limit is reached
         self.counts["not_selected"] = self.eligible - passed
         self._check_matches()
 
-    def _filtered(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        for batch in batches:
+    def _filtered(
+        self, batches: Iterator[pa.RecordBatch], need: Callable[[], int] | None = None
+    ) -> Iterator[pa.RecordBatch]:
+        for batch in _sliced(batches, need) if need else batches:
             self.counts["rows_read"] += batch.num_rows
             batch = self._usable(batch)
             batch = self._keep(batch, self._filter_mask(batch), "skipped_filtered")

@@ -24,6 +24,7 @@ from fewstep.contract import (
     parse_time,
     part_name,
     shard_of_key,
+    shard_rows,
 )
 from fewstep.queue import pending_messages, redis_client
 from fewstep.settings import defaults, describe_error
@@ -57,6 +58,13 @@ def _failure(shard: int, marker: dict[str, Any]) -> dict[str, Any]:
         "worker": marker.get("worker"),
         "at": marker.get("failed_at") or marker.get("at") or marker.get("finished_at"),
     }
+
+
+def _error_of_job(error: object, job_url: str | None) -> bool:
+    """Whether a heartbeat's ``last_error`` is this job's: a worker writes its heartbeat to the
+    job in progress, and its last error may come from another job (older workers did not say
+    which, so an error that names no job is not shown)."""
+    return isinstance(error, dict) and bool(job_url) and error.get("job_url") == job_url
 
 
 @dataclass
@@ -94,6 +102,14 @@ class JobStatus:
         if self.pending is None:
             return None
         return self.pending - self.progress.committed - self.progress.failed - self.running
+
+    @property
+    def unqueued(self) -> set[int] | None:
+        """Open shards neither in Redis nor running: lost from the queue (Redis flushed, or
+        restarted empty); ``producer reconcile`` sends them again. None when Redis is unknown."""
+        if self.pending is None:
+            return None
+        return set(self.progress.open_shards) - self.pending - self.running
 
     def rate(self) -> tuple[float | None, str | None]:
         """Current images/s of the job and where the figure comes from."""
@@ -154,23 +170,29 @@ class JobStatus:
         ]
         weight = sum(w for _f, w in idle)
         totals["gpu_idle_fraction"] = round(sum(f * w for f, w in idle) / weight, 4) if weight else None
+        # What was idle: "GPU" when the shards ran on CUDA (worker ids are host:pid:device).
+        devices = {str(s.get("worker") or "").split(":", 2)[-1] for s in self.stats.values()}
+        totals["device"] = "GPU" if all(d.startswith("cuda") for d in devices) else "device"
         return totals
 
     def summary(self) -> dict[str, Any]:
         """Everything as one JSON-ready object (the keys of the plain progress summary first)."""
         p = self.progress
         rate, source = self.rate()
-        remaining = int(p.spec["counts"]["prompts"]) - p.images_done
+        remaining = sum(shard_rows(p.spec, s) for s in p.open_shards)  # failed shards wait for no one
         created = parse_time(p.spec.get("created_at"))
-        queued = self.queued
+        queued, unqueued = self.queued, self.unqueued
+        # Without a live worker nothing moves, whatever the recent rate was: no ETA.
+        eta = round(remaining / rate, 1) if rate and remaining > 0 and self.live_workers else None
         return {
             **p.summary(),
             "shards_running": len(self.running),
             "shards_queued": None if queued is None else len(queued),
+            "shards_unqueued": None if unqueued is None else len(unqueued),
             "shards_open": len(p.open_shards),
             "images_per_s": None if rate is None else round(rate, 3),
             "rate_source": source,
-            "eta_s": round(remaining / rate, 1) if rate and remaining > 0 and p.state != "done" else None,
+            "eta_s": eta,
             "created_at": p.spec.get("created_at"),
             "elapsed_s": round((self.read_at - created).total_seconds(), 1) if created else None,
             "read_at": self.read_at.isoformat(timespec="seconds"),
@@ -211,7 +233,7 @@ class StatusReader:
         status.stats = {s: v for s, v in stats.items() if v is not None}
         failed = self._read_folder(FAILED, listing=progress.listings[FAILED])
         status.failures = {s: _failure(s, v or {}) for s, v in failed.items() if s in progress.failed}
-        status.workers = self._workers(now)
+        status.workers = self._workers(now, progress.spec.get("job_url"))
         status.pending, status.redis_error = self._pending(progress)
         status.observed_rate = self._observe(progress.images_done)
         return status
@@ -249,7 +271,7 @@ class StatusReader:
         with ThreadPoolExecutor(min(self.threads, len(keys))) as pool:
             return list(pool.map(get, keys))
 
-    def _workers(self, now: dt.datetime) -> list[dict[str, Any]]:
+    def _workers(self, now: dt.datetime, job_url: str | None) -> list[dict[str, Any]]:
         keys = [key for key, _size in self.job_store.list(f"{WORKERS}/") if key.endswith(".json")]
         workers = []
         for _key, beat in self._fetch(keys):
@@ -257,13 +279,23 @@ class StatusReader:
                 continue
             age = heartbeat_age(beat, now)
             live = heartbeat_live(beat, now, self.stale_after_intervals)
-            workers.append({**beat, "age_s": None if age is None else round(max(age, 0.0), 1), "live": live})
+            error = beat.get("last_error")
+            workers.append(
+                {
+                    **beat,
+                    "last_error": error if _error_of_job(error, job_url) else None,
+                    "age_s": None if age is None else round(max(age, 0.0), 1),
+                    "live": live,
+                }
+            )
         workers.sort(key=lambda w: (not w["live"], str(w.get("worker"))))
         return workers
 
     def _pending(self, progress: Progress) -> tuple[set[int] | None, str | None]:
         """Shards of this job still in Redis, or (None, why) when Redis does not answer."""
         queue = progress.spec.get("queue")
+        if not progress.open_shards:
+            return set(), None  # nothing left to wait in a queue: Redis need not even be up
         if not self.use_redis or not queue:
             return None, "not asked"
         if self._redis_failed_at is not None and time.monotonic() - self._redis_failed_at < REDIS_RETRY_S:

@@ -16,6 +16,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from fewstep.console import stdout_console
 from fewstep.settings import defaults
 from producer.options import JSON, OUTPUT, job_store
 from producer.status import JobStatus, StatusReader
@@ -65,6 +66,14 @@ def _bar(done: int, total: int) -> Table:
     return row
 
 
+def _eta(s: dict) -> str:
+    if s["state"] in FINISHED:
+        return "-"
+    if s["eta_s"] is None and not s["workers_live"]:
+        return "- (no live worker)"
+    return duration(s["eta_s"])
+
+
 def render(status: JobStatus) -> Group:
     """One frame of the view."""
     s = status.summary()
@@ -100,10 +109,7 @@ def render(status: JobStatus) -> Group:
     bars.add_row(
         Text("images", style="bold"),
         _bar(s["images_done"], s["images_total"]),
-        Text(
-            f"{rate} img/s · ETA {duration(s['eta_s']) if s['state'] != 'done' else '-'}"
-            f" · elapsed {duration(s['elapsed_s'])}"
-        ),
+        Text(f"{rate} img/s · ETA {_eta(s)} · elapsed {duration(s['elapsed_s'])}"),
     )
 
     parts: list = [header, bars]
@@ -111,6 +117,14 @@ def render(status: JobStatus) -> Group:
     if not queue["reachable"]:
         why = "not asked" if queue["error"] == "not asked" else f"not reachable ({queue['error']})"
         parts.append(Text(f"Redis {why}: queued shards unknown", style="yellow"))
+    if s["shards_unqueued"] and s["state"] not in FINISHED:
+        parts.append(
+            Text(
+                f"{s['shards_unqueued']:,} open shards are neither queued nor running (Redis flushed or "
+                f"restarted empty?): `producer reconcile {s['job']}` sends them again",
+                style="yellow",
+            )
+        )
     stages = s["stages"]
     if stages:
         idle = stages["gpu_idle_fraction"]
@@ -121,7 +135,7 @@ def render(status: JobStatus) -> Group:
                     g=duration(stages["generate_s"]),
                     e=duration(stages["encode_s"]),
                     u=duration(stages["upload_s"]),
-                    idle="" if idle is None else f" · GPU idle {100 * idle:.1f}%",
+                    idle="" if idle is None else f" · {stages['device']} idle {100 * idle:.1f}%",
                 ),
                 style="dim",
             )
@@ -162,9 +176,23 @@ def render(status: JobStatus) -> Group:
 
 
 def watch(reader: StatusReader, interval: float, console: Console | None = None) -> JobStatus:
-    """Redraw the status every ``interval`` seconds until the job is finished or Ctrl-C."""
-    console = console or Console()
+    """Redraw the status every ``interval`` seconds until the job is finished or Ctrl-C; in a
+    pipe or a file (no terminal to redraw on), print one whole frame per refresh instead."""
+    console = console or stdout_console()
     status = reader.read()
+    if not console.is_terminal:
+        try:
+            while True:
+                console.print(render(status))
+                console.print()
+                console.file.flush()
+                if status.progress.state in FINISHED:
+                    break
+                time.sleep(interval)
+                status = reader.read()
+        except KeyboardInterrupt:
+            pass
+        return status
     with Live(render(status), console=console, auto_refresh=False) as live:
         try:
             while status.progress.state not in FINISHED:
@@ -211,4 +239,4 @@ def status_command(
     if as_json:
         click.echo(json.dumps(status.summary()))
     else:
-        Console().print(render(status))
+        stdout_console().print(render(status))

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from tests.conftest import BUCKET
@@ -102,3 +106,43 @@ def test_worker_with_unreachable_redis(env):
         "worker", "--model", "tiny", env={**env, "CELERY_BROKER_URL": "redis://127.0.0.1:9/0"}, check=False
     )
     assert_one_line_error(result, "cannot reach Redis at redis://127.0.0.1:9/0")
+
+
+def test_missing_output_names_fewstep_output(env):
+    bare = {k: v for k, v in env.items() if k != "FEWSTEP_OUTPUT"}
+    result = cli("producer", "finalize", "parti", env=bare, check=False)
+    assert_one_line_error(result, "no output location: pass --output", "set FEWSTEP_OUTPUT")
+
+
+def test_file_source_points_an_image_format_to_image_format(env, tmp_path):
+    (tmp_path / "p.txt").write_text("a cat\n")
+    result = cli(
+        "producer", "enqueue", "file", str(tmp_path / "p.txt"), "--format", "jpeg", "--model", "tiny",
+        "--job", "x", "--output", str(tmp_path / "out"), env=env, check=False,
+    )  # fmt: skip
+    assert_one_line_error(result, "--format jpeg", "the images' format is --image-format jpeg")
+
+
+def test_services_env_prints_fewstep_output_and_works_from_any_directory(tmp_path):
+    from click.testing import CliRunner
+
+    from fewstep import services
+    from fewstep.cli import cli as fewstep_cli
+
+    state = tmp_path / "svc"
+    started = services.start(state, ["fewstep"])
+    try:
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        result = subprocess.run(
+            [sys.executable, "-m", "fewstep", "services", "env"], cwd=elsewhere, text=True,
+            capture_output=True, env={**os.environ, "FEWSTEP_SERVICES_DIR": str(state)},
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert "export FEWSTEP_OUTPUT=s3://fewstep/jobs" in result.stdout
+        assert f"export AWS_ENDPOINT_URL_S3={started.s3_endpoint}" in result.stdout
+        # The default state directory does not depend on the current one.
+        default = CliRunner().invoke(fewstep_cli, ["services", "env", "--help"]).output
+        assert "~/.local/state/fewstep/services" in default
+    finally:
+        started.stop()

@@ -124,6 +124,7 @@ def jobs(local_services, model_cache, tmp_path_factory):
         }  # fmt: skip
         names = ("corrupt.png", "truncated.jpg", "huge.png", "missing.png", "wrong digest", "large.png")
         bad = [Row(n, (tmp / n).as_uri()) for n in names]
+        bad[3] = Row("missing.png", (tmp / "missing.png").as_uri(), source="missing.png")  # as written
         bad[4] = Row("wrong digest", local, sha256="0" * 64)
         made["broken"] = enqueue_conditioned(
             output, "broken", controlnet, bad, condition="as-is", shard_size=1, width=SIZE, height=SIZE
@@ -283,6 +284,7 @@ def test_broken_rows_fail_their_shard_with_one_clear_line_and_the_worker_keeps_s
     )
     assert "row 2 (" in failed[3] and "8100x8100 image (65.6 MP) is above the limit of 64.0 MP" in failed[3]
     assert "row 3 (" in failed[4] and "missing.png): conditioning image not found" in failed[4]
+    assert "looked for at /" in failed[4]  # the path as written, and where it was looked for
     assert (
         "row 4 (" in failed[5]
         and f"has sha256 {_sha(jobs['files']['astronaut.png'])}, the manifest expects 0000" in failed[5]

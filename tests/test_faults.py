@@ -195,6 +195,10 @@ def test_c_sigterm_past_the_grace_period_returns_the_shard_to_the_queue(env, out
     assert not store.exists(metadata_key(1))
     assert queue_length(redis_client(), job["queue"]) == 1  # rejected back onto the queue
     assert [r["state"] for r in attempt_records(url, 1)] == ["interrupted"]
+    # An expected path: the task's warning and Celery's one line, no traceback.
+    log = (tmp_path / "a.log").read_text(errors="replace")
+    assert "shutdown grace over, returning it to the queue" in log and "worker shutting down" in log
+    assert "Traceback" not in log, log[-3000:]
     finish("requeue", output, env, tmp_path, 16)
     assert [r["state"] for r in attempt_records(url, 1)] == ["interrupted", "committed"]
     assert not store.exists(failed_key(1))

@@ -119,6 +119,9 @@ def test_incomplete_job_is_refused_partial_says_what_is_missing_and_the_finished
     assert len(part) == 8
 
     check_webdataset(store, table, done["webdataset"], tmp_path)
+    # Finalized again without --webdataset: the earlier tars go, as finalized.json says.
+    again = cli_json("producer", "finalize", "final", "--output", output, env=env)
+    assert again["webdataset"] == [] and list(store.list("webdataset/")) == []
 
 
 def check_webdataset(store, table: pa.Table, tars: list[str], tmp_path) -> None:

@@ -19,7 +19,7 @@ from fewstep import UserError
 from tests.support import cli, wait_done, wait_for
 from tests.test_cli_errors import assert_one_line_error
 from tests.test_end_to_end import SAMPLE, enqueue
-from worker.launcher import child_argv, parse_gpus, visible_gpus
+from worker.launcher import child_argv, nvidia_devices, parse_gpus, visible_gpus
 
 
 def launch(env, log: Path, *args: str) -> subprocess.Popen:
@@ -106,6 +106,14 @@ def test_gpus_all_without_nvidia_smi_is_one_clear_error(env, tmp_path):
     result = cli("worker", "--model", "tiny", "--gpus", "all", env=bare_path, check=False)
     assert_one_line_error(result, "--gpus all", "nvidia-smi not found")
     assert result.returncode == 2
+
+
+@pytest.mark.skipif(bool(nvidia_devices()), reason="this machine has NVIDIA device files")
+def test_gpus_on_a_machine_without_gpus_start_no_worker(env, tmp_path):
+    bare_path = {**env, "PATH": f"{tmp_path}:{os.path.dirname(sys.executable)}"}  # no nvidia-smi
+    result = cli("worker", "--model", "tiny", "--gpus", "0,1", env=bare_path, check=False, timeout=60)
+    assert_one_line_error(result, "--gpus 0,1: this machine has no NVIDIA GPU", "--device cpu")
+    assert "starting" not in result.stdout
 
 
 def test_gpus_are_counted_with_nvidia_smi(tmp_path, monkeypatch):

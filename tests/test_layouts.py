@@ -31,6 +31,7 @@ from producer.verify import verify
 from tests.conftest import BUCKET
 from tests.support import (
     attempt_records,
+    cli,
     cli_json,
     committed_metadata,
     config_dir,
@@ -207,6 +208,9 @@ def test_finalize_gallery_and_gc_work_on_webdataset_and_parquet_jobs(jobs):
                 assert tar.extractfile("000000000000.txt").read().decode() == prompts[0]
         else:  # the worker's tars are the shards: nothing rewritten
             assert summary["webdataset"] == objects and not list(store.list("webdataset/"))
+            said = cli("producer", "finalize", layout, "--output", output, "--webdataset", env=_env).stdout
+            assert "the job's own 2 tar shards" in said and f"{store.url}/images/" in said
+            assert f"{store.url}/webdataset/" not in said  # no such folder: nothing was written there
         gallery = make_gallery(store, n=4)
         thumbs = [k for k, _ in store.list("gallery/thumbs/")]
         assert gallery["images"] == 4 and len(thumbs) == 4

@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from click.testing import CliRunner
@@ -122,3 +124,13 @@ def test_worker_models_lists_revision_gating_vram_modes_vaes_and_notes():
     assert dict(zip(columns, rows["sd35-large-turbo"], strict=False))["gated"] == "yes"
     assert dict(zip(columns, rows["yoso-sd15-1step"], strict=False))["revision"] == "unpinned"
     assert f"model yoso-sd15-1step: {presets()['yoso-sd15-1step']['revision_note']}" in notes
+
+
+def test_worker_models_json_gives_every_preset_whole_a_line_each():
+    from worker.cli import cli
+
+    lines = CliRunner().invoke(cli, ["models", "--json"]).output.splitlines()
+    rows = {r["preset"]: r for r in map(json.loads, lines)}
+    assert set(rows) == set(presets())
+    assert rows["sdxl-turbo"]["vaes"] == "default,fp16-fix" and rows["tiny"]["why"] is None
+    assert "pickle" in rows["dmd2-sdxl-1step"]["why"]

@@ -48,6 +48,7 @@ from producer.verify import verify
 from tests.replicas import scorers as replicas
 from tests.replicas.hub import HubCache, offline
 from tests.support import cli, cli_json, committed_metadata, run_worker_until_done, verify_job
+from tests.test_cli_errors import assert_one_line_error
 from tests.test_faults_tokens import forced_thread_switching, write_prompt_file
 from tests.test_token_count import fresh_counts, prompts_from_1_to_300_tokens, tiny_directory
 
@@ -152,11 +153,13 @@ def test_worker_scores_like_an_independent_clip_commits_embeddings_and_producer_
 ):
     prompts = prompts_from_1_to_300_tokens(8, seed=3)  # cut at 77 tokens by CLIP, and short ones
     path = write_prompt_file(tmp_path / "p.tsv", prompts)
-    scored = enqueue(env, output, "scored", path, "--shard-size", "4", "--score", "clip,aesthetic",
-                     "--score", "nsfw", "--embeddings")  # fmt: skip
+    # enqueue checks that the scorer weights are in the cache (the same one as the worker's here).
+    scored = enqueue({**env, "HF_HUB_CACHE": str(scorer_hub.root)}, output, "scored", path, "--shard-size",
+                     "4", "--score", "clip,aesthetic", "--score", "nsfw", "--embeddings")  # fmt: skip
     # The other two in this process (a CLI start costs seconds): a webdataset job, and one without --score.
-    tar = enqueue_here(output, "tar", write_prompt_file(tmp_path / "t.tsv", prompts[:4]),
-                       layout="webdataset", score=("clip",), embeddings=True)  # fmt: skip
+    with offline(scorer_hub.root):
+        tar = enqueue_here(output, "tar", write_prompt_file(tmp_path / "t.tsv", prompts[:4]),
+                           layout="webdataset", score=("clip",), embeddings=True)  # fmt: skip
     plain = enqueue_here(output, "plain", write_prompt_file(tmp_path / "q.tsv", prompts[:2]))
     # One worker for the three jobs, switching threads every 10 µs, reading ahead: the device
     # thread scores (tokenizing with the scorer's tokenizer) while other threads count tokens.
@@ -286,7 +289,9 @@ def test_score_option_records_presets_and_overrides_and_refuses_unknown_scorers(
     for score, message in (
         ("clip=not a hub id", "neither a local directory nor a hub id"),
         (f"aesthetic={tmp_path}", "the directory has no model.safetensors"),
-        ("clip=", "give a local directory or a hub id"),
+        ("clip=", "give tiny, a local directory or a hub id"),
+        ("aesthetic.backbone", "give aesthetic.backbone=DIR"),
+        (f"aesthetic.backbone={local}", "add aesthetic to --score"),
     ):
         with pytest.raises(UserError, match=message):
             scoring_spec([score])
@@ -297,7 +302,8 @@ def test_score_option_records_presets_and_overrides_and_refuses_unknown_scorers(
         "--output", str(tmp_path / "out"), "--score", "clip,bogus", "--dry-run", env=env, check=False,
     )  # fmt: skip
     assert result.returncode == 2 and result.stderr == (
-        "error: --score: unknown scorer 'bogus'; choose from clip, aesthetic, nsfw\n"
+        "error: --score: unknown scorer 'bogus'; choose from clip, aesthetic, nsfw, or tiny (all of them, "
+        "random weights built locally), aesthetic.backbone=\n"
     ), result.stderr
 
 
@@ -340,3 +346,67 @@ def test_convert_aesthetic_turns_laions_pickle_into_safetensors_and_refuses_code
 
 class _Pickled:
     """An object torch.load(weights_only=True) must refuse to unpickle."""
+
+
+def test_enqueue_refuses_scorers_it_cannot_find_in_one_line_naming_each_and_how_to_provide_it(
+    env, tmp_path, scorer_hub
+):
+    path = write_prompt_file(tmp_path / "p.tsv", ["a cat"])
+    args = ("producer", "enqueue", "partiprompts", "--path", str(path), "--model", "tiny", "--job", "x",
+            "--output", str(tmp_path / "out"), "--dry-run")  # fmt: skip
+    empty = {**env, "HF_HUB_CACHE": str(tmp_path / "empty-cache")}
+    result = cli(*args, "--score", "clip,aesthetic,nsfw", env=empty, check=False)
+    assert_one_line_error(
+        result,
+        "scorer weights missing: clip and aesthetic's backbone (openai/clip-vit-large-patch14@32bd642: not "
+        "cached), aesthetic (ttj/sac-logos-ava1-l14-linearMSE@1e77fa0: not cached), nsfw (",
+        "hf download openai/clip-vit-large-patch14 --revision 32bd64288804d66eefd0ccbe215aa642df71cc41",
+        "--score aesthetic.backbone=DIR",
+        "--score tiny",
+    )
+    # With the head given as a directory, the backbone is still needed, and named.
+    head = snapshot(scorer_hub, "aesthetic")
+    result = cli(*args, "--score", f"aesthetic={head}", env=empty, check=False)
+    assert_one_line_error(result, "aesthetic's backbone (openai/clip-vit-large-patch14@32bd642")
+    assert "aesthetic (" not in result.stderr
+    backbone = snapshot(scorer_hub, "clip")
+    given = cli(*args, "--score", f"aesthetic={head},aesthetic.backbone={backbone}", "--json", env=empty)
+    assert json.loads(given.stdout)["prompts"] == 1
+    # In the cache: accepted; --no-scorer-check accepts what this machine cannot see.
+    cli(*args, "--score", "clip,aesthetic,nsfw", env={**env, "HF_HUB_CACHE": str(scorer_hub.root)})
+    cli(*args, "--score", "clip", "--no-scorer-check", env=empty)
+
+
+def test_worker_names_the_aesthetic_backbone_it_cannot_load(tmp_path, scorer_hub):
+    from worker.scoring import Scoring
+
+    head = snapshot(scorer_hub, "aesthetic")
+    images = np.zeros((1, 64, 64, 3), dtype=np.uint8)
+    with offline(tmp_path / "empty-cache"), pytest.raises(UserError) as refused:
+        Scoring("cpu").score(scoring_spec([f"aesthetic={head}"]), images, ["a cat"])
+    message = str(refused.value)
+    assert message.startswith("aesthetic's backbone: cannot load scorer model openai/clip-vit-large")
+    assert "--score aesthetic.backbone=DIR" in message and "\n" not in message
+
+
+def test_tiny_scorer_set_scores_offline_with_random_weights_built_locally(env, output, tmp_path):
+    """`--score tiny --embeddings` on an empty hub cache: every column and the embeddings."""
+    path = write_prompt_file(tmp_path / "p.tsv", ["a red cube", "two cats on a sofa", "a lighthouse", "rain"])
+    empty = {**env, "HF_HUB_CACHE": str(tmp_path / "empty-cache")}
+    job = enqueue(empty, output, "tiny-scored", path, "--shard-size", "2", "--score", "tiny", "--embeddings")
+    spec = json.loads(open_store(job["job_url"]).get("job.json"))["scoring"]
+    assert {n: s["model"] for n, s in spec["scorers"].items()} == {
+        "clip": "builtin:tiny-clip", "aesthetic": "builtin:tiny-aesthetic", "nsfw": "builtin:tiny-nsfw",
+    }  # fmt: skip
+    assert spec["scorers"]["aesthetic"]["backbone"]["model"] == "builtin:tiny-clip"
+    assert spec["embedding_model"]["model"] == "builtin:tiny-clip"
+    run_worker_until_done(empty, output, "tiny-scored", log_path=tmp_path / "worker.log", timeout=240)
+    table = committed_metadata(job["job_url"])
+    for column in ("clip_score", "aesthetic", "nsfw_score"):
+        assert None not in table.column(column).to_pylist(), column
+    row_ids, matrix = read_embeddings(open_store(job["job_url"]))
+    assert len(row_ids) == 4 and matrix.shape[1] == replicas.HIDDEN
+    # The worker started with an empty cache said so, in one line, at start.
+    log = (tmp_path / "worker.log").read_text(errors="replace")
+    [warning] = [line for line in log.splitlines() if "jobs with --score" in line]
+    assert "scorer weights missing: clip and aesthetic's backbone" in warning and "--score tiny" in warning

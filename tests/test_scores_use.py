@@ -140,8 +140,13 @@ def test_finalize_where_on_scores_removes_rows_in_order_and_counts_each_conditio
         "producer", "finalize", "parti-a", "--output", output, "--where", "clipscore>1", env=env, check=False
     )
     assert_one_line_error(bad, "no metadata column 'clipscore'", "clip_score")
+    numeric = bad.stderr.split("numeric ones:")[1].split(";")[0]
+    assert "clip_score" in numeric and "category" not in numeric and "note" not in numeric
     with pytest.raises(UserError, match="field 'prompt' is text; --where compares numbers"):
         finalize(store, where=("prompt>1",))
+    text = cli("producer", "finalize", "parti-a", "--output", output, "--where", "category > 3", env=env,
+               check=False)  # fmt: skip
+    assert_one_line_error(text, "field 'category' is text", "--where compares numbers")
     nothing = finalize(store, where=("clip_score>100",))
     assert nothing["rows"] == 0 and pq.read_table(io.BytesIO(store.get("metadata.parquet"))).num_rows == 0
     unfiltered = finalize(store)

@@ -64,11 +64,12 @@ def test_where_compares_numbers_with_or_without_the_source_prefix():
     [
         ("nope<1", "no source field 'nope'"),
         ("prompt_nsfw ~ 1", "expected FIELD OP NUMBER"),
-        ("category<1", None),
+        ("category<1", "field 'category' is text \\('Animals' is not a number\\); --where compares numbers"),
+        ("score<1", None),
     ],
 )
 def test_where_errors(where, message):
-    if message is None:  # a text field is compared as numbers: allowed
+    if message is None:  # a text field holding numbers is compared as numbers: allowed
         select(Selection(where=(where,)), batches(["a"]))
         return
     with pytest.raises(UserError, match=message):
@@ -202,3 +203,13 @@ def test_dedupe_across_many_batches_matches_a_plain_reference():
     log = pq.read_table(io.BytesIO(selector.duplicate_log.close())).to_pylist()
     assert all(prompts[d["duplicate_of"]] == prompts[d["source_row"]] for d in log)
     assert len(log) == selector.counts["duplicates"] == len(prompts) - len(first)
+
+
+def test_limit_reads_up_to_the_row_that_fills_it_even_inside_one_large_batch():
+    data = batches(["a", "b", "", "c", "d", "e", "f", "g", "h", "i"], size=10)  # one batch, as a TSV gives
+    rows, selector = select(Selection(limit=3), data)
+    assert prompts_of(rows) == ["a", "b", "c"]
+    assert (selector.counts["rows_read"], selector.counts["skipped_empty"]) == (4, 1)
+    assert selector.counts["not_selected"] == 0
+    rows, selector = select(Selection(limit=0), data)
+    assert rows == [] and selector.counts["rows_read"] == 0

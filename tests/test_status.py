@@ -7,6 +7,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from fewstep.storage import open_store
 from tests.support import cli, cli_json, committed_metadata, run_worker_until_idle
 from tests.test_end_to_end import SAMPLE, enqueue
@@ -66,7 +68,7 @@ def test_status_json_counts_shards_workers_rate_and_errors(env, output):
         ("gpu-b:7:cuda:1", False),
     ]
     assert (s["images_per_s"], s["rate_source"]) == (3.5, "heartbeats")
-    assert abs(s["eta_s"] - (32 - 8) / 3.5) < 0.2
+    assert abs(s["eta_s"] - (32 - 8 - 4) / 3.5) < 0.2  # the given-up shard 3 waits for no one
     assert s["failures"][0]["part"] == "part-000003" and "CUDA out of memory" in s["failures"][0]["error"]
     assert s["last_errors"][0]["error"] == "RuntimeError: CUDA out of memory"
     assert s["stages"]["generate_s"] == 3.0 and s["stages"]["gpu_idle_fraction"] == 0.1
@@ -136,3 +138,75 @@ def test_jobs_lists_the_jobs_under_an_output_with_state_and_counts(env, output, 
     assert (row["state"], row["images_done"], row["finalized_at"]) == ("done", 32, None)
     empty = tmp_path / "empty-output"
     assert "no jobs under" in cli("producer", "jobs", "--output", str(empty), env=env).stdout
+
+
+def test_status_of_a_job_never_shows_another_jobs_worker_error(env, output):
+    staged_job(env, output)
+    store = open_store(f"{output}/fleet")
+    other = dict(heartbeat("gpu-c:3:cpu", 6, 1, 1.0), last_error={
+        "job_url": f"{output}/scored2", "shard": 4, "at": iso(2),
+        "error": "Retry: cannot load scorer model openai/clip-vit-large-patch14",
+    })  # fmt: skip
+    own = dict(heartbeat("gpu-d:4:cpu", 7, 1, 1.0), last_error={
+        "job_url": f"{output}/fleet", "shard": 7, "at": iso(1), "error": "OSError: disk full",
+    })  # fmt: skip
+    unnamed = dict(heartbeat("gpu-e:5:cpu", 8, 1, 1.0), last_error={"shard": 2, "at": iso(1), "error": "old"})
+    for name, beat in (("c", other), ("d", own), ("e", unnamed)):
+        put_json(store, f"workers/gpu-{name}.json", beat)
+    s = cli_json("producer", "status", "fleet", "--output", output, env=env)
+    errors = [e["error"] for e in s["last_errors"]]
+    assert "OSError: disk full" in errors and "RuntimeError: CUDA out of memory" in errors
+    assert not any("scorer" in e or e == "old" for e in errors)
+    by_worker = {w["worker"]: w["last_error"] for w in s["workers"]}
+    assert by_worker["gpu-c:3:cpu"] is None and by_worker["gpu-e:5:cpu"] is None
+    assert by_worker["gpu-d:4:cpu"]["error"] == "OSError: disk full"
+
+
+def test_a_heartbeat_carries_only_the_last_error_of_its_own_job():
+    from worker.heartbeat import Activity
+
+    activity = Activity("host:1:cpu", "tiny", "cpu")
+    activity.shard_started({"job_url": "s3://b/jobs/scored2", "shard": 4})
+    activity.error(RuntimeError("cannot load scorer model"))
+    assert activity.record("working", 5)["last_error"]["job_url"] == "s3://b/jobs/scored2"
+    activity.shard_finished(None, "RETRY")
+    activity.shard_started({"job_url": "s3://b/jobs/killme", "shard": 1})
+    assert activity.record("working", 5)["last_error"] is None
+
+
+def test_status_says_to_reconcile_shards_redis_lost_and_gives_no_eta_without_a_live_worker(env, output):
+    from fewstep.queue import redis_client
+
+    summary, store = staged_job(env, output)
+    redis_client().delete(summary["queue"])  # as after a flush: the waiting messages are gone
+    s = cli_json("producer", "status", "fleet", "--output", output, env=env)
+    assert (s["shards_queued"], s["shards_unqueued"], s["shards_running"]) == (0, 4, 1)
+    view = cli("producer", "status", "fleet", "--output", output, env=env).stdout
+    assert "4 open shards are neither queued nor running" in view
+    assert "`producer reconcile fleet` sends them again" in view
+    # The live worker goes silent: nothing moves, so no ETA, however fast the last shards were.
+    put_json(store, "workers/gpu-a-1-cuda-0.json", heartbeat("gpu-a:1:cuda:0", 4, 600, 3.5))
+    s = cli_json("producer", "status", "fleet", "--output", output, env=env)
+    assert s["workers_live"] == 0 and s["eta_s"] is None
+    assert "ETA - (no live worker)" in cli("producer", "status", "fleet", "--output", output, env=env).stdout
+    # Every open shard given up: the job failed, no ETA either.
+    for shard in (4, 5, 6, 7, 8):
+        put_json(store, f"failed/part-{shard:06d}.json", {"shard": shard, "attempts": 3, "error": "x"})
+    s = cli_json("producer", "status", "fleet", "--output", output, env=env)
+    assert (s["state"], s["eta_s"], s["shards_unqueued"]) == ("failed", None, 0)
+
+
+def test_jobs_and_status_in_a_pipe_keep_whole_names_and_watch_prints_a_frame_per_refresh(env, output):
+    names = ("sample-one-with-a-long-name", "sample-two-with-a-long-name")
+    for name in names:
+        enqueue(SAMPLE, name, output, env, "--shard-size", "16")
+    piped = {k: v for k, v in env.items() if k != "COLUMNS"}
+    listing = cli("producer", "jobs", "--output", output, env=piped).stdout
+    assert all(name in listing for name in names) and "…" not in listing
+    # --watch into a pipe: frames as the job is read, not one at the end (the job stays queued).
+    command = [sys.executable, "-m", "producer", "status", names[0], "--output", output, "--watch"]
+    with pytest.raises(subprocess.TimeoutExpired) as stopped:
+        subprocess.run([*command, "--interval", "0.5"], env=piped, capture_output=True, timeout=20)
+    frames = (stopped.value.stdout or b"").decode().splitlines()
+    headers = [line for line in frames if line.startswith(f"job {names[0]} [queued]")]
+    assert len(headers) >= 2, frames

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import json
 import logging
 import os
 import signal
@@ -115,6 +116,29 @@ class WorkerSettings:
     read_ahead: bool = True
 
 
+class ExpectedReject(logging.Filter):
+    """Celery logs a task's ``Reject`` with its traceback; fewstep rejects only on purpose (a
+    shard going back to the queue on shutdown, a worker storage refuses), already said in one
+    line by the task: keep Celery's line, drop the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from celery.exceptions import Reject
+
+        if record.exc_info and isinstance(record.exc_info[1], Reject):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _check_scorers() -> None:
+    """Say at start, in one line, which scorer presets this worker could not load: a job with
+    ``--score`` would fail every attempt here (the ``tiny`` set and directories need nothing)."""
+    from fewstep.scorers import scorer_presets, scoring_spec, unavailable
+
+    problem = unavailable(scoring_spec([",".join(scorer_presets())]), ask_hub=False)
+    if problem:
+        log.info("jobs with --score: %s", problem)
+
+
 def start_worker(settings: WorkerSettings) -> int:
     """Load the model, tune it, then run a Celery worker on the model's queue until it stops."""
     # Import-time notices of transformers (e.g. about torchvision) are noise in a worker log.
@@ -137,6 +161,7 @@ def start_worker(settings: WorkerSettings) -> int:
     # Their debug logs print request headers (the access key id) and bodies: never at our debug level.
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("celery.app.trace").addFilter(ExpectedReject())
     check_broker()
     model_name = settings.model
     queue = queue_name(queue_prefix(), model_name)
@@ -190,6 +215,7 @@ def start_worker(settings: WorkerSettings) -> int:
         visibility_timeout(),
         worker_app.shutdown_grace,
     )
+    _check_scorers()
     activity = Activity(runner.worker_id, model_name, model.device, progress=runner.progress)
     heartbeat = Heartbeat(activity, float(cfg["heartbeat_seconds"])).connect(signals).start()
     runner.on_shard_start = heartbeat.beat_now
@@ -361,11 +387,13 @@ def cli(
 
 
 @cli.command("models")
-def list_models() -> None:
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per preset, a line each.")
+def list_models(as_json: bool) -> None:
     """List the model presets: steps, guidance, size, dtype, samplers, status, whether the
     revision is pinned, gating, VRAM class, conditioning modes, VAEs, commercial use, licence.
 
-    Under the table, why each preset that is not simply available or not pinned is so.
+    Under the table, why each preset that is not simply available or not pinned is so. The
+    table is wide (about 230 columns): --json gives the same facts for scripts and pipes.
     """
     columns = list(listing(presets()["tiny"]))
     rows = [("preset", *columns)]
@@ -373,13 +401,20 @@ def list_models() -> None:
     for name, p in sorted(presets().items()):
         facts = listing(p)
         rows.append((name, *(facts[c] for c in columns)))
+        why = None
         if facts["status"] != "available":
             try:
                 check_runnable(p)
             except UserError as e:
-                notes.append(str(e))
+                why = str(e)
+                notes.append(why)
         if p.get("revision_note"):
             notes.append(f"model {name}: {p['revision_note']}")
+        if as_json:
+            note = p.get("revision_note")
+            click.echo(json.dumps({"preset": name, **facts, "why": why, "revision_note": note}))
+    if as_json:
+        return
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for r in rows:  # the licence, free text, last and unpadded
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1])
@@ -402,6 +437,8 @@ def list_scorers() -> None:
     for name, p in scorer_presets().items():
         click.echo(f"{name}  {p['column']}  {p['repo']}@{p['revision']}  {p['licence']}")
         click.echo(f"    {p['description']}")
+    click.echo("tiny  (all three)  built locally, offline (worker/tiny_scorers.py)  random weights")
+    click.echo("    --score tiny (or NAME=tiny): to try scores without downloading; the numbers mean nothing")
 
 
 @scorers_group.command("convert-aesthetic")

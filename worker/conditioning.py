@@ -338,9 +338,17 @@ class ShardConditioning:
         """What row ``index`` named, for errors (the metadata's ``cond_key``)."""
         return self.rows["cond_source"][index] or self.rows["cond_ref"][index]
 
+    def _where(self, index: int) -> str:
+        """What row ``index`` named and, when that differs (a relative path), where it was looked for."""
+        named, ref = self.rows["cond_source"][index], self.rows["cond_ref"][index]
+        place = ref.removeprefix("file://") if ref else None
+        if named and place and named.removeprefix("file://") != place:
+            return f"{named}, looked for at {place}"
+        return named or place or "(no image named)"
+
     def _prepare(self, index: int) -> Prepared:
         row = {k: v[index] for k, v in self.rows.items() if k.startswith("cond_")}
-        where = f"row {self.rows['row_id'][index]} ({self.source(index)})"
+        where = f"row {self.rows['row_id'][index]} ({self._where(index)})"
         try:
             data = self.sources.read(row)
         except KeyMissing:

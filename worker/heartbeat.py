@@ -15,7 +15,11 @@ A heartbeat object::
      "attempt_id": "20250102T030405.123456Z-1a2b3c4d",
      "shard_started_at": "...", "shards_done": 11, "images_done": 2816,
      "images_per_s": 310.2, "started_at": "...", "last_seen": "...", "interval_s": 5,
-     "last_error": {"shard": 7, "error": "...", "at": "..."} | null, "version": "0.1.0"}
+     "last_error": {"job_url": "s3://...", "shard": 7, "error": "...", "at": "..."} | null,
+     "version": "0.1.0"}
+
+``last_error`` is the worker's last error on this job only (null when its last error was on
+another job).
 """
 
 from __future__ import annotations
@@ -119,7 +123,14 @@ class Activity:
 
     def error(self, error: object) -> None:
         with self._lock:
-            self.last_error = {"shard": self.shard, "error": describe_error(error, 500), "at": _now()}
+            # The job too: heartbeats go to the folder of the job in progress, which need not
+            # be the job this error came from.
+            self.last_error = {
+                "job_url": self.job_url,
+                "shard": self.shard,
+                "error": describe_error(error, 500),
+                "at": _now(),
+            }
 
     def images_per_s(self) -> float | None:
         """Images per second of work over the shards finished in the last few minutes."""
@@ -160,7 +171,7 @@ class Activity:
                 "started_at": self.started_at,
                 "last_seen": _now(),
                 "interval_s": interval_s,
-                "last_error": self.last_error,
+                "last_error": self.last_error if (self.last_error or {}).get("job_url") == job else None,
                 "version": __version__,
             }
 

@@ -53,6 +53,13 @@ def visible_gpus() -> list[str] | None:
     return [line.strip() for line in out.splitlines() if line.strip()]
 
 
+def nvidia_devices() -> list[str]:
+    """The NVIDIA GPU device files (``/dev/nvidia0``, ...): a driver is there, even without nvidia-smi."""
+    with contextlib.suppress(OSError):
+        return sorted(n for n in os.listdir("/dev") if n.startswith("nvidia") and n[6:].isdigit())
+    return []
+
+
 def parse_gpus(value: str, available: list[str] | None) -> list[str]:
     """``all`` or a comma-separated list of indices, checked against the GPUs present."""
     if value == "all":
@@ -187,6 +194,12 @@ def launch(gpus: str, argv: list[str], device: str) -> int:
     """Start one worker per GPU in ``gpus`` (``all`` or ``0,1,...``) and supervise them."""
     available = visible_gpus()
     if available is None and gpus != "all" and device != "cpu":
+        if not nvidia_devices():
+            # Every child would start, load and fail: say it once, before starting any.
+            raise UserError(
+                f"--gpus {gpus}: this machine has no NVIDIA GPU (no nvidia-smi, no /dev/nvidia*); "
+                "on a CPU run one worker with --device cpu"
+            )
         log.warning("nvidia-smi not found: starting workers for GPUs %s unchecked", gpus)
     chosen = parse_gpus(gpus, available)
     if device.startswith("cuda:"):

@@ -45,7 +45,9 @@ import pyarrow.parquet as pq
 
 from fewstep import UserError
 from fewstep.contract import embeddings_key, embeddings_schema
+from fewstep.scorers import scoring_models
 from fewstep.storage import Store
+from worker import tiny_scorers
 
 log = logging.getLogger("fewstep.worker")
 
@@ -153,6 +155,7 @@ def _label(model: str, revision: str | None) -> str:
 
 def _file(model: str, revision: str | None, filename: str) -> str:
     """A file of a scorer's model: in its local directory, or from the hub (cache) at ``revision``."""
+    model = tiny_scorers.location(model, revision)
     if os.path.isdir(model):
         path = os.path.join(model, filename)
         if not os.path.isfile(path):
@@ -164,11 +167,20 @@ def _file(model: str, revision: str | None, filename: str) -> str:
         return hf_hub_download(model, filename, revision=revision)
     except Exception as e:  # offline, missing file, unknown repo: one line for the attempt record
         what = f"scorer model {_label(model, revision)}"
-        raise UserError(f"{what}: cannot get {filename} ({type(e).__name__})") from None
+        raise UserError(f"{what}: cannot get {filename} ({_why(e)})") from None
+
+
+def _why(e: Exception) -> str:
+    """Why a hub file could not be had, in words: the usual cause first."""
+    name = type(e).__name__
+    if name in ("LocalEntryNotFoundError", "OfflineModeIsEnabled") or "offline" in str(e).lower():
+        return "not in the Hugging Face cache and the hub is not reachable"
+    return name
 
 
 def _from_pretrained(cls, model: str, revision: str | None, **kwargs):
     # Weights as safetensors only (a tokenizer has none), never remote code.
+    model = tiny_scorers.location(model, revision)
     source = {"revision": revision} if revision and not os.path.isdir(model) else {}
     if hasattr(cls, "config_class"):  # a model, not a tokenizer
         kwargs["use_safetensors"] = True
@@ -317,6 +329,18 @@ class Scoring:
             log.info("loaded %s scorer %s in %.1fs", kind, _label(model, revision), seconds)
         return self._models[key]
 
+    def prepare(self, scoring: dict[str, Any] | None) -> None:
+        """Load every model the job's ``scoring`` names (once per worker); one that cannot be
+        loaded fails with one line naming its role (``aesthetic's backbone``) and its option."""
+        for m in scoring_models(scoring):
+            try:
+                self._load(m["kind"], m["model"], m["revision"], m["file"])
+            except UserError as e:
+                raise UserError(
+                    f"{m['role']}: {e}; give the job another ({m['option']}, or --score tiny to try "
+                    "scores offline), or put it in this worker's Hugging Face cache"
+                ) from None
+
     def score(self, scoring: dict[str, Any] | None, images, prompts: list[str]) -> BatchScores | None:
         """Scores (and embeddings) of a batch for the job's ``scoring`` spec; None when it has none.
 
@@ -325,6 +349,8 @@ class Scoring:
         if not scoring:
             return None
         import torch
+
+        self.prepare(scoring)  # loads at the job's first batch; errors name the scorer's role
 
         start = time.perf_counter()
         scorers = scoring.get("scorers") or {}

@@ -842,7 +842,7 @@ class ShardRunner:
             self.upload_pool.submit(self._write_stats, shard.store, stats)
             log.info(
                 "%s committed: %d images in %.2fs, %.1f img/s; generate %.2fs, encode %.2fs, "
-                "upload %.2fs (thread-seconds), waited %.2fs for slots, GPU idle %.1f%%%s",
+                "upload %.2fs (thread-seconds), waited %.2fs for slots, %s idle %.1f%%%s",
                 shard.label,
                 stats.images,
                 stats.seconds,
@@ -851,6 +851,7 @@ class ShardRunner:
                 stats.encode_s,
                 stats.upload_s,
                 stats.wait_s,
+                device_kind(self.model.device),
                 100 * stats.gpu_idle_fraction,
                 f", {run.batches_ahead} batches generated ahead" if run.batches_ahead else "",
             )
@@ -1024,6 +1025,11 @@ class ShardRunner:
         self.condition_pool.shutdown(cancel_futures=True)
         self.encode_pool.shutdown()
         self.upload_pool.shutdown()
+
+
+def device_kind(device: str) -> str:
+    """``GPU`` for a CUDA device, else the device's name (``cpu``): what logs call it."""
+    return "GPU" if device.startswith("cuda") else device.split(":")[0]
 
 
 def worker_id(device: str) -> str:

@@ -132,26 +132,13 @@ def safety_checker(seed: int, *, flags_everything: bool):
     Random embeddings flag nothing at the default thresholds (1.0); thresholds of -1 flag every
     image, so tests can see both outcomes.
     """
-    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-    from transformers import CLIPConfig, CLIPImageProcessor
+    from transformers import CLIPImageProcessor
 
-    torch.manual_seed(seed)
-    vision = {
-        "hidden_size": HIDDEN,
-        "intermediate_size": 37,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-    }
-    config = CLIPConfig(
-        text_config={**vision, "vocab_size": 99},
-        vision_config={**vision, "image_size": 32, "patch_size": 8},
-        projection_dim=HIDDEN,
-    )
-    checker = StableDiffusionSafetyChecker(config)
-    with torch.no_grad():
-        torch.nn.init.normal_(checker.concept_embeds)
-        torch.nn.init.normal_(checker.special_care_embeds)
-        if flags_everything:
+    from worker.tiny_scorers import random_safety_checker
+
+    checker = random_safety_checker(seed)
+    if flags_everything:
+        with torch.no_grad():
             checker.concept_embeds_weights.fill_(-1.0)
     extractor = CLIPImageProcessor(
         size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, do_center_crop=True
