@@ -1,7 +1,11 @@
-"""Print the insurance.txt wheels this Python needs: missing, or older than their floor.
+"""Print the wheels.txt pins this Python needs: missing here, or older than their floor.
 
-Run by run.sh with the host's Python; standard library only (the host may lack packaging).
+Run by run.sh with the host's Python before anything is installed; standard library only
+(the host may lack ``packaging``). A wheel marked ``with NAME`` is considered only when NAME
+itself is chosen (a dependency of a wheel the host already has is the host's business).
 """
+
+from __future__ import annotations
 
 import sys
 from importlib.metadata import PackageNotFoundError, version
@@ -24,24 +28,32 @@ def needed(name: str, floor: str) -> bool:
     return _key(have) < _key(floor)
 
 
-def main(path: str) -> None:
-    """Print one pinned requirement a line."""
-    rows = []
+def rows(path: str) -> list[tuple[str, str, str | None]]:
+    """(pin, floor, parent or None) for each line of the list."""
+    out = []
     with open(path, encoding="utf-8") as lines:
         for line in lines:
             words = line.split("#", 1)[0].split()
             if words:
-                rows.append((words[0], words[1], words[3] if len(words) > 3 and words[2] == "with" else None))
-    names = [pin.split("==")[0] for pin, _, _ in rows]
+                out.append((words[0], words[1], words[3] if len(words) > 3 and words[2] == "with" else None))
+    return out
+
+
+def choose(path: str) -> list[str]:
+    """The pins to install, in the list's order."""
+    listed = rows(path)
     chosen = {
-        name
-        for name, (_, floor, parent) in zip(names, rows, strict=True)
-        if parent is None and needed(name, floor)
+        pin.split("==")[0]
+        for pin, floor, parent in listed
+        if parent is None and needed(pin.split("==")[0], floor)
     }
-    for name, (pin, floor, parent) in zip(names, rows, strict=True):
-        if (parent is None and name in chosen) or (parent in chosen and needed(name, floor)):
-            print(pin)
+    return [
+        pin
+        for pin, floor, parent in listed
+        if (parent is None and pin.split("==")[0] in chosen)
+        or (parent in chosen and needed(pin.split("==")[0], floor))
+    ]
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    print("\n".join(choose(sys.argv[1])))
