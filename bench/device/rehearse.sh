@@ -4,7 +4,7 @@
 #   bash bench/device/rehearse.sh RESULTS_DIR [run.sh arguments, e.g. --smoke --models sdxs-512]
 #
 # - a CPython 3.12 virtualenv holding only the host's packages (host-packages.txt, installed
-#   --no-deps from PyPI once, kept in .fewstep/host-venv until the list changes): torch 2.11's
+#   --no-deps from PyPI once, kept in ~/.cache/fewstep until the list changes): torch 2.11's
 #   CUDA build as the host has it, running on the CPU; no tzdata, no diffusers, no celery;
 # - no time-zone database (PYTHONTZPATH points nowhere: kombu's ZoneInfo("UTC") needs the
 #   carried tzdata wheel) and no git on PATH (run.py must not need it);
@@ -19,7 +19,9 @@ if [ $# -lt 1 ]; then
   echo "usage: bash bench/device/rehearse.sh RESULTS_DIR [run.sh arguments]" >&2
   exit 2
 fi
-venv="${FEWSTEP_HOST_VENV:-$repo/.fewstep/host-venv}"
+# Kept outside the checkout (a fresh clone reuses it), one per version of the list.
+want="$(sha256sum "$here/host-packages.txt" | cut -d' ' -f1)"
+venv="${FEWSTEP_HOST_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/fewstep/host-venv-${want:0:12}}"
 py312=""
 for candidate in ${PYTHON312:-} python3.12 "$HOME"/.pyenv/versions/3.12*/bin/python3.12; do
   if "$candidate" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' 2>/dev/null; then
@@ -31,14 +33,13 @@ if [ -z "$py312" ]; then
   echo "rehearse.sh: no CPython 3.12 found (set PYTHON312)" >&2
   exit 2
 fi
-want="$(sha256sum "$here/host-packages.txt" | cut -d' ' -f1)"
 if [ "$(cat "$venv/.host-packages" 2>/dev/null)" != "$want" ]; then
   rm -rf "$venv"
   "$py312" -m venv "$venv"
   start=$(date +%s)
   # --no-deps: the list is the whole environment; nothing else may slip in.
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --only-binary=:all: --no-deps \
-    -r "$here/host-packages.txt"
+    --no-compile -r "$here/host-packages.txt"
   echo "$want" > "$venv/.host-packages"
   echo "rehearse.sh: host virtualenv built in $(( $(date +%s) - start )) s"
 fi
