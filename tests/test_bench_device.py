@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -149,6 +150,39 @@ def test_smoke_run_ends_by_itself_at_its_deadline_with_its_results_saved(tmp_pat
     stopped = record.get("stopped", "").startswith("deadline")
     assert stopped or record["models"]["sdxs-512"].get("skipped") == "global deadline", record
     assert "sdxs-512: speed options" not in [p["part"] for p in record.get("parts", [])]
+
+
+def test_watchdog_saves_the_results_and_ends_the_run_at_the_deadline(tmp_path):
+    results = tmp_path / "results"
+    # run.sh "started" 530 s ago: the watchdog (15 s before the 540 s wall) is due at once.
+    env = {**os.environ, "FEWSTEP_DEVICE_SECONDS": "540", "FEWSTEP_DEVICE_STARTED": str(time.time() - 530)}
+    env.pop("FEWSTEP_CONFIG_DIR", None)
+    command = [sys.executable, str(DEVICE / "run.py"), str(results), "--smoke"]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert sorted(os.listdir(results)) == RESULT_FILES
+    record = json.loads((results / "results.json").read_text())
+    assert record["stopped"].startswith("deadline: 525 s after run.sh started"), record
+    assert "STOPPED: deadline" in (results / "summary.txt").read_text()
+
+
+def test_stopping_kills_every_process_the_run_started():
+    # A child with a grandchild, as run.py has a worker or pytest with their own children.
+    script = (
+        "import subprocess, run; "
+        "child = subprocess.Popen(['bash', '-c', 'sleep 300 & echo $!; wait'], stdout=-1, text=True); "
+        "grandchild = child.stdout.readline().strip(); run._kill_children(); "
+        "print(child.wait(timeout=30), grandchild)"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{DEVICE}:{REPO}"}
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    code, grandchild = done.stdout.split()
+    assert code == "-9"
+    time.sleep(1)  # the orphaned grandchild, if killed, is reaped by init
+    stat = Path(f"/proc/{grandchild}/stat")
+    assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
 
 
 def test_wheels_are_chosen_only_where_the_host_lacks_them_or_has_them_too_old(tmp_path):
