@@ -56,10 +56,12 @@ PROMPTS = [
 
 
 def load_generator(name: str, device: str, scratch: Path):
-    """(model, generation settings): the ``tiny`` preset, or a bench/device config (random weights)."""
+    """(model, generation settings): the ``tiny`` preset or a model directory (bench/device/run.py
+    passes the one it built, with FEWSTEP_CONFIG_DIR set for it), or a bench/device config
+    (random weights) built here."""
     from worker.model import load_model
 
-    if name == "tiny":
+    if name == "tiny" or Path(name).is_dir():
         model = load_model("tiny", device)
         p = model.preset
         return model, {
@@ -85,7 +87,7 @@ def embedding_bytes_per_image(dim: int, rows: int = 1024) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--model", default="tiny", help="tiny, or a bench/device config (sdxs-512, ...)")
+    parser.add_argument("--model", default="tiny", help="tiny, a model directory, or a bench/device config")
     parser.add_argument("--scorers", choices=["tiny", "vit-l14"], default="tiny")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--batches", type=int, default=6, help="timed batches (after one warm-up)")

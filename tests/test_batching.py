@@ -1,12 +1,16 @@
-"""Batch size per resolution and out-of-memory recovery (worker/batching.py).
+"""Batch size per resolution and recovery from batches too large for the device
+(worker/batching.py): out of memory, and CUDA kernels' 32-bit index limits.
 
 The worker tests run a real worker process with the tiny model on the CPU; an out-of-memory
 error is injected by the ``out-of-memory-above:N`` failpoint in ``Model.generate``, which
-raises the very ``torch.OutOfMemoryError`` a CUDA device raises.
+raises the very ``torch.OutOfMemoryError`` a CUDA device raises, and an index-limit error by
+``index-limit-above:N`` (the ``RuntimeError`` PyTorch's CUDA upsampling raises past INT_MAX
+elements).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 
@@ -15,9 +19,12 @@ import torch
 
 from fewstep.contract import ShardStats, manifest_key, stats_key
 from fewstep.storage import open_store, read_table
+from tests.conftest import REPO
 from tests.support import committed_metadata, config_dir, run_worker_until_done, verify_job
 from tests.test_end_to_end import SAMPLE, enqueue
-from worker.batching import BatchSizes
+from worker import speed
+from worker.batching import INDEX_LIMIT_MESSAGE, BatchSizes, is_batch_too_large
+from worker.model import load_model
 
 
 def out_of_memory_above(limit: int, calls: list[int]):
@@ -53,6 +60,84 @@ def test_out_of_memory_at_batch_size_one_and_other_errors_are_raised():
         BatchSizes(fixed=4).fit(512, 512, broken)
 
 
+def test_a_kernel_index_limit_error_halves_the_batch_like_running_out_of_memory():
+    sizes, calls = BatchSizes(fixed=64), []
+
+    def run(size: int) -> str:
+        calls.append(size)
+        if size > 16:  # the SD VAE's decoder at 512x512: past 2**31 elements from a batch of 32
+            raise RuntimeError(INDEX_LIMIT_MESSAGE.format(f"[{size}, 256, 512, 512]"))
+        return f"batch of {size}"
+
+    assert sizes.fit(512, 512, run) == ("batch of 16", 16, (64, 32))
+    assert calls == [64, 32, 16] and sizes.size(512, 512) == 16
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "CUDA error: an illegal memory access was encountered",  # sticky: no retry can succeed
+        "Input type (c10::Half) and bias type (float) should be the same",
+        "mat1 and mat2 shapes cannot be multiplied (4x8 and 16x4)",
+    ],
+)
+def test_runtime_errors_that_a_smaller_batch_cannot_fix_are_raised_at_once(message):
+    calls = []
+
+    def run(size: int):
+        calls.append(size)
+        raise RuntimeError(message)
+
+    assert not is_batch_too_large(RuntimeError(message))
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        BatchSizes(fixed=8).fit(512, 512, run)
+    assert calls == [8]
+
+
+def test_auto_batch_size_stops_doubling_at_a_kernel_index_limit_error(monkeypatch):
+    model = load_model("tiny", "cpu")
+    monkeypatch.setenv("FEWSTEP_FAILPOINT", "index-limit-above:2")
+    assert speed.auto_batch_size(model, limit=8, width=64, height=64) <= 2
+
+
+def _device_models():
+    spec = importlib.util.spec_from_file_location(
+        "bench_device_models", REPO / "bench" / "device" / "models.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sdxl_vae_is_float16_again_after_running_out_of_memory_in_its_float32_decode(tmp_path, monkeypatch):
+    """diffusers upcasts SDXL's float16 VAE to float32 to decode; an out-of-memory error there must
+    not leave it float32, or every later call (the halved retry too) fails on float16 latents."""
+    models = _device_models()
+    directory = models.build("sdxl-turbo", tmp_path / "sdxl", smoke=True, device="cpu", dtype="float32")
+    settings = models.config_dir(tmp_path / "cfg", models.spec("sdxl-turbo"), True, {})
+    monkeypatch.setenv("FEWSTEP_CONFIG_DIR", str(settings))
+    model = load_model(str(directory), "cpu")
+    model.pipeline.to(dtype=torch.float16)  # as on a GPU (the CPU default is float32)
+    vae = model.pipeline.vae
+    assert vae.config.force_upcast
+    decode = vae.decode
+
+    def out_of_memory_in_the_float32_decode(*args, **kwargs):
+        if vae.dtype == torch.float32:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated in the upcast decode)")
+        return decode(*args, **kwargs)
+
+    def generate():
+        return model.generate(["a lighthouse"], [1], steps=1, guidance=0.0, width=64, height=64)
+
+    monkeypatch.setattr(vae, "decode", out_of_memory_in_the_float32_decode)
+    with pytest.raises(torch.OutOfMemoryError):
+        generate()
+    assert vae.dtype == torch.float16
+    monkeypatch.setattr(vae, "decode", decode)
+    assert generate().images.shape == (1, 64, 64, 3)  # the next call runs
+
+
 def test_auto_measures_once_per_resolution_and_a_fixed_size_never():
     measured = []
 
@@ -75,13 +160,17 @@ def shard_stats(job_url: str, shards: int) -> list[ShardStats]:
     return sorted(stats, key=lambda s: s.started_at)
 
 
-def test_worker_out_of_memory_halves_the_batch_and_commits_every_row_once_with_its_seed(
-    env, output, tmp_path
+@pytest.mark.parametrize(
+    ("failpoint", "reason"),
+    [("out-of-memory-above", "out of memory"), ("index-limit-above", "too large for a kernel")],
+)
+def test_worker_too_large_batch_is_halved_and_every_row_committed_once_with_its_seed(
+    env, output, tmp_path, failpoint, reason
 ):
     job = enqueue(SAMPLE, "oom", output, env, "--shard-size", "4", "--limit", "8", "--width", "64",
                   "--height", "64")  # fmt: skip
     log_path = tmp_path / "worker.log"
-    worker_env = {**env, "FEWSTEP_FAILPOINT": "out-of-memory-above:2"}
+    worker_env = {**env, "FEWSTEP_FAILPOINT": f"{failpoint}:2"}
     run_worker_until_done(worker_env, output, "oom", args=("--batch-size", "8"), log_path=log_path)
 
     table = committed_metadata(job["job_url"])
@@ -98,8 +187,8 @@ def test_worker_out_of_memory_halves_the_batch_and_commits_every_row_once_with_i
     assert (first.batch_size, first.min_batch_size, first.oom_retries) == (8, 2, 2)
     assert (second.batch_size, second.min_batch_size, second.oom_retries) == (2, 2, 0)
     log = log_path.read_text()
-    assert "out of memory at batch size 8 for 64x64: retrying these rows at 4" in log
-    assert "out of memory at batch size 4 for 64x64: retrying these rows at 2" in log
+    assert f"{reason} at batch size 8 for 64x64: retrying these rows at 4" in log
+    assert f"{reason} at batch size 4 for 64x64: retrying these rows at 2" in log
 
 
 def test_auto_batch_size_is_measured_once_per_resolution_a_job_asks_for(env, output, tmp_path):

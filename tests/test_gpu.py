@@ -146,3 +146,23 @@ def test_a_real_out_of_memory_error_halves_the_batch_until_it_fits():
     assert (result, size, too_large) == (2, 2, (8, 4)) and ran == [8, 4, 2]
     assert sizes.size(512, 512) == 2  # kept for that resolution
     assert torch.cuda.memory_allocated() < total // 2  # nothing of the failed calls is held
+
+
+def test_a_kernel_size_limit_error_of_this_torch_is_taken_for_a_batch_too_large():
+    """The SD VAE's decoder upsamples 256 channels to 512x512: from a batch of 33 the output passes
+    2**31 elements. If this torch's CUDA kernel refuses that, the worker must halve the batch."""
+    from worker.batching import is_batch_too_large
+
+    latents = torch.zeros(33, 256, 256, 256, dtype=torch.float16, device="cuda")
+    try:
+        out = torch.nn.functional.interpolate(latents.to(memory_format=torch.channels_last), scale_factor=2.0)
+    except RuntimeError as e:
+        assert is_batch_too_large(e), str(e)
+    else:
+        numel = out.numel()
+        del out
+        assert numel > 2**31
+        pytest.skip("this torch upsamples past INT_MAX elements: no size-limit error to recognise")
+    finally:
+        del latents
+        torch.cuda.empty_cache()

@@ -196,14 +196,24 @@ class Model:
         if pipeline is self.pipeline or _accepts(pipeline, "width"):  # SD img2img: the image's size
             kwargs.update(width=width, height=height)
         start = time.perf_counter()
+        vae = getattr(pipeline, "vae", None)
+        vae_dtype = getattr(vae, "dtype", None)
         with torch.inference_mode():
-            out = pipeline(
-                prompt=list(prompts),
-                num_inference_steps=steps,
-                generator=generators,
-                output_type="pt",
-                **kwargs,
-            )
+            try:
+                out = pipeline(
+                    prompt=list(prompts),
+                    num_inference_steps=steps,
+                    generator=generators,
+                    output_type="pt",
+                    **kwargs,
+                )
+            finally:
+                # SDXL pipelines upcast a float16 VAE (force_upcast) to float32 to decode and cast
+                # it back after: an error in the decode (out of memory) would leave it float32, and
+                # every later call fail on float16 latents ("Input type (c10::Half) and bias type
+                # (float) should be the same"), the smaller retries too.
+                if vae is not None and vae.dtype != vae_dtype:
+                    vae.to(dtype=vae_dtype)
             pixels = out.images
             if pixels.ndim == 4 and pixels.shape[1] in (1, 3):
                 pixels = pixels.permute(0, 2, 3, 1)

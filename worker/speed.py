@@ -28,7 +28,7 @@ from typing import Any
 
 from fewstep import UserError
 from fewstep.settings import defaults
-from worker.batching import free_cached_memory
+from worker.batching import free_cached_memory, is_batch_too_large
 from worker.model import Model, _diffusers_class, _dtype_kwarg, _from_pretrained, _source, _torch_dtype
 
 log = logging.getLogger("fewstep.worker")
@@ -228,11 +228,14 @@ def choose_batch_size(
     return measured[-1][0], measured
 
 
+class _TooLarge(Exception):
+    """A probed batch size did not fit the device."""
+
+
 def auto_batch_size(model: Model, limit: int, width: int | None = None, height: int | None = None) -> int:
     """Measure this model on its device at ``width`` x ``height`` (default: the preset's size)
-    and choose a batch size (see :func:`choose_batch_size`)."""
-    import torch
-
+    and choose a batch size (see :func:`choose_batch_size`); a size too large for the device
+    (:func:`worker.batching.is_batch_too_large`) ends the doubling like running out of memory."""
     width, height = width or int(model.preset["width"]), height or int(model.preset["height"])
 
     def measure(n: int) -> float:
@@ -241,11 +244,14 @@ def auto_batch_size(model: Model, limit: int, width: int | None = None, height: 
             start = time.perf_counter()
             run_batch(model, n, width, height)
             return time.perf_counter() - start
-        except torch.OutOfMemoryError:
-            free_cached_memory()
-            raise
+        except Exception as e:
+            if not is_batch_too_large(e):
+                raise
+        # Out of the except block: the failed batch's tensors went with its traceback.
+        free_cached_memory()
+        raise _TooLarge(n)
 
-    size, measured = choose_batch_size(measure, limit=limit, out_of_memory=(torch.OutOfMemoryError,))
+    size, measured = choose_batch_size(measure, limit=limit, out_of_memory=(_TooLarge,))
     log.info(
         "batch size %d chosen by measurement at %dx%d (%s)",
         size,

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Download, on a machine with PyPI access, exactly the wheels the offline GPU host lacks
-# (requirements.txt, plus insurance.txt for packages the host may have too old), for
+# Download, on a machine with PyPI access, exactly the wheels of wheels.txt (what the offline GPU
+# host lacks, and what it may have too old), for
 # CPython 3.12 on manylinux x86-64, into bench/device/wheels/ (git-ignored). Fails, saying
 # so, when they exceed the 64 MiB a device run may carry (wheels and repository together).
 #
@@ -21,10 +21,13 @@ rm -rf "$out.partial" && mkdir -p "$out.partial"
 # --no-deps: the lists are the whole closure; the host's own torch/transformers stack is never fetched.
 if ! "$python" -m pip download --quiet --no-deps --only-binary=:all: --python-version "$version" \
     --implementation cp --abi "cp${version/./}" --abi abi3 --abi none "${platforms[@]}" \
-    -r "$here/requirements.txt" $(grep -v '^\s*#' "$here/insurance.txt" | awk '{print $1}') -d "$out.partial"; then
+    $(sed 's/#.*//' "$here/wheels.txt" | awk 'NF {print $1}') -d "$out.partial"; then
   echo "fetch_wheels: pip download failed (no PyPI access, or a pinned version has no CPython $version manylinux wheel)" >&2
   exit 1
 fi
+# The host has no git: the commit the wheels were fetched at travels with them (run.py reads it
+# when neither FEWSTEP_COMMIT nor git can say).
+(cd "$repo" && git rev-parse --short HEAD 2>/dev/null || echo unknown) > "$out.partial/COMMIT"
 rm -rf "$out" && mv "$out.partial" "$out"
 wheels_bytes=$(du -cb "$out"/*.whl | tail -1 | cut -f1)
 # What else travels: the repository's tracked and untracked, not ignored files.
