@@ -69,9 +69,10 @@ OLD = "1cac223"
 
 def old_module(path: str) -> types.ModuleType:
     """The module at ``path`` as it was at :data:`OLD`, from ``git show`` (never written to the tree)."""
-    source = subprocess.run(
-        ["git", "-C", str(REPO), "show", f"{OLD}:{path}"], capture_output=True, text=True, check=True
-    ).stdout
+    shown = subprocess.run(["git", "-C", str(REPO), "show", f"{OLD}:{path}"], capture_output=True, text=True)
+    if shown.returncode != 0:
+        raise SystemExit(f"the old {path} needs this clone's history (commit {OLD}): {shown.stderr.strip()}")
+    source = shown.stdout
     name = "old_" + path.removesuffix(".py").replace("/", "_")
     module = types.ModuleType(name)
     module.__file__ = f"{OLD}:{path}"
