@@ -8,6 +8,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO
 from tests.support import config_dir
 
@@ -52,3 +54,23 @@ def test_dedupe_bench_finds_every_planted_pair_with_the_approximate_index(tmp_pa
     record = json.loads(out.strip().splitlines()[-1])
     assert (record["rows"], record["method"], record["lists"]) == (4000, "approximate", 102)
     assert record["planted_found"] == record["planted_pairs"] == 20 and record["other_pairs_found"] == 0
+
+
+def test_control_plane_bench_scans_and_collects_new_and_old_alike(tmp_path):
+    if subprocess.run(["git", "-C", str(REPO), "cat-file", "-e", "1cac223"], check=False).returncode:
+        pytest.skip("the old recovery and gc come from commit 1cac223, not in this clone")
+    run_bench("control_plane.py", "--quick", "--parts", "recovery,gc-local", "--json", f"{tmp_path}/r.json")
+    record = json.loads((tmp_path / "r.json").read_text())
+    one = record["recovery"]["one delivery per worker"]
+    # The recoverer's scan is four commands whatever the fleet; the old pass one HGET per delivery.
+    assert one["new_scan"]["redis_commands"] == 4
+    assert one["old_pass"]["redis_commands"] == 3 + one["unacked"]
+    runs = record["gc_local"]["runs"]
+    assert [(r["impl"], r["delete"]) for r in runs] == [
+        ("none", False),
+        ("new", False),
+        ("old", False),
+        ("new", True),
+        ("old", True),
+    ]
+    assert len({r["objects"] for r in runs[1:]}) == 1
