@@ -38,6 +38,7 @@ from fewstep.contract import (
     parse_time,
     part_name,
 )
+from fewstep.scorers import embeddings_wanted
 from fewstep.storage import Store
 from producer.options import JSON, OUTPUT, abandoned_after, job_store
 from producer.progress import read_spec
@@ -55,10 +56,11 @@ class ShardGarbage:
     kept_open: int = 0  # objects of attempts that may still commit, or ended too recently
 
 
-def _folders(store: Store, shard: int) -> dict[str, list[tuple[str, int]]]:
+def _folders(store: Store, shard: int, embeddings: bool) -> dict[str, list[tuple[str, int]]]:
     """Objects of each attempt of the shard: ``{attempt: [(key, size), ...]}``."""
     found: dict[str, list[tuple[str, int]]] = {}
-    for prefix, owner_of in ((IMAGES, image_key_attempt), (EMBEDDINGS, embeddings_key_attempt)):
+    owners = [(IMAGES, image_key_attempt)] + [(EMBEDDINGS, embeddings_key_attempt)] * embeddings
+    for prefix, owner_of in owners:
         for key, size in store.list(f"{prefix}/{part_name(shard)}/"):
             owner = owner_of(key)
             if owner is not None and owner[0] == shard:
@@ -79,10 +81,13 @@ def _garbage(evidence: ShardEvidence, attempts: set[str], min_age: float) -> set
     }
 
 
-def collect_shard(store: Store, shard: int, min_age: float, delete: bool) -> ShardGarbage:
-    """Find (and with ``delete``, remove) one shard's garbage, on evidence read just before."""
+def collect_shard(
+    store: Store, shard: int, min_age: float, delete: bool, embeddings: bool = True
+) -> ShardGarbage:
+    """Find (and with ``delete``, remove) one shard's garbage, on evidence read just before.
+    ``embeddings``: whether the job writes embeddings (a job without them is not listed for them)."""
     verdict = ShardGarbage(shard)
-    folders = _folders(store, shard)
+    folders = _folders(store, shard, embeddings)
     if not folders:
         return verdict
     evidence = ShardEvidence.read(store, shard)
@@ -106,8 +111,9 @@ def collect(store: Store, min_age: float, delete: bool, threads: int = THREADS) 
     """Find (and with ``delete``, remove) the job's garbage, shard by shard; a summary."""
     spec = read_spec(store)
     shards = range(1, int(spec["counts"]["shards"]) + 1)
+    embeddings = embeddings_wanted(spec)
     with ThreadPoolExecutor(threads, thread_name_prefix="gc") as pool:
-        verdicts = list(pool.map(lambda s: collect_shard(store, s, min_age, delete), shards))
+        verdicts = list(pool.map(lambda s: collect_shard(store, s, min_age, delete, embeddings), shards))
     folders = [
         {"shard": v.shard, "part": part_name(v.shard), "attempt": attempt, "objects": n, "bytes": size}
         for v in verdicts
