@@ -446,8 +446,9 @@ def enqueue_round(fleet: Fleet, number: int, rng: random.Random, size: int, time
 
 
 class HeartbeatWatch:
-    """Polls the jobs' worker heartbeats (storage, directly) and keeps, per attempt id, the most
-    images it was seen to have uploaded: a lower bound on the work of attempts that lose."""
+    """Polls the open jobs' worker heartbeats and attempt folders (storage, directly) and keeps,
+    per attempt id, the most images it was seen to have uploaded: a lower bound on the work of
+    attempts that lose (gc may delete their folders later; a heartbeat comes every 5 s)."""
 
     def __init__(self, fleet: Fleet, jobs: list[Job], every: float = 2.0):
         self.fleet, self.jobs, self.every = fleet, jobs, every
@@ -466,10 +467,23 @@ class HeartbeatWatch:
                         attempt, done = beat.get("attempt_id"), beat.get("shard_images_uploaded")
                         if attempt and isinstance(done, int):
                             self.uploaded[attempt] = max(done, self.uploaded.get(attempt, 0))
+                    if job.layout == "files":
+                        for attempt, n in image_folders(s3, job).items():
+                            self.uploaded[attempt] = max(n, self.uploaded.get(attempt, 0))
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def image_folders(s3, job: Job) -> dict[str, int]:
+    """Images (not control maps) per attempt folder of a files-layout job."""
+    folders: dict[str, int] = {}
+    for key, _ in list_keys(s3, f"chaos/{job.name}/images/"):
+        parts = key.split("/")
+        if len(parts) == 6 and ".control." not in parts[5]:
+            folders[parts[4]] = folders.get(parts[4], 0) + 1
+    return folders
 
 
 def list_keys(s3, prefix: str) -> list[tuple[str, int]]:
@@ -779,6 +793,16 @@ def extra_work(
         "extra_work_pct": round(100 * wasted_gen / committed_gen, 1) if committed_gen else 0.0,
         "loser_attempt_wall_s": round(loser_wall, 1),
         "loser_attempts_without_end": unbounded,
+        "counted": (
+            "attempts: attempt records other than retry_requested; extra = attempts - shards. "
+            "generate_s_spent_twice: images that attempts which did not commit were seen to have "
+            "uploaded (their heartbeats' shard_images_uploaded, and files-layout attempt folders "
+            "listed every 2 s; a lower bound) times the job's committed generate_s per image "
+            "(stats/part-N.json); extra_work_pct is that over the committed generate_s. "
+            "loser_attempt_wall_s: start to end of those attempts on their worker's clock (end: "
+            "the record's ended_at, or when the harness saw the process die), an upper bound "
+            "that includes waits, pauses and outages."
+        ),
     }
 
 
@@ -888,9 +912,9 @@ def run(seed: int, duration: float, workers: int, out: Path, round_size: int, fi
         from tests.replicas import scorers as replicas
 
         replicas.build(fleet.hub)
-        first = fleet.start_worker(0)  # builds the tiny model into the shared cache alone
-        wait_ready([first], 600)
-        wait_ready([fleet.start_worker(i) for i in range(1, workers)], 900)
+        # All at once: the tiny model's build is atomic (a scratch folder renamed), so racing
+        # builds are harmless.
+        wait_ready([fleet.start_worker(i) for i in range(workers)], 900)
         jobs: list[Job] = []
         enqueuer = Enqueuer(fleet, jobs, round_size, timeline, seed)
         enqueuer.round()  # the first round before the clock starts
@@ -1039,7 +1063,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=6)
     parser.add_argument("--out", type=Path, default=Path("chaos-out"))
     parser.add_argument(
-        "--round-size", type=int, help="prompts per job of a round [duration / 3, at least 24]"
+        "--round-size", type=int, help="prompts per job of a round [about the duration in s, at least 24]"
     )
     parser.add_argument("--finish-timeout", type=float, default=300, help="bound on the end phase [300 s]")
     parser.add_argument("--plan-only", action="store_true", help="print the schedule and exit")
@@ -1047,7 +1071,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.plan_only:
         print(plan(args.seed, args.duration, args.workers).describe())
         return 0
-    size = args.round_size or max(24, 8 * round(args.duration / 24))
+    size = args.round_size or max(24, SHARD_SIZE * round(args.duration / SHARD_SIZE))
     return run(args.seed, args.duration, args.workers, args.out, size, args.finish_timeout)
 
 
