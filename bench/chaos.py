@@ -570,7 +570,8 @@ class Injector:
             tl.add("skew", f.target, offset=f.detail["offset"], replaced=old)
 
     def op(self, o: Op) -> None:
-        jobs = [j for j in self.jobs if j.shards]
+        # Operators act on the jobs still running (that is where a wrong deletion would land).
+        jobs = [j for j in self.jobs if j.shards and not j.complete] or [j for j in self.jobs if j.shards]
         if not jobs:
             return
         if not self._op_busy.acquire(blocking=False):  # the previous command still runs
@@ -913,11 +914,12 @@ def run(seed: int, duration: float, workers: int, out: Path, round_size: int, fi
 
         replicas.build(fleet.hub)
         # All at once: the tiny model's build is atomic (a scratch folder renamed), so racing
-        # builds are harmless.
-        wait_ready([fleet.start_worker(i) for i in range(workers)], 900)
+        # builds are harmless. The first round is enqueued while they load.
+        starting = [fleet.start_worker(i) for i in range(workers)]
         jobs: list[Job] = []
         enqueuer = Enqueuer(fleet, jobs, round_size, timeline, seed)
-        enqueuer.round()  # the first round before the clock starts
+        enqueuer.round()
+        wait_ready(starting, 900)
         timeline.start = time.monotonic()
         timeline.add("start", "fleet", workers=workers, seed=seed)
         enqueuer.start(until=0.75 * duration)
@@ -1063,15 +1065,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=6)
     parser.add_argument("--out", type=Path, default=Path("chaos-out"))
     parser.add_argument(
-        "--round-size", type=int, help="prompts per job of a round [about the duration in s, at least 24]"
+        "--round-size", type=int, help="prompts per job of a round [1.5 x the duration in s, 24 to 200]"
     )
     parser.add_argument("--finish-timeout", type=float, default=300, help="bound on the end phase [300 s]")
     parser.add_argument("--plan-only", action="store_true", help="print the schedule and exit")
     args = parser.parse_args(argv)
+    # SIGTERM (a test's timeout, a CI cancel) ends the run through its clean-up: the fleet,
+    # Redis and SeaweedFS are stopped, the timeline so far is written.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.plan_only:
         print(plan(args.seed, args.duration, args.workers).describe())
         return 0
-    size = args.round_size or max(24, SHARD_SIZE * round(args.duration / SHARD_SIZE))
+    size = args.round_size or min(200, max(24, SHARD_SIZE * round(1.5 * args.duration / SHARD_SIZE)))
     return run(args.seed, args.duration, args.workers, args.out, size, args.finish_timeout)
 
 
