@@ -20,6 +20,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
@@ -153,12 +154,19 @@ class Store:
         """A streamed write of ``key``: the object appears only when :meth:`Upload.finish` returns."""
         raise NotImplementedError
 
-    def abort_abandoned_uploads(self, older_than: float) -> int:
-        """Abort partial uploads under the root started more than ``older_than`` seconds ago.
+    def delete_many(self, keys: list[str]) -> int:
+        """Delete these objects (S3: ``DeleteObjects``, up to 1,000 keys a request); how many."""
+        for key in keys:
+            self.delete(key)
+        return len(keys)
 
-        Only a writer killed mid-upload (a worker streaming a shard's tar or parquet in parts,
-        or another tool) leaves these behind. Returns how many were aborted.
-        """
+    def pending_uploads(self, prefix: str = "") -> Iterator[PendingUpload]:
+        """Unfinished streamed writes under ``prefix``: S3 multipart uploads, or a local
+        directory's temporary files. Which of them may be aborted is the caller's proof to make."""
+        raise NotImplementedError
+
+    def abort_upload(self, upload: PendingUpload) -> bool:
+        """Abort one unfinished upload; False when it is gone already (finished or aborted)."""
         raise NotImplementedError
 
     def check(self) -> None:
@@ -167,6 +175,15 @@ class Store:
 
     def url_of(self, key: str) -> str:
         return f"{self.url.rstrip('/')}/{key}"
+
+
+@dataclass(frozen=True)
+class PendingUpload:
+    """An unfinished upload of ``key``, started at ``initiated`` (the storage's own clock)."""
+
+    key: str
+    handle: str  # S3's UploadId, or the temporary file's path
+    initiated: dt.datetime
 
 
 class Upload:
@@ -493,27 +510,48 @@ class S3Store(Store):
         full = self._key(key)
         self._call(f"deleting {key}", lambda: self._client.delete_object(Bucket=self.bucket, Key=full))
 
-    def abort_abandoned_uploads(self, older_than: float) -> int:
+    def delete_many(self, keys: list[str]) -> int:
+        for start in range(0, len(keys), 1000):
+            batch = {"Objects": [{"Key": self._key(k)} for k in keys[start : start + 1000]], "Quiet": True}
+            answer = self._call(
+                f"deleting {len(batch['Objects'])} objects",
+                lambda b=batch: self._client.delete_objects(Bucket=self.bucket, Delete=b),
+            )
+            if answer.get("Errors"):
+                first = answer["Errors"][0]
+                raise StorageUnavailable(
+                    f"{len(answer['Errors'])} of {len(batch['Objects'])} deletions refused "
+                    f"(first: {first.get('Key')}: {first.get('Code')})"
+                )
+        return len(keys)
+
+    def pending_uploads(self, prefix: str = "") -> Iterator[PendingUpload]:
         root = f"{self.prefix}/" if self.prefix else ""
-        ceiling = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=older_than)
-        aborted = 0
         markers: dict[str, str] = {}
         while True:
-            args = {"Bucket": self.bucket, "Prefix": root, **markers}
+            args = {"Bucket": self.bucket, "Prefix": root + prefix, **markers}
             page = self._call(
                 "listing multipart uploads", lambda a=args: self._client.list_multipart_uploads(**a)
             )
             for upload in page.get("Uploads", []):
-                if upload["Initiated"] <= ceiling:
-                    target = {"Bucket": self.bucket, "Key": upload["Key"], "UploadId": upload["UploadId"]}
-                    self._call(
-                        f"aborting the upload of {upload['Key']}",
-                        lambda t=target: self._client.abort_multipart_upload(**t),
-                    )
-                    aborted += 1
+                yield PendingUpload(upload["Key"][len(root) :], upload["UploadId"], upload["Initiated"])
             if not page.get("IsTruncated"):
-                return aborted
+                return
             markers = {"KeyMarker": page["NextKeyMarker"], "UploadIdMarker": page["NextUploadIdMarker"]}
+
+    def abort_upload(self, upload: PendingUpload) -> bool:
+        target = {"Bucket": self.bucket, "Key": self._key(upload.key), "UploadId": upload.handle}
+
+        def abort() -> bool:
+            try:
+                self._client.abort_multipart_upload(**target)
+            except bex.ClientError as e:
+                if _status(e) == 404:  # NoSuchUpload: completed or aborted meanwhile
+                    return False
+                raise
+            return True
+
+        return self._call(f"aborting the upload of {upload.key}", abort)
 
     def folders(self) -> Iterator[str]:
         root = f"{self.prefix}/" if self.prefix else ""
@@ -597,6 +635,12 @@ class S3Upload(Upload):
 # --- local directory ---------------------------------------------------------------
 
 
+def _tmp_prefix(path: Path) -> str:
+    """Temporary files are named after their key (``.tmp-<name>.<random>``): one left by a
+    killed writer can be attributed to its attempt (:meth:`LocalStore.pending_uploads`)."""
+    return f".tmp-{path.name}."
+
+
 class LocalStore(Store):
     """A directory used like a bucket: atomic writes by rename, conditional writes by link."""
 
@@ -618,7 +662,7 @@ class LocalStore(Store):
     def put(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_tmp_prefix(path))
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
@@ -686,18 +730,27 @@ class LocalStore(Store):
         if self.root.is_dir():
             yield from sorted(e.name for e in os.scandir(self.root) if e.is_dir())
 
-    def abort_abandoned_uploads(self, older_than: float) -> int:
-        # A writer killed between writing its temporary file and renaming it leaves the file.
+    def pending_uploads(self, prefix: str = "") -> Iterator[PendingUpload]:
+        # A writer killed between writing its temporary file and renaming it leaves the file:
+        # ``.tmp-<name>.<random>`` beside the key ``<name>`` it was to become.
         if not self.root.is_dir():
-            return 0
-        ceiling = time.time() - older_than
-        aborted = 0
-        for path in self.root.rglob(".tmp-*"):
+            return
+        for path in sorted(self.root.rglob(".tmp-*")):
+            rel = path.relative_to(self.root).parent.as_posix()
+            name = path.name[len(".tmp-") :].rpartition(".")[0]
+            key = f"{rel}/{name}" if rel != "." else name
+            if not name or not key.startswith(prefix):
+                continue
             with contextlib.suppress(FileNotFoundError):
-                if path.stat().st_mtime <= ceiling:
-                    path.unlink()
-                    aborted += 1
-        return aborted
+                initiated = dt.datetime.fromtimestamp(path.stat().st_mtime, dt.UTC)
+                yield PendingUpload(key, str(path), initiated)
+
+    def abort_upload(self, upload: PendingUpload) -> bool:
+        try:
+            Path(upload.handle).unlink()
+        except FileNotFoundError:
+            return False
+        return True
 
     def check(self) -> None:
         try:
@@ -723,7 +776,7 @@ class LocalUpload(Upload):
     def _send(self, part: bytes) -> None:
         if self._tmp is None:
             self._path.parent.mkdir(parents=True, exist_ok=True)
-            fd, self._tmp = tempfile.mkstemp(dir=self._path.parent, prefix=".tmp-")
+            fd, self._tmp = tempfile.mkstemp(dir=self._path.parent, prefix=_tmp_prefix(self._path))
             os.close(fd)
         with open(self._tmp, "ab") as f:
             f.write(part)

@@ -1,151 +1,126 @@
-"""``producer gc JOB``: remove the images that attempts which can no longer commit left behind.
+"""``producer gc JOB``: remove what attempts that can never be committed left behind.
 
-Every attempt writes its images under its own folder, ``images/part-N/<attempt-id>/`` (and,
-with ``--embeddings``, its own ``embeddings/part-N/<attempt-id>.parquet``), and the
-committed metadata names exactly one of them. What other attempts wrote is never part
-of the dataset (no reader lists it) but costs storage. A folder is garbage when:
+Every attempt writes its images under its own folder, ``images/part-N/<attempt-id>/`` (or one
+``images/part-N/<attempt-id>.tar``/``.parquet``), and, with ``--embeddings``, its own
+``embeddings/part-N/<attempt-id>.parquet``; the committed metadata names exactly one attempt.
+gc deletes an attempt's objects only on proof that no commit names them or ever can
+(:class:`fewstep.attempts.ShardEvidence`):
 
-- its shard is committed and the metadata names another attempt; or
-- its shard is open or failed and the folder's attempt record has ended (``error``,
-  ``superseded``, ``interrupted``, ``storage_unavailable``): that delivery is over, a later
-  one writes its own folder; or its record still says ``running`` though it started more
-  than ``--abandoned-after`` seconds ago and no live worker heartbeat names it.
+- the shard is committed and its marker names another attempt (the marker was written only
+  if absent: no second attempt can ever commit); or
+- the attempt's own record says it ended, and that it ended without sending the marker's PUT.
 
-Nothing else under ``images/`` is touched: the committed attempt's folder, folders of
-attempts that may still commit, and keys outside attempt folders (``part-N.json`` of
-``finalize --json-parts``, images of jobs written before attempt folders). Dry run by
-default: it prints what it would delete.
+Nothing is judged from a clock or a heartbeat: an attempt whose record says ``running``, or
+that ended after sending its commit (the answer lost), is kept until a marker settles it.
+The evidence of a shard is read again right before its objects are deleted, and only what
+still qualifies is deleted, in ``DeleteObjects`` batches. Shards are listed one at a time,
+so memory does not grow with the job. ``--abandoned-after`` can only delay: an ended
+attempt's objects stay until its record has been ended that long (stragglers of its upload
+pool land meanwhile). Dry run by default: it prints what it would delete.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
-from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import click
 
-from fewstep.attempts import history, running_elsewhere
+from fewstep.attempts import ShardEvidence
 from fewstep.contract import (
-    ATTEMPT_ERROR,
-    ATTEMPT_INTERRUPTED,
-    ATTEMPT_RUNNING,
-    ATTEMPT_STORAGE_UNAVAILABLE,
-    ATTEMPT_SUPERSEDED,
     EMBEDDINGS,
     IMAGES,
     embeddings_key_attempt,
     image_key_attempt,
-    metadata_key,
     parse_time,
     part_name,
 )
-from fewstep.storage import Store, read_table
+from fewstep.storage import Store
 from producer.options import JSON, OUTPUT, abandoned_after, job_store
-from producer.progress import read_progress
+from producer.progress import read_spec
 
-# Attempts that ended without committing: their folder will never be referenced.
-ENDED = frozenset({ATTEMPT_ERROR, ATTEMPT_SUPERSEDED, ATTEMPT_INTERRUPTED, ATTEMPT_STORAGE_UNAVAILABLE})
+THREADS = 16
 
 
 @dataclass
-class Garbage:
-    """Attempt folders found to be garbage, and what was kept and why."""
+class ShardGarbage:
+    """One shard's verdict: attempt folders removed (or to remove), and what was kept."""
 
-    folders: dict[tuple[int, str], list[tuple[str, int]]] = field(default_factory=dict)
-    kept_committed: int = 0  # objects of committed attempts
-    kept_open: int = 0  # objects of attempts that may still commit
-
-    @property
-    def objects(self) -> int:
-        return sum(len(keys) for keys in self.folders.values())
-
-    @property
-    def bytes(self) -> int:
-        return sum(size for keys in self.folders.values() for _key, size in keys)
+    shard: int
+    folders: dict[str, tuple[int, int]] = field(default_factory=dict)  # attempt: (objects, bytes)
+    kept_committed: int = 0  # objects of the committed attempt
+    kept_open: int = 0  # objects of attempts that may still commit, or ended too recently
 
 
-def committed_attempt(store: Store, shard: int) -> str | None:
-    """The attempt id the committed metadata of ``shard`` names (one per commit)."""
-    ids = set(read_table(store, metadata_key(shard), ["attempt_id"]).column("attempt_id").to_pylist())
-    return ids.pop() if len(ids) == 1 else None
-
-
-def _dead_attempts(store: Store, shard: int, abandoned_after: float) -> set[str]:
-    records = history(store, shard)
-    live = running_elsewhere(store, records)
-    now = dt.datetime.now(dt.UTC)
-    dead = set()
-    for record in records:
-        state, started = record.get("state"), parse_time(record.get("started_at"))
-        if state in ENDED or (
-            state == ATTEMPT_RUNNING
-            and record.get("id") not in live
-            and started is not None
-            and (now - started).total_seconds() > abandoned_after
-        ):
-            dead.add(str(record.get("id")))
-    return dead
-
-
-def find_garbage(store: Store, abandoned_after: float, threads: int = 16) -> Garbage:
-    """Every attempt folder of the job that no commit references or can come to reference."""
-    progress = read_progress(store)
-    folders: dict[tuple[int, str], list[tuple[str, int]]] = defaultdict(list)
+def _folders(store: Store, shard: int) -> dict[str, list[tuple[str, int]]]:
+    """Objects of each attempt of the shard: ``{attempt: [(key, size), ...]}``."""
+    found: dict[str, list[tuple[str, int]]] = {}
     for prefix, owner_of in ((IMAGES, image_key_attempt), (EMBEDDINGS, embeddings_key_attempt)):
-        for key, size in store.list(f"{prefix}/"):
+        for key, size in store.list(f"{prefix}/{part_name(shard)}/"):
             owner = owner_of(key)
-            if owner is not None:
-                folders[owner].append((key, size))
-    shards = sorted({shard for shard, _attempt in folders})
+            if owner is not None and owner[0] == shard:
+                found.setdefault(owner[1], []).append((key, size))
+    return found
 
-    def keep_for(shard: int) -> tuple[set[str] | None, set[str]]:
-        # (the attempt a commit names, or None when open; attempts that can never commit)
-        if shard in progress.committed:
-            return {committed_attempt(store, shard) or ""}, set()
-        return None, _dead_attempts(store, shard, abandoned_after)
 
-    with ThreadPoolExecutor(threads) as pool:
-        verdicts = dict(zip(shards, pool.map(keep_for, shards), strict=True))
-    garbage = Garbage()
-    for (shard, attempt), keys in sorted(folders.items()):
-        committed, dead = verdicts[shard]
-        if committed is not None and attempt in committed:
-            garbage.kept_committed += len(keys)
-        elif committed is not None or attempt in dead:
-            garbage.folders[(shard, attempt)] = keys
+def _ended_long_enough(evidence: ShardEvidence, attempt: str, min_age: float) -> bool:
+    if evidence.committed is not None:
+        return True  # a committed shard's losers: the marker is the whole proof
+    ended = parse_time(evidence.records.get(attempt, {}).get("ended_at"))
+    return ended is not None and (dt.datetime.now(dt.UTC) - ended).total_seconds() >= min_age
+
+
+def _garbage(evidence: ShardEvidence, attempts: set[str], min_age: float) -> set[str]:
+    return {
+        a for a in attempts if evidence.can_never_be_named(a) and _ended_long_enough(evidence, a, min_age)
+    }
+
+
+def collect_shard(store: Store, shard: int, min_age: float, delete: bool) -> ShardGarbage:
+    """Find (and with ``delete``, remove) one shard's garbage, on evidence read just before."""
+    verdict = ShardGarbage(shard)
+    folders = _folders(store, shard)
+    if not folders:
+        return verdict
+    evidence = ShardEvidence.read(store, shard)
+    garbage = _garbage(evidence, set(folders), min_age)
+    if delete and garbage:
+        evidence = ShardEvidence.read(store, shard)  # re-read right before acting
+        garbage = _garbage(evidence, garbage, min_age)
+        if garbage:
+            store.delete_many([key for a in sorted(garbage) for key, _size in folders[a]])
+    for attempt, keys in folders.items():
+        if attempt in garbage:
+            verdict.folders[attempt] = (len(keys), sum(size for _key, size in keys))
+        elif attempt == evidence.committed:
+            verdict.kept_committed += len(keys)
         else:
-            garbage.kept_open += len(keys)
-    return garbage
+            verdict.kept_open += len(keys)
+    return verdict
 
 
-def collect(store: Store, abandoned_after: float, delete: bool) -> dict[str, Any]:
-    """Find (and with ``delete``, remove) the job's garbage; a summary."""
-    garbage = find_garbage(store, abandoned_after)
-    if delete:
-        keys = [key for keys in garbage.folders.values() for key, _size in keys]
-        with ThreadPoolExecutor(16) as pool:
-            list(pool.map(store.delete, keys))
+def collect(store: Store, min_age: float, delete: bool, threads: int = THREADS) -> dict[str, Any]:
+    """Find (and with ``delete``, remove) the job's garbage, shard by shard; a summary."""
+    spec = read_spec(store)
+    shards = range(1, int(spec["counts"]["shards"]) + 1)
+    with ThreadPoolExecutor(threads, thread_name_prefix="gc") as pool:
+        verdicts = list(pool.map(lambda s: collect_shard(store, s, min_age, delete), shards))
+    folders = [
+        {"shard": v.shard, "part": part_name(v.shard), "attempt": attempt, "objects": n, "bytes": size}
+        for v in verdicts
+        for attempt, (n, size) in sorted(v.folders.items())
+    ]
     return {
         "job_url": store.url,
         "deleted": delete,
-        "folders": [
-            {
-                "shard": shard,
-                "part": part_name(shard),
-                "attempt": attempt,
-                "objects": len(keys),
-                "bytes": sum(size for _key, size in keys),
-            }
-            for (shard, attempt), keys in garbage.folders.items()
-        ],
-        "objects": garbage.objects,
-        "bytes": garbage.bytes,
-        "kept_committed_objects": garbage.kept_committed,
-        "kept_open_objects": garbage.kept_open,
+        "folders": folders,
+        "objects": sum(f["objects"] for f in folders),
+        "bytes": sum(f["bytes"] for f in folders),
+        "kept_committed_objects": sum(v.kept_committed for v in verdicts),
+        "kept_open_objects": sum(v.kept_open for v in verdicts),
     }
 
 
@@ -154,13 +129,13 @@ def collect(store: Store, abandoned_after: float, delete: bool) -> dict[str, Any
 @OUTPUT
 @click.option("--delete", is_flag=True, help="Delete what was found (default: only list it).")
 @abandoned_after(
-    "An open shard's attempt still 'running' this long after it started, with no live worker "
-    "heartbeat naming it, is abandoned."
+    "Delay only: an ended attempt's objects stay until its record has been ended this long "
+    "(a committed shard's losers go at once). Nothing is deleted on age alone."
 )
 @JSON
 def gc_command(job: str, output: str, delete: bool, abandoned_after: float, as_json: bool) -> None:
-    """List (or --delete) the images (and embeddings) of JOB's attempts that lost or ended: never
-    committed objects."""
+    """List (or --delete) the objects of JOB's attempts that can never be committed: a committed
+    shard's losers, and attempts whose record says they ended before committing."""
     summary = collect(job_store(output, job), abandoned_after, delete)
     if as_json:
         click.echo(json.dumps(summary))
@@ -175,5 +150,5 @@ def gc_command(job: str, output: str, delete: bool, abandoned_after: float, as_j
         f"{job}: {summary['objects']} objects ({summary['bytes']} bytes) in {len(summary['folders'])} "
         f"attempt folders {'deleted' if delete else 'to delete (dry run; --delete to remove them)'}; "
         f"kept {summary['kept_committed_objects']} committed, {summary['kept_open_objects']} of attempts "
-        "that may still commit"
+        "that may still commit or ended too recently"
     )

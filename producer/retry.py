@@ -3,6 +3,12 @@
 For each shard marked failed (and not committed) it records a ``retry_requested``
 attempt (keeping the failure for the record; earlier failures stop counting), removes
 ``failed/part-N.json`` and sends the shard again with the next attempt round.
+
+A failed marker removed is always followed by a send, whatever the queue seems to hold: a
+message delivered but not yet acknowledged (the worker that just marked the shard failed
+acknowledges it after writing the marker) is no message to count on, and a duplicate costs
+at most a skip (a committed shard is skipped by the worker). Were the send to fail (Redis
+gone), the command says so and which shards wait for ``producer reconcile``.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from fewstep import UserError
 from fewstep.contract import ATTEMPT_RETRY_REQUESTED, attempt_key, failed_key, new_attempt_id
 from fewstep.queue import check_broker
 from fewstep.storage import KeyMissing, Store
-from producer.enqueue import queued_shards, send_job_shards
+from producer.enqueue import send_job_shards
 from producer.options import JSON, OUTPUT, job_store
 from producer.progress import read_progress
 
@@ -57,7 +63,6 @@ def retry_failed(store: Store) -> dict[str, Any]:
     check_broker()
     progress = read_progress(store)
     spec = progress.spec
-    queued = queued_shards(spec)
     failed = sorted(progress.failed)
     with ThreadPoolExecutor(RETRY_THREADS, thread_name_prefix="retry") as pool:
         next_rounds = list(pool.map(lambda shard: _request_retry(store, shard), failed))
@@ -67,9 +72,14 @@ def retry_failed(store: Store) -> dict[str, Any]:
         if round_ is None:
             continue  # retried by someone else meanwhile
         retried.append(shard)
-        if shard not in queued:
-            rounds[round_].append(shard)
-    sent = sum(send_job_shards(spec, shards, attempt=round_) for round_, shards in rounds.items())
+        rounds[round_].append(shard)
+    try:
+        sent = sum(send_job_shards(spec, shards, attempt=round_) for round_, shards in rounds.items())
+    except Exception as e:
+        raise UserError(
+            f"{len(retried)} failed shards were un-failed but could not all be sent ({e}); "
+            f"`producer reconcile {spec['job']}` sends them"
+        ) from None
     return {
         "job": spec["job"],
         "queue": spec["queue"],

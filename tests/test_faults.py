@@ -21,7 +21,7 @@ import pytest
 from fewstep.contract import ShardMessage, failed_key, manifest_key, metadata_key
 from fewstep.queue import celery_app, queue_length, redis_client, send_shards
 from fewstep.services import Services, free_port
-from fewstep.storage import open_store, s3_client
+from fewstep.storage import open_store
 from producer.sources.partiprompts import parse
 from tests.support import (
     attempt_records,
@@ -468,29 +468,6 @@ def test_commit_is_conditional_and_refuses_a_partial_shard(env, output, tmp_path
     assert commit(store, 1, first, 3) is True  # a retried write of our own bytes is ours
     marker = pq.read_table(io.BytesIO(store.get(metadata_key(1))))
     assert set(marker.column("worker").to_pylist()) == {"first"}
-
-
-def test_reconcile_aborts_abandoned_multipart_uploads(env, output):
-    job = enqueue(SAMPLE, "uploads", output, env, "--shard-size", "16")
-    store = open_store(job["job_url"])
-    client = s3_client()
-    started = client.create_multipart_upload(Bucket=store.bucket, Key=f"{store.prefix}/images/part-000001/x")
-    summary = cli_json(
-        "producer", "reconcile", "uploads", "--output", output, "--abandoned-after", "0", env=env
-    )
-    assert summary["aborted_uploads"] == 1 and summary["enqueued"] == 0
-    uploads = client.list_multipart_uploads(Bucket=store.bucket, Prefix=store.prefix).get("Uploads", [])
-    assert started["UploadId"] not in {u["UploadId"] for u in uploads}
-
-
-def test_abandoned_temporary_files_of_a_local_output_are_removed(tmp_path):
-    store = open_store(str(tmp_path / "out"))
-    store.put("images/part-000001/000000000000.png", b"x")
-    left = tmp_path / "out" / "images" / "part-000001" / ".tmp-abandoned"
-    left.write_bytes(b"half an image")
-    assert store.abort_abandoned_uploads(3600) == 0  # too recent: maybe a live writer
-    assert store.abort_abandoned_uploads(0) == 1
-    assert not left.exists() and store.exists("images/part-000001/000000000000.png")
 
 
 def test_verify_reports_a_damaged_image_and_exits_non_zero(env, output, tmp_path):

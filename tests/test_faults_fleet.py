@@ -5,14 +5,11 @@ dead worker's messages (fewstep/recovery.py) against a real Redis.
 
 from __future__ import annotations
 
-import json
 import time
-import uuid
 from collections import defaultdict
 
-from fewstep.contract import TASK_NAME, ShardMessage, image_key_attempt, manifest_key
+from fewstep.contract import image_key_attempt
 from fewstep.queue import queue_length, redis_client
-from fewstep.recovery import UNACKED, UNACKED_INDEX, liveness_key, publish_liveness, restore_orphans
 from fewstep.storage import open_store
 from tests.support import (
     attempt_records,
@@ -122,64 +119,24 @@ def test_l_a_sigkilled_workers_shard_returns_without_the_visibility_timeout(env,
     b = start_worker(env, log_path=tmp_path / "b.log")
     try:
         restored = 0
-        while time.monotonic() - killed_at < 120 and committed_count(url) < job["shards"]:
+        # Restored within liveness_ttl + restore_after + scan_seconds (85 s by default), by
+        # reconcile or by worker B's recoverer, then run by B.
+        while time.monotonic() - killed_at < 180 and committed_count(url) < job["shards"]:
             summary = cli_json("producer", "reconcile", "preempted", "--output", output, "--json", env=env)
             restored += summary["restored_from_dead_workers"]
             time.sleep(5)
-        wait_done("preempted", output, env, timeout=max(1.0, 120 - (time.monotonic() - killed_at)))
+        wait_done("preempted", output, env, timeout=max(1.0, 180 - (time.monotonic() - killed_at)))
         took = time.monotonic() - killed_at
     finally:
         stop_worker(b)
-    assert took < 120, f"job completed {took:.0f}s after the kill"
+    assert took < 180, f"job completed {took:.0f}s after the kill"
     log = log_text(tmp_path / "b.log")
-    assert restored >= 1 or "from a worker that is gone" in log  # by reconcile, or by worker B
+    assert restored >= 1 or "no live worker named its delivery" in log  # by reconcile, or by worker B
     states = [r["state"] for r in attempt_records(url, shard)]
     assert states == ["running", "committed"], states
     assert_each_prompt_once(url, 8)
     verify_job("preempted", output, env)
     assert queue_length(redis_client(), job["queue"]) == 0
-
-
-# --- recovery of unacked messages, on a real Redis -------------------------------------------------
-
-
-def _deliver(client, queue: str, tag: str, message: ShardMessage, delivered_at: float, task: str = TASK_NAME):
-    """Put a message in kombu's unacked set as its Redis transport does on delivery."""
-    envelope = {
-        "body": json.dumps([[], message.to_kwargs(), {}]),
-        "content-type": "application/json",
-        "headers": {"task": task, "id": message.task_id},
-        "properties": {"delivery_tag": tag, "delivery_info": {"exchange": queue, "routing_key": queue}},
-    }
-    client.hset(UNACKED, tag, json.dumps([envelope, queue, queue]))
-    client.zadd(UNACKED_INDEX, {tag: delivered_at})
-
-
-def test_restore_orphans_returns_only_old_messages_no_live_worker_holds(env):
-    client = redis_client()
-    queue = f"recovery-{uuid.uuid4().hex[:8]}"
-    now = time.time()
-    tags = {name: f"{name}-{uuid.uuid4().hex[:8]}" for name in ("dead", "live", "recent", "foreign")}
-    for i, name in enumerate(tags, start=1):
-        task = "someone.else" if name == "foreign" else TASK_NAME
-        at = now - 5 if name == "recent" else now - 600
-        _deliver(client, queue, tags[name], ShardMessage("s3://b/job", i, manifest_key(i)), at, task)
-    publish_liveness(client, "host:1:cpu", queue, {tags["live"]}, ttl=30)
-    try:
-        first = restore_orphans(client, queue, min_age=30)
-        again = restore_orphans(client, queue, min_age=30)  # a second recoverer finds nothing left
-    finally:
-        for tag in tags.values():
-            client.hdel(UNACKED, tag)
-            client.zrem(UNACKED_INDEX, tag)
-        client.delete(liveness_key("host:1:cpu"))
-    assert [m.shard for m in first.restored] == [1]
-    assert (first.held_by_live_workers, first.too_recent) == (1, 1)
-    assert again.restored == []
-    queued = [json.loads(raw) for raw in client.lrange(queue, 0, -1)]
-    client.delete(queue)
-    assert len(queued) == 1 and queued[0]["headers"]["redelivered"] is True
-    assert queued[0]["properties"]["delivery_info"]["redelivered"] is True
 
 
 def test_gc_of_a_missing_job_is_one_line_and_non_zero(env, output):

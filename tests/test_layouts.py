@@ -42,7 +42,7 @@ from tests.support import (
 
 LAYOUTS = ("webdataset", "parquet")
 # A killed worker's shard is restored seconds after the kill, not half a minute.
-FAST_RECOVERY = {"liveness_seconds": 1, "liveness_ttl": 2, "min_age": 2, "scan_seconds": 1}
+FAST_RECOVERY = {"liveness_seconds": 1, "liveness_ttl": 3, "restore_after": 4, "scan_seconds": 1}
 ROWS = 8  # two shards of 4, 64x64 images: the tiny model on a shared CPU
 
 
@@ -96,6 +96,8 @@ def jobs(local_services, model_cache, parti_path, tmp_path_factory):
         crash = _crash_mid_tar(env, output, "killed", parti_path, tmp_path)
         made = {layout: _enqueue(env, parti_path, layout, output, layout) for layout in LAYOUTS}
         run_worker_until_done(env, output, "killed", *made, log_path=tmp_path / "worker.log")
+        # Committed by the next worker: now the dead attempt's upload is proven abandoned.
+        crash["reconcile_after_commit"] = reconcile(_store(output, "killed"), abandoned_after=0)
         # The reference: the file's first rows split on newlines and tabs only (no quoting rules).
         lines = parti_path.read_bytes().decode().split("\n")[1 : ROWS + 1]
         yield env, output, made, [line.split("\t")[0] for line in lines], crash
@@ -212,7 +214,7 @@ def test_finalize_gallery_and_gc_work_on_webdataset_and_parquet_jobs(jobs):
         folder, ext = objects[0].rsplit("/", 1)[0], objects[0].rsplit(".", 1)[1]
         loser = f"{folder}/20200101T000000.000000Z-loser.{ext}"
         store.put(loser, store.get(objects[0]))
-        garbage = collect(store, abandoned_after=3600, delete=True)
+        garbage = collect(store, min_age=3600, delete=True)
         assert [(f["shard"], f["attempt"], f["objects"]) for f in garbage["folders"]] == [
             (1, "20200101T000000.000000Z-loser", 1)
         ]
@@ -226,7 +228,11 @@ def test_a_worker_killed_mid_tar_leaves_no_committed_shard_and_no_readable_tar(j
     assert crash["metadata"] == []  # nothing committed
     assert crash["images"] == []  # no tar, partial or not, is an object
     assert crash["uploads"] == 1  # its parts were sent: an unfinished multipart upload
-    assert crash["reconcile"]["aborted_uploads"] == 1
+    # Its record still says running (nothing proves the attempt over): kept, however old ...
+    assert crash["reconcile"]["aborted_uploads"] == 0
+    assert crash["reconcile"]["kept_uploads_of_live_attempts"] == 1
+    # ... until the shard is committed by another attempt: then aborted.
+    assert crash["reconcile_after_commit"]["aborted_uploads"] == 1
     # The next worker redid the shard from scratch and committed it.
     store = _store(output, "killed")
     assert verify(store)["ok"] and verify(store)["images_checked"] == ROWS

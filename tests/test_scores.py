@@ -237,7 +237,7 @@ def test_worker_scores_like_an_independent_clip_commits_embeddings_and_producer_
     committed = read_table(store, metadata_key(1), ["attempt_id"]).column("attempt_id")[0].as_py()
     loser = embeddings_key(1, "20000101T000000.000000Z-0badcafe")
     store.put(loser, store.get(embeddings_key(1, committed)))
-    swept = collect(store, abandoned_after=3600, delete=True)
+    swept = collect(store, min_age=3600, delete=True)
     assert [(f["shard"], f["attempt"], f["objects"]) for f in swept["folders"]] == [
         (1, "20000101T000000.000000Z-0badcafe", 1)
     ]

@@ -220,7 +220,7 @@ def _run(task, store: Store, message: ShardMessage, max_attempts: int, retry_del
     try:
         rows = shard_rows(runner.job_spec(store, message.job_url, fresh=True), message.shard)
         guard = ShardGuard(store, message, rows, visibility_timeout())
-        result = runner.run(message, guard=guard, attempt_id=attempt.id)
+        result = runner.run(message, guard=guard, attempt_id=attempt.id, before_commit=attempt.commit_sending)
     except Superseded:
         log.info("%s of %s was committed by another attempt; this one stopped", part, message.job_url)
         attempt.finish(ATTEMPT_SUPERSEDED)

@@ -23,6 +23,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -130,10 +131,19 @@ class Attempt:
             "worker": worker,
             "state": ATTEMPT_RUNNING,
             "started_at": _now(),
+            # Turned true before the commit marker's PUT is sent: an attempt that ended with
+            # it false can never have committed (producer gc, fewstep.attempts.ShardEvidence).
+            "commit_sent": False,
             **delivery,
         }
         store.put(attempt.key, json.dumps(attempt.record).encode())
         return attempt
+
+    def commit_sending(self) -> None:
+        """The marker's PUT is about to be sent: from now on this attempt may have committed,
+        whatever its outcome says (a PUT whose answer is lost may have landed). Written with
+        the outcome; a worker killed before that leaves a ``running`` record, kept anyway."""
+        self.record.update(commit_sent=True, commit_sent_at=_now())
 
     def finish(self, state: str, error: BaseException | None = None, **details: Any) -> None:
         """Overwrite the record with the outcome; kept for later when storage is down."""
@@ -285,10 +295,19 @@ class ShardGuard:
 
 def failpoint(name: str, shard: int) -> None:
     """Fault tests crash a real worker at an exact point: ``FEWSTEP_FAILPOINT=before-commit:part-000002``
-    (or ``mid-upload:part-000002``: half a shard's tar or parquet streamed)."""
-    if os.environ.get("FEWSTEP_FAILPOINT") == f"{name}:{part_name(shard)}":
-        log.warning("failpoint %s reached for %s: killing this worker", name, part_name(shard))
-        os.kill(os.getpid(), signal.SIGKILL)
+    (or ``mid-upload:part-000002``: half a shard's tar or parquet streamed), or, for
+    ``slow-commit:part-000002``, hold the commit marker's PUT ``FEWSTEP_FAILPOINT_SECONDS``
+    (15) before sending it, as a PUT retried through ``503 SlowDown`` would be (``slow-commit:*``:
+    every shard's)."""
+    if os.environ.get("FEWSTEP_FAILPOINT") not in (f"{name}:{part_name(shard)}", f"{name}:*"):
+        return
+    if name == "slow-commit":
+        seconds = float(os.environ.get("FEWSTEP_FAILPOINT_SECONDS", "15"))
+        log.warning("failpoint %s reached for %s: waiting %.0fs", name, part_name(shard), seconds)
+        time.sleep(seconds)
+        return
+    log.warning("failpoint %s reached for %s: killing this worker", name, part_name(shard))
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def check_complete(store: Store, shard: int, table: pa.Table, rows: int, layout: str = LAYOUT_FILES) -> None:
@@ -345,8 +364,17 @@ def _check_shard_object(store: Store, shard: int, table: pa.Table, key: str, lay
         raise IncompleteShard(f"{part_name(shard)}: image rows of {key} are not 0..{table.num_rows - 1}")
 
 
-def commit(store: Store, shard: int, table: pa.Table, rows: int, layout: str = LAYOUT_FILES) -> bool:
+def commit(
+    store: Store,
+    shard: int,
+    table: pa.Table,
+    rows: int,
+    layout: str = LAYOUT_FILES,
+    before_put: Callable[[], None] = lambda: None,
+) -> bool:
     """Write the shard's metadata parquet, the commit marker, if absent and the shard is complete.
+
+    ``before_put`` is called right before the marker's PUT is sent (:meth:`Attempt.commit_sending`).
 
     Returns False when another attempt committed first (this attempt is discarded). Raises
     :class:`~fewstep.storage.ConditionalWritesIgnored` on a backend that would let both win.
@@ -357,6 +385,8 @@ def commit(store: Store, shard: int, table: pa.Table, rows: int, layout: str = L
     pq.write_table(table, buffer, compression="zstd")
     data = buffer.getvalue()
     failpoint("before-commit", shard)
+    before_put()
+    failpoint("slow-commit", shard)
     if store.put(metadata_key(shard), data, if_absent=True):
         return True
     # 412. A PUT retried after a lost response also gets 412 for its own first write: the

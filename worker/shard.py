@@ -761,13 +761,19 @@ class ShardRunner:
         return shard
 
     def run(
-        self, message: ShardMessage, guard: ShardGuard | None = None, attempt_id: str | None = None
+        self,
+        message: ShardMessage,
+        guard: ShardGuard | None = None,
+        attempt_id: str | None = None,
+        before_commit: Callable[[], None] = lambda: None,
     ) -> ShardResult:
         """Generate, upload and commit one shard; the entry point of the Celery task.
 
         ``guard`` (see :mod:`worker.commit`) is asked before each batch's images are written
         and may stop the shard: another attempt committed it, or the shutdown grace ran out.
-        ``attempt_id`` (the task's attempt record) names the folder the images go to.
+        ``attempt_id`` (the task's attempt record) names the folder the images go to;
+        ``before_commit`` is called right before the commit marker's PUT is sent. The attempt
+        stays named in heartbeats (:meth:`progress`) until this returns, commit included.
         """
         start, started_at, requests = time.perf_counter(), _now(), requests_sent()
         shard = self.lookahead.take(message)  # read ahead, checked not committed moments ago
@@ -788,13 +794,26 @@ class ShardRunner:
         self.slots.reset_peak()
         self._current = run
         self.on_shard_start()  # the heartbeat names this attempt at once, not a beat later
+        try:
+            return self._run(run, start, started_at, requests, before_commit)
+        finally:
+            self._current = None
+
+    def _run(
+        self,
+        run: ShardRun,
+        start: float,
+        started_at: dt.datetime,
+        requests: int,
+        before_commit: Callable[[], None],
+    ) -> ShardResult:
+        shard, message = run.shard, run.shard.message
         self._device_calls.put((self._generate_shard, (run,), Future()))
         try:
             self._wait(run, start)
         finally:
             if shard.conditioning is not None:
                 shard.conditioning.close()
-        self._current = None
         if run.error is not None:
             run.writer.abort()
             raise run.error
@@ -812,7 +831,9 @@ class ShardRunner:
         schema = job_metadata_schema(shard.spec)  # a job of an older format has fewer columns
         columns = self.metadata_columns(run, 0, shard.size)
         table = pa.Table.from_pydict({name: columns[name] for name in schema.names}, schema=schema)
-        committed = commit(shard.store, message.shard, table, shard.size, job_layout(shard.spec))
+        committed = commit(
+            shard.store, message.shard, table, shard.size, job_layout(shard.spec), before_put=before_commit
+        )
         end = time.perf_counter()
         stats = self._stats(run, start, end, end - commit_start, started_at)
         stats.image_requests, stats.storage_requests = run.writer.requests, requests_sent() - requests
