@@ -400,8 +400,11 @@ def conditioning_images(directory: Path, count: int, rng: random.Random) -> list
     return paths
 
 
-def enqueue_round(fleet: Fleet, number: int, rng: random.Random, size: int, timeline: Timeline) -> list[Job]:
-    """One round of jobs: files, webdataset, parquet (scored, with embeddings), conditioned."""
+def enqueue_round(
+    fleet: Fleet, number: int, rng: random.Random, size: int, timeline: Timeline, add, stop: threading.Event
+) -> None:
+    """One round of jobs: files, webdataset, parquet (scored, with embeddings), conditioned; each
+    is handed to ``add`` once enqueued; none is started once ``stop`` is set."""
     jobs = [
         Job(f"r{number}-files", "files", read_prompts(rng, size)),
         Job(f"r{number}-tar", "webdataset", read_prompts(rng, size)),
@@ -413,6 +416,8 @@ def enqueue_round(fleet: Fleet, number: int, rng: random.Random, size: int, time
     common = ["--model", "tiny", "--output", f"s3://{BUCKET}/chaos", "--width", "64", "--height", "64",
               "--shard-size", str(SHARD_SIZE)]  # fmt: skip
     for job in jobs:
+        if stop.is_set():
+            return
         if job.conditioned:
             photos = conditioning_images(inputs / job.name, len(job.prompts), rng)
             path = inputs / f"{job.name}.csv"
@@ -438,8 +443,8 @@ def enqueue_round(fleet: Fleet, number: int, rng: random.Random, size: int, time
             time.sleep(2)
         else:
             raise SystemExit(f"enqueue of {job.name} kept failing: {err}")
+        add(job)
         timeline.add("enqueue", job.name, layout=job.layout, prompts=len(job.prompts), shards=job.shards)
-    return jobs
 
 
 # --- watching heartbeats: how much losing attempts did ---------------------------------------------
@@ -505,7 +510,11 @@ class Injector:
         self.injected: dict[str, int] = dict.fromkeys(KINDS, 0)
         self.ops: dict[str, dict[str, int]] = {k: {"ran": 0, "failed": 0, "skipped": 0} for k in OPS}
         self.op_results: list[dict[str, Any]] = []
-        self._op_busy = threading.Lock()
+        self._pending: list[tuple[Op, Job]] = []  # at most one per kind, run in order by one operator
+        self._op_wake = threading.Condition()
+        self._op_stop = False
+        self._operator = threading.Thread(target=self._operate, daemon=True)
+        self._operator.start()
         self._svc_lock = threading.Lock()
 
     def fire(self, fault: Fault) -> None:
@@ -570,43 +579,56 @@ class Injector:
             tl.add("skew", f.target, offset=f.detail["offset"], replaced=old)
 
     def op(self, o: Op) -> None:
+        """Queue an operator command; one of a kind already waiting makes this one a skip."""
         # Operators act on the jobs still running (that is where a wrong deletion would land).
         jobs = [j for j in self.jobs if j.shards and not j.complete] or [j for j in self.jobs if j.shards]
         if not jobs:
             return
-        if not self._op_busy.acquire(blocking=False):  # the previous command still runs
-            self.ops[o.kind]["skipped"] += 1
-            return
-        job = jobs[o.pick % len(jobs)]
-        threading.Thread(target=self._op, args=(o, job), daemon=True).start()
+        with self._op_wake:
+            if any(p.kind == o.kind for p, _ in self._pending):
+                self.ops[o.kind]["skipped"] += 1
+                return
+            self._pending.append((o, jobs[o.pick % len(jobs)]))
+            self._op_wake.notify()
+
+    def _operate(self) -> None:
+        while True:
+            with self._op_wake:
+                while not self._pending and not self._op_stop:
+                    self._op_wake.wait()
+                if not self._pending:
+                    return
+                o, job = self._pending[0]
+            self._op(o, job)
+            with self._op_wake:
+                self._pending.pop(0)
+                self._op_wake.notify_all()
 
     def _op(self, o: Op, job: Job) -> None:
-        try:
-            out = f"s3://{BUCKET}/chaos"
-            args = {
-                "gc": ("gc", job.name, "--output", out, "--delete", "--abandoned-after", "1"),
-                "reconcile": ("reconcile", job.name, "--output", out, "--abandoned-after", "1"),
-                "retry": ("retry", job.name, "--output", out, "--failed"),
-            }[o.kind]
-            at = self.timeline.now()
-            code, summary, err = producer(self.fleet.env, *args, timeout=120)
-            self.ops[o.kind]["ran"] += 1
-            if code != 0:
-                self.ops[o.kind]["failed"] += 1
-            brief = _op_brief(o.kind, summary)
-            self.op_results.append({"t": round(at, 1), "op": o.kind, "job": job.name, "code": code, **brief})
-            error = {"error": err[-120:]} if code else {}
-            self.timeline.add(
-                o.kind, job.name, round(self.timeline.now() - at, 1), code=code, **brief, **error
-            )
-        finally:
-            self._op_busy.release()
+        out = f"s3://{BUCKET}/chaos"
+        args = {
+            "gc": ("gc", job.name, "--output", out, "--delete", "--abandoned-after", "1"),
+            "reconcile": ("reconcile", job.name, "--output", out, "--abandoned-after", "1"),
+            "retry": ("retry", job.name, "--output", out, "--failed"),
+        }[o.kind]
+        at = self.timeline.now()
+        code, summary, err = producer(self.fleet.env, *args, timeout=120)
+        self.ops[o.kind]["ran"] += 1
+        if code != 0:
+            self.ops[o.kind]["failed"] += 1
+        brief = _op_brief(o.kind, summary)
+        self.op_results.append({"t": round(at, 1), "op": o.kind, "job": job.name, "code": code, **brief})
+        error = {"error": err[-120:]} if code else {}
+        self.timeline.add(o.kind, job.name, round(self.timeline.now() - at, 1), code=code, **brief, **error)
 
     def join(self) -> None:
+        """Wait for the faults' ends and the operator commands still queued."""
         for t in self.threads:
             t.join()
-        with self._op_busy:
-            pass
+        with self._op_wake:
+            self._op_stop = True
+            self._op_wake.notify_all()
+        self._operator.join()
 
 
 def _op_brief(kind: str, summary: dict[str, Any] | None) -> dict[str, Any]:
@@ -627,13 +649,18 @@ _ATTEMPT_FOLDER = re.compile(r"^(?:images|embeddings)/part-(\d+)/([^/]+?)(?:/[^/
 
 def check(fleet: Fleet, jobs: list[Job]) -> dict[str, Any]:
     """Judge every job from storage alone: prompts, bytes, hashes, attempt folders."""
-    s3 = fleet.s3()
     verdict: dict[str, Any] = {"jobs": {}, "lost": 0, "duplicated": 0, "wrong_prompt": 0, "mismatches": 0,
                                "missing_objects": 0, "mixed_attempts": 0, "open_shards": 0,
                                "failed_markers": 0, "missing_embeddings": 0, "rows": 0}  # fmt: skip
-    for job in jobs:
-        r = _check_job(s3, job)
-        verdict["jobs"][job.name] = r
+    local = threading.local()
+
+    def judge(job: Job) -> dict[str, Any]:
+        if not hasattr(local, "s3"):
+            local.s3 = fleet.s3()
+        return _check_job(local.s3, job)
+
+    for name, r in per_job(jobs, judge, threads=4).items():
+        verdict["jobs"][name] = r
         for key in ("lost", "duplicated", "wrong_prompt", "mismatches", "missing_objects", "mixed_attempts",
                     "open_shards", "failed_markers", "missing_embeddings", "rows"):  # fmt: skip
             verdict[key] += r[key]
@@ -865,8 +892,9 @@ class Enqueuer:
 
     def round(self) -> None:
         self.rounds += 1
-        for job in enqueue_round(self.fleet, self.rounds, self.rng, self.size, self.timeline):
-            self.jobs.append(job)
+        enqueue_round(
+            self.fleet, self.rounds, self.rng, self.size, self.timeline, self.jobs.append, self._stop
+        )
 
     def start(self, until: float) -> None:
         self.until = until
@@ -886,9 +914,9 @@ class Enqueuer:
             self._thread.join()
 
 
-def per_job(jobs: list[Job], command) -> dict[str, Any]:
-    """``command(job)`` for every job, three at a time (each is a CLI process start)."""
-    with ThreadPoolExecutor(3) as pool:
+def per_job(jobs: list[Job], command, threads: int = 3) -> dict[str, Any]:
+    """``command(job)`` for every job, ``threads`` at a time (a CLI is a process start)."""
+    with ThreadPoolExecutor(threads) as pool:
         return dict(zip([j.name for j in jobs], pool.map(command, jobs), strict=True))
 
 
@@ -993,7 +1021,8 @@ def run(seed: int, duration: float, workers: int, out: Path, round_size: int, fi
         gc_left = per_job(jobs, gc_dry_run)
         work = extra_work(fleet, jobs, verdict, watch.uploaded)
         # The final gc --delete must leave every committed image where its row says.
-        per_job(jobs, lambda j: producer(fleet.env, "gc", j.name, "--output", output, "--delete"))
+        swept = [j for j in jobs if gc_left[j.name]["folders"]]
+        per_job(swept, lambda j: producer(fleet.env, "gc", j.name, "--output", output, "--delete"))
         after = check(fleet, jobs)
         failures = invariants(verdict, after, verify, gc_left, finished)
         result.update(
