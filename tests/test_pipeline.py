@@ -156,7 +156,9 @@ def test_next_shard_is_read_ahead_and_every_message_acked_after_its_commit(env, 
 
 def test_two_workers_reading_ahead_commit_every_row_once(env, output, tmp_path):
     worker_env = {**env, "FEWSTEP_SYNTHETIC_BATCH_MS": "40"}
-    args = ("--exit-when-idle", "5", "--batch-size", "4")
+    # Idle long enough to outlast the enqueue that follows "ready" on a loaded machine (5 s did
+    # not: both workers left before the job existed).
+    args = ("--exit-when-idle", "20", "--batch-size", "4")
     logs = [tmp_path / "w1.log", tmp_path / "w2.log"]
     workers = [start_worker(worker_env, *args, model="synthetic", log_path=log) for log in logs]
     try:
