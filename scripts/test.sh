@@ -27,7 +27,7 @@ if [ "$#" -gt 0 ]; then
   exit $?
 fi
 status=0
-run_pytest -n 2 -m "not slow" --durations=15 || status=$?
+run_pytest -n 2 -m "not slow" --durations=40 || status=$?
 # The Docker compose stack (tests/test_compose_stack.py) builds images and runs containers:
 # alone, after the rest, so it neither slows nor is slowed by the workers of other tests.
 run_pytest -m slow -rP || status=$?
