@@ -8,11 +8,15 @@ with credentials and restarted by the harness on the same ports and data. Worker
 model on the CPU, batch sizes 1, 2 and 4) reach SeaweedFS through a delaying proxy
 (``bench/slow_s3.py``); operators reach it directly. Jobs in all three layouts, one scored
 (``--score clip --embeddings``, on the tiny scorer replicas of ``tests/replicas``) and one
-image-conditioned, are enqueued in rounds so the fleet has work for the whole run.
+image-conditioned, are enqueued in rounds so the fleet has work for the whole run. Each round
+also has a "big" webdataset job whose tars (about 6 MiB a shard) are streamed in multipart
+uploads of 5 MiB parts, so slow storage holds part uploads, kills leave unfinished uploads,
+and ``reconcile`` has uploads to abort; after the final reconcile none may be left.
 
-The fault schedule is a pure function of ``--seed``, ``--duration`` and ``--workers``
-(:func:`plan`): it is printed before anything starts, so a failing seed replays the same
-schedule. Kinds: ``kill`` (SIGKILL a worker; a new one takes its slot), ``pause``
+The fault schedule is a pure function of ``--seed``, ``--duration``, ``--workers`` and
+``--rate`` (:func:`plan`; ``--rate N``: N faults of every kind per 1,000 s, a dense soak):
+it is printed before anything starts, so a failing seed replays the same schedule.
+Kinds: ``kill`` (SIGKILL a worker; a new one takes its slot), ``pause``
 (SIGSTOP, SIGCONT after the duration), ``redis`` and ``storage`` (stopped, restarted after the
 duration), ``slow`` (the proxy holds marker PUTs, part uploads and LISTs), ``skew`` (a worker's
 slot restarted under libfaketime with a clock offset; some slots start skewed too), and
@@ -77,6 +81,11 @@ LIBFAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1"
 PARTI = REPO.parent / "shared" / "data" / "PartiPrompts.tsv"
 SHUTDOWN_GRACE = 10
 SHARD_SIZE = 8
+#: The big webdataset job of each round streams its tars in multipart uploads: parts of 5 MiB
+#: (SeaweedFS, like AWS, refuses smaller parts but the last), so a shard of 14 uncompressed
+#: 384x384 PNGs (about 6 MiB) is one full part and a last part.
+PART_BYTES = 5 * 1024 * 1024
+BIG = {"side": 384, "shard_size": 14, "shards": 2}
 
 
 # --- the schedule: a pure function of the seed ----------------------------------------------------
@@ -111,11 +120,13 @@ class Plan:
     slots: list[dict[str, Any]]  # per worker slot: batch size, initial clock offset
     faults: list[Fault]
     ops: list[Op]
+    rate: float | None = None  # faults of every kind per 1,000 s (--rate); None: RATE per kind
 
     def describe(self) -> str:
         lines = [
             f"chaos plan: seed {self.seed}, {self.duration:.0f} s, {self.workers} workers, "
             f"lengths scaled x{self.scale:.2f}"
+            + (f", {self.rate:g} faults of each kind per 1,000 s" if self.rate else "")
         ]
         for i, slot in enumerate(self.slots):
             lines.append(f"  slot w{i}: batch {slot['batch_size']}, clock {slot['skew']:+.0f} s")
@@ -132,8 +143,13 @@ def scale(duration: float) -> float:
     return min(1.0, max(0.3, duration / 600))
 
 
-def plan(seed: int, duration: float, workers: int = 6) -> Plan:
-    """The schedule of a run: a pure function of its arguments."""
+def plan(seed: int, duration: float, workers: int = 6, rate: float | None = None) -> Plan:
+    """The schedule of a run: a pure function of its arguments.
+
+    ``rate`` (a dense soak) draws that many faults of every kind per 1,000 s. Outages of one
+    kind never overlap, so a dense plan shortens them: Redis, storage and slow-storage windows
+    to at most 0.4 of the gap between two of their kind (never below the shortest of their
+    range, 5 s and 10 s), pauses to the shortest of their range (20 s) or 1.5 gaps."""
     rng = random.Random(seed)
     s = scale(duration)
     slots = [
@@ -143,13 +159,19 @@ def plan(seed: int, duration: float, workers: int = 6) -> Plan:
     start, end = 0.05 * duration, 0.9 * duration
     faults: list[Fault] = []
     for kind in KINDS:
-        n = max(1, round(duration * RATE[kind] / 1000))
+        n = max(1, round(duration * (rate or RATE[kind]) / 1000))
         slot = (end - start) / n
         for j in range(n):
             length, detail = 0.0, {}
             if kind in LENGTH:
                 lo, hi = LENGTH[kind]
-                length = min(round(rng.uniform(lo, hi) * s, 1), round(0.9 * slot, 1))
+                drawn = round(rng.uniform(lo, hi) * s, 1)
+                if rate and kind == "pause":  # pauses of different workers may overlap
+                    length = round(min(drawn, max(lo * s, 1.5 * slot)), 1)
+                elif rate:
+                    length = round(min(drawn, max(lo * s, 0.4 * slot), 0.9 * slot), 1)
+                else:
+                    length = min(drawn, round(0.9 * slot, 1))
             if kind == "slow":
                 detail["hold"] = round(min(rng.uniform(*HOLD) * s, length), 1)
             if kind == "skew":
@@ -162,7 +184,7 @@ def plan(seed: int, duration: float, workers: int = 6) -> Plan:
     while t < duration:
         ops.append(Op(round(t, 1), rng.choice(OPS), rng.randrange(1000)))
         t += rng.uniform(4, 10)
-    return Plan(seed, duration, workers, s, slots, faults, ops)
+    return Plan(seed, duration, workers, s, slots, faults, ops, rate)
 
 
 def _offset(rng: random.Random) -> float:
@@ -203,6 +225,13 @@ class Fleet:
     def __init__(self, root: Path, plan_: Plan, timeline: Timeline):
         self.root, self.plan, self.timeline = root, plan_, timeline
         self.svc = services.start(root / "services", [BUCKET], appendonly=True)
+        # The project's config with parts of PART_BYTES, so the big job's tars are multipart.
+        config = root / "config"
+        shutil.copytree(REPO / "config", config)
+        defaults = (config / "defaults.toml").read_text()
+        changed = re.sub(r"(?m)^part_bytes = \d+$", f"part_bytes = {PART_BYTES}", defaults)
+        assert changed != defaults, "config/defaults.toml has no part_bytes line"
+        (config / "defaults.toml").write_text(changed)
         self.proxy = SlowStorage(self.svc.s3_port).__enter__()
         self.faketime = Path(LIBFAKETIME).is_file()
         self.hub = root / "scorer-hub"
@@ -217,6 +246,7 @@ class Fleet:
             "HF_HUB_CACHE": str(self.hub),
             "FEWSTEP_MODEL_CACHE": str(root / "models"),
             "FEWSTEP_QUEUE_PREFIX": "chaos",
+            "FEWSTEP_CONFIG_DIR": str(config),
             "PYTHONUNBUFFERED": "1",
             "OMP_NUM_THREADS": "1",
             "MKL_NUM_THREADS": "1",
@@ -372,6 +402,9 @@ class Job:
     scored: bool = False
     conditioned: bool = False
     complete: bool = False
+    side: int = 64  # width and height
+    shard_size: int = SHARD_SIZE
+    png_level: int | None = None
 
     @property
     def url(self) -> str:
@@ -410,11 +443,18 @@ def enqueue_round(
         Job(f"r{number}-tar", "webdataset", read_prompts(rng, size)),
         Job(f"r{number}-parquet", "parquet", read_prompts(rng, size), scored=True),
         Job(f"r{number}-cond", "files", read_prompts(rng, max(4, size // 2)), conditioned=True),
+        Job(
+            f"r{number}-big",
+            "webdataset",
+            read_prompts(rng, BIG["shard_size"] * BIG["shards"]),
+            side=BIG["side"],
+            shard_size=BIG["shard_size"],
+            png_level=0,
+        ),
     ]
     inputs = fleet.root / "inputs"
     inputs.mkdir(exist_ok=True)
-    common = ["--model", "tiny", "--output", f"s3://{BUCKET}/chaos", "--width", "64", "--height", "64",
-              "--shard-size", str(SHARD_SIZE)]  # fmt: skip
+    common = ["--model", "tiny", "--output", f"s3://{BUCKET}/chaos"]
     for job in jobs:
         if stop.is_set():
             return
@@ -432,7 +472,10 @@ def enqueue_round(
                 "Prompt\tCategory\tChallenge\tNote\n" + "".join(f"{p}\tc\tb\t\n" for p in job.prompts)
             )
             args = ["enqueue", "partiprompts", "--path", str(path)]
-        args += ["--job", job.name, "--layout", job.layout, *common]
+        args += ["--job", job.name, "--layout", job.layout, *common, "--shard-size", str(job.shard_size)]
+        args += ["--width", str(job.side), "--height", str(job.side)]
+        if job.png_level is not None:
+            args += ["--png-level", str(job.png_level)]
         if job.scored:
             args += ["--score", "clip", "--embeddings"]
         for _ in range(30):  # Redis or storage may be down right now
@@ -665,6 +708,17 @@ def check(fleet: Fleet, jobs: list[Job]) -> dict[str, Any]:
                     "open_shards", "failed_markers", "missing_embeddings", "rows"):  # fmt: skip
             verdict[key] += r[key]
     return verdict
+
+
+def unfinished_uploads(s3) -> int:
+    """Unfinished multipart uploads in the bucket, listed directly (boto3, every page)."""
+    count, args = 0, {"Bucket": BUCKET}
+    while True:
+        page = s3.list_multipart_uploads(**args)
+        count += len(page.get("Uploads", []))
+        if not page.get("IsTruncated"):
+            return count
+        args.update(KeyMarker=page["NextKeyMarker"], UploadIdMarker=page["NextUploadIdMarker"])
 
 
 def _get(s3, key: str) -> bytes | None:
@@ -920,8 +974,11 @@ def per_job(jobs: list[Job], command, threads: int = 3) -> dict[str, Any]:
         return dict(zip([j.name for j in jobs], pool.map(command, jobs), strict=True))
 
 
-def run(seed: int, duration: float, workers: int, out: Path, round_size: int, finish_timeout: float) -> int:
-    the_plan = plan(seed, duration, workers)
+def run(
+    seed: int, duration: float, workers: int, out: Path, round_size: int, finish_timeout: float,
+    rate: float | None = None,
+) -> int:  # fmt: skip
+    the_plan = plan(seed, duration, workers, rate)
     print(f"seed {seed}", flush=True)
     print(the_plan.describe(), flush=True)
     if not Path(LIBFAKETIME).is_file():
@@ -930,7 +987,7 @@ def run(seed: int, duration: float, workers: int, out: Path, round_size: int, fi
     root = Path(tempfile.mkdtemp(prefix="fewstep-chaos-"))
     timeline = Timeline()
     result: dict[str, Any] = {
-        "seed": seed, "duration": duration, "workers": workers, "round_size": round_size,
+        "seed": seed, "duration": duration, "workers": workers, "round_size": round_size, "rate": rate,
         "machine": machine(), "plan": asdict(the_plan), "started": dt.datetime.now(dt.UTC).isoformat(),
         "failures": ["the run did not reach its end"],
     }  # fmt: skip
@@ -1024,12 +1081,28 @@ def run(seed: int, duration: float, workers: int, out: Path, round_size: int, fi
         swept = [j for j in jobs if gc_left[j.name]["folders"]]
         per_job(swept, lambda j: producer(fleet.env, "gc", j.name, "--output", output, "--delete"))
         after = check(fleet, jobs)
+        # Every shard is committed: the final reconcile may abort what is left of every upload.
+        final = per_job(jobs, lambda j: producer(
+            fleet.env, "reconcile", j.name, "--output", output, "--abandoned-after", "0"
+        ))  # fmt: skip
+        multipart = {
+            "requests_through_proxy": dict(fleet.proxy.uploads),
+            "aborted_by_reconcile_during_run": sum(r.get("aborted_uploads", 0) for r in injector.op_results),
+            "aborted_by_final_reconcile": sum(
+                (sm or {}).get("aborted_uploads", 0) for _, sm, _ in final.values()
+            ),
+            "unfinished_after_final_reconcile": unfinished_uploads(s3),
+        }
+        timeline.add("uploads", "storage", **multipart)
         failures = invariants(verdict, after, verify, gc_left, finished)
+        if multipart["unfinished_after_final_reconcile"]:
+            failures.append(f"unfinished multipart uploads after the final reconcile: {multipart}")
         result.update(
             finished=finished, jobs=[asdict(j) | {"prompts": len(j.prompts)} for j in jobs],
             injected=injector.injected, operator_commands=injector.ops, op_results=injector.op_results,
             worker_exit_codes=codes, verdict=verdict, after_final_gc=after | {"jobs": None},
             verify=verify, final_gc_dry_run=gc_left, extra_work=work, proxy_held=fleet.proxy.held,
+            multipart=multipart,
             failures=failures, timeline=timeline.events, ended=dt.datetime.now(dt.UTC).isoformat(),
         )  # fmt: skip
     finally:
@@ -1081,6 +1154,7 @@ def print_summary(result: dict[str, Any]) -> None:
         f"mismatches {v.get('mismatches')}, missing objects {v.get('missing_objects')}"
     )
     print(f"extra work: {json.dumps(result.get('extra_work'))}")
+    print(f"multipart uploads: {json.dumps(result.get('multipart'))}")
     if result.get("failures"):
         print("INVARIANTS FAILED:\n  " + "\n  ".join(result["failures"]))
     else:
@@ -1092,6 +1166,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, required=True)
     parser.add_argument("--duration", type=float, default=150, help="seconds of faults [150]")
     parser.add_argument("--workers", type=int, default=6)
+    parser.add_argument(
+        "--rate", type=float, help="faults of every kind per 1,000 s, outages shortened to fit (a dense soak)"
+    )
     parser.add_argument("--out", type=Path, default=Path("chaos-out"))
     parser.add_argument(
         "--round-size", type=int, help="prompts per job of a round [1.5 x the duration in s, 24 to 200]"
@@ -1103,10 +1180,10 @@ def main(argv: list[str] | None = None) -> int:
     # Redis and SeaweedFS are stopped, the timeline so far is written.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.plan_only:
-        print(plan(args.seed, args.duration, args.workers).describe())
+        print(plan(args.seed, args.duration, args.workers, args.rate).describe())
         return 0
     size = args.round_size or min(200, max(24, SHARD_SIZE * round(1.5 * args.duration / SHARD_SIZE)))
-    return run(args.seed, args.duration, args.workers, args.out, size, args.finish_timeout)
+    return run(args.seed, args.duration, args.workers, args.out, size, args.finish_timeout, args.rate)
 
 
 if __name__ == "__main__":

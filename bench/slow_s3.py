@@ -45,6 +45,20 @@ def request_kind(method: str, target: str) -> str | None:
     return None
 
 
+def upload_step(method: str, target: str) -> str | None:
+    """Which step of a multipart upload a request is ("create", "part", "complete", "abort"), or None."""
+    query = parse_qs(urlsplit(target).query, keep_blank_values=True)
+    if method == "POST" and "uploads" in query:
+        return "create"
+    if method == "PUT" and "partNumber" in query:
+        return "part"
+    if method == "POST" and "uploadId" in query:
+        return "complete"
+    if method == "DELETE" and "uploadId" in query:
+        return "abort"
+    return None
+
+
 def _read_head(sock: socket.socket, buffered: bytes = b"") -> tuple[bytes, bytes]:
     """(the head up to and including the blank line, bytes read past it); (b"", ...) at EOF."""
     data = buffered
@@ -91,6 +105,8 @@ class SlowStorage:
         #: Requests held, by kind, over the proxy's life.
         self.held: dict[str, int] = {"marker": 0, "part": 0, "list": 0}
         self.forwarded = 0
+        #: Multipart upload requests forwarded to the server, by step (see :func:`upload_step`).
+        self.uploads: dict[str, int] = {"create": 0, "part": 0, "complete": 0, "abort": 0}
 
     @property
     def url(self) -> str:
@@ -133,8 +149,8 @@ class SlowStorage:
             head, rest = _read_head(client)
             if not head:
                 return
-            method, target = head.split(b" ", 2)[:2]
-            kind = request_kind(method.decode("ascii", "replace"), target.decode("ascii", "replace"))
+            method, target = (x.decode("ascii", "replace") for x in head.split(b" ", 2)[:2])
+            kind = request_kind(method, target)
             hold = self._current_hold() if kind else 0.0
             if hold:
                 with self._lock:
@@ -146,8 +162,11 @@ class SlowStorage:
                 return  # storage down: the client sees its connection closed
             upstream.settimeout(None)
             upstream.sendall(_with_close(head) + rest)
+            step = upload_step(method, target)
             with self._lock:
                 self.forwarded += 1
+                if step:
+                    self.uploads[step] += 1
             threading.Thread(target=_pipe, args=(client, upstream), daemon=True).start()
             buffered = b""
             while True:  # 1xx heads (100 Continue) pass as they are; the final one closes

@@ -53,3 +53,7 @@ def test_a_seeded_chaos_run_loses_doubles_and_damages_nothing(tmp_path):
     assert all(result["injected"][k] >= 1 for k in expected), result["injected"]
     assert all(result["operator_commands"][op]["ran"] >= 1 for op in OPS), result["operator_commands"]
     assert all(v["ok"] for v in result["verify"].values())  # producer verify agrees
+    # The big job's tars went up in parts, and no unfinished upload outlived the final reconcile.
+    uploads = result["multipart"]
+    assert uploads["requests_through_proxy"]["create"] >= 1 and uploads["requests_through_proxy"]["part"] >= 1
+    assert uploads["unfinished_after_final_reconcile"] == 0, uploads
