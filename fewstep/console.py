@@ -8,9 +8,12 @@ import sys
 from collections.abc import Callable
 
 import click
+import redis
+from kombu.exceptions import OperationalError
 from rich.console import Console
 
 from fewstep import UserError
+from fewstep.settings import describe_error
 from fewstep.storage import StorageError
 
 #: Width of tables written to a pipe or a file: wide enough that no column is cut (tables
@@ -60,6 +63,13 @@ def _invoke(command: Callable[..., object]) -> int:
     except (UserError, StorageError) as e:
         click.echo(f"error: {e}", err=True)
         return 2 if isinstance(e, UserError) else 1
+    except (redis.ConnectionError, redis.TimeoutError, OperationalError) as e:
+        # Redis went away after the command's first check (a restart, a failover): one line.
+        # Every command is safe to run again; `producer reconcile JOB` sends any shard that
+        # is neither committed nor queued.
+        click.echo(f"error: lost the connection to Redis during the command ({describe_error(e)}); run it "
+                   "again once Redis is back", err=True)  # fmt: skip
+        return 1
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         return 130

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import pickle
 import subprocess
 import sys
 
 import pytest
+import redis
+from kombu.exceptions import OperationalError
 
 from tests.conftest import BUCKET
 from tests.support import cli
@@ -146,3 +149,31 @@ def test_services_env_prints_fewstep_output_and_works_from_any_directory(tmp_pat
         assert "~/.local/state/fewstep/services" in default
     finally:
         started.stop()
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        redis.ConnectionError("Error 111 connecting to 127.0.0.1:6390. Connection refused."),
+        redis.TimeoutError("Timeout reading from socket"),
+        OperationalError("Error 111 connecting to redis://:s3cret-pass@127.0.0.1:6390/0."),
+    ],
+)
+def test_redis_lost_in_the_middle_of_a_command_is_one_line_without_the_password(error):
+    # A command that passed its first broker check and then lost Redis (a restart mid-reconcile,
+    # seen in the chaos soak) ends as a user error does; run in a child process, as the CLI is.
+    script = (
+        "import click, pickle, sys\n"
+        "from fewstep import console\n"
+        "error = pickle.loads(sys.stdin.buffer.read())\n"
+        "@click.command()\n"
+        "def command():\n"
+        "    raise error\n"
+        "console.run(command)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], input=pickle.dumps(error), capture_output=True, timeout=60
+    )
+    result.stderr = result.stderr.decode()
+    assert_one_line_error(result, "lost the connection to Redis during the command", "run it again")
+    assert "s3cret-pass" not in result.stderr and result.returncode == 1
