@@ -21,7 +21,7 @@ from bench.chaos import KINDS, LIBFAKETIME, OPS
 
 REPO = Path(__file__).resolve().parent.parent
 SEED = 20261206
-DURATION = 90  # seconds of faults; start-up, the end phase and the checks come on top
+DURATION = 60  # seconds of faults; start-up, the end phase and the checks come on top
 
 
 @pytest.mark.slow
