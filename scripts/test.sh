@@ -2,7 +2,7 @@
 # Set up (.venv) and run the whole test suite: lint, then pytest against a real
 # redis-server, SeaweedFS and worker processes started by the test fixtures.
 #   ./scripts/test.sh                  everything: the suite in two pytest processes (each with
-#                                      its own Redis and SeaweedFS), then the slow Docker test alone
+#                                      its own Redis and SeaweedFS), then the three slow tests
 #   ./scripts/test.sh ARGS...          pytest ARGS in one process (e.g. tests/test_worker.py -x)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,7 +28,8 @@ if [ "$#" -gt 0 ]; then
 fi
 status=0
 run_pytest -n 2 -m "not slow" --durations=40 || status=$?
-# The Docker compose stack (tests/test_compose_stack.py) builds images and runs containers:
-# alone, after the rest, so it neither slows nor is slowed by the workers of other tests.
-run_pytest -m slow -rP || status=$?
+# The slow tests (the chaos run, the GPU host rehearsal, the Docker compose stack) after the
+# rest, each in its own pytest process so they overlap: the rehearsal waits on its installs
+# and the compose stack on its image build while the chaos run computes.
+run_pytest -n 3 -m slow -rP --durations=5 || status=$?
 exit "$status"

@@ -308,7 +308,7 @@ def test_f_two_workers_racing_on_one_shard_commit_it_exactly_once(env, output, t
         url = job["job_url"]
         duplicate = ShardMessage(url, 1, manifest_key(1), 1)
         assert send_shards(celery_app(), [duplicate], job["queue"]) == 1
-        wait_done("race", output, env, timeout=300)
+        wait_done("race", output, env, timeout=600)  # about 40 s on a quiet machine
         records = wait_for(
             lambda: (r := attempt_records(url, 1)) and len(r) == 2 and ended(r) and r, 240, "both attempts"
         )
