@@ -230,6 +230,7 @@ def test_commit_is_said_without_git_on_the_path(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # its own bound is run_sh's 1,500 s
 def test_rehearsal_on_the_gpu_hosts_python_with_no_tzdata_and_no_git(tmp_path):
     """rehearse.sh: CPython 3.12 with only the host's packages (torch 2.11's CUDA build on the CPU),
     no time-zone database, no git; run.sh installs the carried wheels and runs the smoke."""

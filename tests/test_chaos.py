@@ -25,6 +25,7 @@ DURATION = 60  # seconds of faults; start-up, the end phase and the checks come 
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # beside the other slow tests on two cores it may take twice its 4-6 minutes
 def test_a_seeded_chaos_run_loses_doubles_and_damages_nothing(tmp_path):
     command = [sys.executable, "-m", "bench.chaos", "--seed", str(SEED), "--duration", str(DURATION),
                "--out", str(tmp_path)]  # fmt: skip
@@ -32,7 +33,7 @@ def test_a_seeded_chaos_run_loses_doubles_and_damages_nothing(tmp_path):
     with log.open("wb") as out:
         run = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
         try:
-            run.wait(timeout=480)
+            run.wait(timeout=960)
         except subprocess.TimeoutExpired:
             run.terminate()  # the harness stops its fleet and services, and writes what it has
             run.wait(timeout=120)
