@@ -183,6 +183,9 @@ EXPECTED=$((ROWS < LIMIT ? ROWS : LIMIT))
 # --- build and start ---------------------------------------------------------------------
 say "docker compose build"
 "${COMPOSE[@]}" build -q || fail "docker compose build failed"
+# A run killed before its clean-up leaves this project's containers and volumes behind (a
+# Redis AOF, a bucket that exists): start from nothing, as a first run does.
+"${COMPOSE[@]}" down -v -t 5 --remove-orphans >/dev/null 2>&1 || true
 say "docker compose up -d --scale worker=2"
 STACK_UP=1
 "${COMPOSE[@]}" up -d --scale worker=2 >"$STATE/up.log" 2>&1 || fail "docker compose up failed: $(tail -n 20 "$STATE/up.log")"
