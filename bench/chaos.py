@@ -149,7 +149,7 @@ def plan(seed: int, duration: float, workers: int = 6, rate: float | None = None
     ``rate`` (a dense soak) draws that many faults of every kind per 1,000 s. Outages of one
     kind never overlap, so a dense plan shortens them: Redis, storage and slow-storage windows
     to at most 0.4 of the gap between two of their kind (never below the shortest of their
-    range, 5 s and 10 s), pauses to the shortest of their range (20 s) or 1.5 gaps."""
+    range, 5 s and 10 s), pauses to at most the longer of 20 s and 1.5 gaps."""
     rng = random.Random(seed)
     s = scale(duration)
     slots = [

@@ -32,7 +32,7 @@ def request_kind(method: str, target: str) -> str | None:
     """Which held kind a request is ("marker", "part", "list"), or None."""
     parts = urlsplit(target)
     query = parse_qs(parts.query, keep_blank_values=True)
-    if method == "PUT" and "partNumber" in query:
+    if upload_step(method, target) == "part":
         return "part"
     if method == "PUT" and _MARKER.search(parts.path):
         return "marker"
