@@ -153,9 +153,10 @@ def test_smoke_run_ends_by_itself_at_its_deadline_with_its_results_saved(tmp_pat
     skipped = [p["part"] for p in record.get("parts", []) if p.get("outcome") == "skipped: global deadline"]
     skipped += ["sdxs-512"] if record["models"]["sdxs-512"].get("skipped") == "global deadline" else []
     assert stopped or skipped, record
-    # The speed options, the last part, are skipped (a part row may still say so) and never run.
-    options = [p for p in record.get("parts", []) if p["part"] == "sdxs-512: speed options"]
-    assert all(p.get("outcome", "").startswith("skipped") for p in options), options
+    # Every part that ran ended before the deadline (which parts fit depends on the machine: on a
+    # fast one the speed options fit after a skipped end-to-end part, on a slow one nothing does).
+    ran = [p for p in record.get("parts", []) if p.get("outcome") == "done"]
+    assert all(p["started_at_s"] + p["seconds"] < 90 for p in ran), record["parts"]
 
 
 def test_watchdog_saves_the_results_and_ends_the_run_at_the_deadline(tmp_path):
