@@ -1,13 +1,15 @@
 """Scores and embeddings added to finished jobs as a worker with ``--score``/``--embeddings`` writes
 them, for the tests of what uses them (finalize --where, dedupe, report, gallery --sort).
 
-Until the worker computes scores itself, :func:`add_scores` plays its part on a job a real worker
-finished: it records ``scoring`` in ``job.json``, rewrites each committed metadata parquet with the
-given score values (the job's own schema: the columns exist, null until set), and, with
-``embeddings=True``, writes each shard's ``embeddings/part-N/<attempt-id>.parquet``
-(``contract.embeddings_schema``) for the committed ``attempt_id``, the L2-normalised image
-embeddings of a real (tiny, random-weight) CLIP vision model through ``transformers``, computed
-from the stored images. Replace it by a real ``--score``/``--embeddings`` job when those land.
+:func:`add_scores` plays the worker's part on a job a real worker finished, where a test needs
+chosen values (scores that order rows a known way, a near copy planted in place of an image): it
+records ``scoring`` in ``job.json``, rewrites each committed metadata parquet with the given score
+values (the job's own schema: the columns exist, null until set), and, with ``embeddings=True``,
+writes each shard's ``embeddings/part-N/<attempt-id>.parquet`` (``contract.embeddings_schema``) for
+the committed ``attempt_id``, the L2-normalised image embeddings of a real (tiny, random-weight)
+CLIP vision model through ``transformers``, computed from the stored images. What the worker's
+own ``--score``/``--embeddings`` write, and ``producer dedupe`` on it, are tested in
+tests/test_scores.py.
 """
 
 from __future__ import annotations

@@ -3,26 +3,38 @@
 Real redis-server, SeaweedFS and a real worker process (the ``tiny`` model on the CPU);
 the scorer models are tiny random-weight replicas written into a hub cache at the commits
 ``config/scorers.toml`` pins (``tests/replicas/scorers.py``), so the presets' own loading
-code runs. Every score is checked against an independent computation here: the same
-replica through ``transformers``' ``CLIPProcessor``/``CLIPModel`` (and diffusers' safety
-checker with its ``CLIPImageProcessor``) on the PNG decoded from storage, with the same
-formula.
+code runs. Their vision towers tell images apart (unrelated images' embeddings have cosines
+around 0.4, checked below): with a default-initialised one every image gets nearly the same
+embedding, and a worker that scored row i's prompt on row j's image would pass.
+
+Every score is checked against an independent computation here, on the PNG decoded from
+storage: clip_score and the embeddings through ``transformers``' ``CLIPProcessor``/
+``CLIPModel``; aesthetic by LAION's improved-aesthetic-predictor MLP (its ``nn.Sequential``
+built here, the file's weights loaded strictly) on the normalised CLIP image embedding;
+nsfw_score from diffusers' own ``StableDiffusionSafetyChecker.forward`` (with its
+``CLIPImageProcessor``): the score is the scale of the concepts' threshold margins at which
+the checker starts to flag the image, found by bisection over ``forward``'s verdicts.
 
 Tolerances: the worker preprocesses in torch on the tensor, the processor in PIL; they give
 the same pixel values or values one level apart on a few pixels (checked below), and the
 towers run batched here and there, so scores agree to float32 rounding plus that level.
 Before the resize matched Pillow's two rounded passes, noise images moved clip_score by up
 to 0.06 (of 100); the bounds keep a margin over that: 0.25 for clip_score (100 × a cosine),
-2e-3 for cosines, embeddings (float16 storage alone rounds by up to 5e-4) and nsfw_score,
-and 0.05 for the aesthetic head, which multiplies embedding differences by its gain (about
-20 here).
+2e-3 for cosines, embeddings (float16 storage alone rounds by up to 5e-4) and nsfw_score
+(``forward`` rounds each margin to 3 decimals before comparing it with 0, which moves the
+scale at which it flags by up to 0.0005 / (threshold − adjustment), 1.3e-3 here), and 0.05
+for the aesthetic head, which multiplies embedding differences by its gain (about 20 here).
 """
 
 from __future__ import annotations
 
+import copy
 import io
 import json
+import logging
+import os
 import shutil
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +46,9 @@ from safetensors.torch import load_file
 from fewstep import UserError
 from fewstep.contract import ShardStats, embeddings_key, metadata_key, stats_key
 from fewstep.scorers import scorer_presets, scoring_spec
+from fewstep.settings import defaults
 from fewstep.storage import Store, open_store, read_table
-from producer.dedupe import dedupe
+from producer.dedupe import dedupe, read_near_duplicates
 from producer.embeddings import read_embeddings
 from producer.enqueue import JobOptions
 from producer.enqueue import enqueue as enqueue_job
@@ -43,8 +56,10 @@ from producer.finalize import finalize
 from producer.gc import collect
 from producer.images import tar_members
 from producer.report import make_report
+from producer.sources.diffusiondb import DiffusionDB
 from producer.sources.partiprompts import PartiPrompts
 from producer.verify import verify
+from tests.prompt_files import write_diffusiondb
 from tests.replicas import scorers as replicas
 from tests.replicas.hub import HubCache, offline
 from tests.support import cli, cli_json, committed_metadata, run_worker_until_done, verify_job
@@ -77,35 +92,87 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def independent_scores(hub: HubCache, images: list[np.ndarray], prompts: list[str]) -> dict[str, np.ndarray]:
-    """clip_score, aesthetic, nsfw_score and the normalised image embedding of each image,
-    computed from the replicas' files with transformers' and diffusers' own classes."""
-    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-    from transformers import CLIPImageProcessor, CLIPModel, CLIPProcessor
+def independent_clip(hub: HubCache, pictures: list[Image.Image], prompts: list[str]) -> dict[str, np.ndarray]:
+    """clip_score of each picture with its prompt and the normalised image embeddings, by
+    transformers' CLIPProcessor and CLIPModel on the replica's files."""
+    from transformers import CLIPModel, CLIPProcessor
 
-    pictures = [Image.fromarray(a) for a in images]
     clip_dir = snapshot(hub, "clip")
     model, processor = CLIPModel.from_pretrained(clip_dir).eval(), CLIPProcessor.from_pretrained(clip_dir)
     inputs = processor(text=prompts, images=pictures, padding=True, truncation=True, return_tensors="pt")
     image = _unit(_features(model.get_image_features(pixel_values=inputs["pixel_values"])))
     text = _unit(_features(model.get_text_features(input_ids=inputs["input_ids"],
                                                    attention_mask=inputs["attention_mask"])))  # fmt: skip
-    out = {"clip_score": (100 * (image * text).sum(-1).clamp(min=0)).numpy(), "embedding": image.numpy()}
+    return {"clip_score": (100 * (image * text).sum(-1).clamp(min=0)).numpy(), "embedding": image.numpy()}
 
-    state = load_file(snapshot(hub, "aesthetic") / "model.safetensors")
-    x = image
-    for index in (0, 2, 4, 6, 7):  # LAION's MLP: Linear, Dropout, ..., no activations
-        x = x @ state[f"layers.{index}.weight"].T + state[f"layers.{index}.bias"]
-    out["aesthetic"] = x[:, 0].numpy()
 
+def laion_aesthetic_mlp(path: Path) -> torch.nn.Module:
+    """LAION's improved aesthetic predictor (``MLP.layers`` of its simple_inference.py:
+    Linear, Dropout(0.2), Linear, Dropout(0.2), Linear, Dropout(0.1), Linear, Linear), widths
+    read from the file, its weights loaded strictly, in eval mode."""
+    state = load_file(path)
+    w = [state["layers.0.weight"].shape[1]] + [state[f"layers.{i}.weight"].shape[0] for i in (0, 2, 4, 6, 7)]
+    nn = torch.nn
+    mlp = nn.Module()
+    mlp.layers = nn.Sequential(
+        nn.Linear(w[0], w[1]), nn.Dropout(0.2), nn.Linear(w[1], w[2]), nn.Dropout(0.2),
+        nn.Linear(w[2], w[3]), nn.Dropout(0.1), nn.Linear(w[3], w[4]), nn.Linear(w[4], w[5]),
+    )  # fmt: skip
+    mlp.load_state_dict(state, strict=True)
+    return mlp.eval()
+
+
+@torch.no_grad()
+def checker_flag_scale(checker, pixels: torch.Tensor, steps: int = 24) -> np.ndarray:
+    """Per image, the largest λ in [0, 1] at which diffusers' StableDiffusionSafetyChecker.forward
+    flags it once each concept's threshold margin (t_i − a) is scaled by λ, a being the 0.01
+    forward subtracts where a special-care concept matched: what nsfw_score is (1: flagged as
+    is, 0: at no scale). Found by bisection over forward's verdicts, image by image."""
+    probe = copy.deepcopy(checker)
+
+    def flags(x: torch.Tensor, concepts: torch.Tensor, thresholds: torch.Tensor) -> list[bool]:
+        probe.concept_embeds = torch.nn.Parameter(concepts)
+        probe.concept_embeds_weights = torch.nn.Parameter(thresholds)
+        return probe(x, np.zeros((len(x), 1, 1, 3)))[1]
+
+    # forward warns at every image it flags; only its verdicts are wanted here.
+    quiet = logging.getLogger("diffusers.pipelines.stable_diffusion.safety_checker")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        # With the special-care concepts as its concepts, forward flags exactly where one matched.
+        special = flags(pixels, checker.special_care_embeds, checker.special_care_embeds_weights)
+        concepts, thresholds = checker.concept_embeds, checker.concept_embeds_weights
+        scales = []
+        for x, a in zip(pixels[:, None], [0.01 * s for s in special], strict=True):
+            if flags(x, concepts, thresholds)[0]:
+                scales.append(1.0)
+                continue
+            lo, hi = 0.0, 1.0
+            for _ in range(steps):
+                mid = (lo + hi) / 2
+                lo, hi = (mid, hi) if flags(x, concepts, mid * (thresholds - a) + a)[0] else (lo, mid)
+            scales.append(lo)
+        return np.array(scales)
+    finally:
+        quiet.setLevel(level)
+
+
+def independent_scores(hub: HubCache, images: list[np.ndarray], prompts: list[str]) -> dict[str, np.ndarray]:
+    """clip_score, aesthetic, nsfw_score and the normalised image embedding of each image,
+    computed from the replicas' files with transformers', LAION's and diffusers' own code."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPImageProcessor
+
+    pictures = [Image.fromarray(a) for a in images]
+    out = independent_clip(hub, pictures, prompts)
+    head = laion_aesthetic_mlp(snapshot(hub, "aesthetic") / "model.safetensors")
+    with torch.no_grad():
+        out["aesthetic"] = head.layers(torch.from_numpy(out["embedding"]))[:, 0].numpy()
     nsfw_dir = snapshot(hub, "nsfw")
     checker = StableDiffusionSafetyChecker.from_pretrained(nsfw_dir).eval()
     pixels = CLIPImageProcessor.from_pretrained(nsfw_dir)(pictures, return_tensors="pt").pixel_values
-    embeds = _unit(checker.visual_projection(checker.vision_model(pixels)[1]))
-    special = embeds @ _unit(checker.special_care_embeds).T - checker.special_care_embeds_weights
-    adjustment = 0.01 * (special > 0).any(dim=1, keepdim=True)
-    ratio = (embeds @ _unit(checker.concept_embeds).T) / (checker.concept_embeds_weights - adjustment)
-    out["nsfw_score"] = ratio.max(dim=1).values.clamp(0, 1).numpy()
+    out["nsfw_score"] = checker_flag_scale(checker, pixels)
     return out
 
 
@@ -148,30 +215,65 @@ def check_scores(table, expected: dict[str, np.ndarray], columns: tuple[str, ...
         np.testing.assert_allclose(values, expected[column], rtol=0, atol=tolerance[column], err_msg=column)
 
 
-def test_worker_scores_like_an_independent_clip_commits_embeddings_and_producer_tools_read_them(
-    env, output, tmp_path, scorer_hub
-):
-    prompts = prompts_from_1_to_300_tokens(8, seed=3)  # cut at 77 tokens by CLIP, and short ones
-    path = write_prompt_file(tmp_path / "p.tsv", prompts)
-    # enqueue checks that the scorer weights are in the cache (the same one as the worker's here).
-    scored = enqueue({**env, "HF_HUB_CACHE": str(scorer_hub.root)}, output, "scored", path, "--shard-size",
-                     "4", "--score", "clip,aesthetic", "--score", "nsfw", "--embeddings")  # fmt: skip
-    # The other two in this process (a CLI start costs seconds): a webdataset job, and one without --score.
-    with offline(scorer_hub.root):
-        tar = enqueue_here(output, "tar", write_prompt_file(tmp_path / "t.tsv", prompts[:4]),
-                           layout="webdataset", score=("clip",), embeddings=True)  # fmt: skip
-    plain = enqueue_here(output, "plain", write_prompt_file(tmp_path / "q.tsv", prompts[:2]))
-    # One worker for the three jobs, switching threads every 10 µs, reading ahead: the device
-    # thread scores (tokenizing with the scorer's tokenizer) while other threads count tokens.
-    worker_env = {
-        **forced_thread_switching(env, tmp_path / "switching"),
-        "HF_HUB_CACHE": str(scorer_hub.root),
-    }
-    run_worker_until_done(worker_env, output, "scored", "tar", "plain", args=("--batch-size", "2"),
-                          log_path=tmp_path / "worker.log", timeout=240)  # fmt: skip
-    log = (tmp_path / "worker.log").read_text(errors="replace")
-    assert "Traceback" not in log, log[-3000:]
+#: The "dup" job's DiffusionDB rows (prompt, seed): row 4 repeats row 1's prompt and seed.
+DUP_ROWS = [("a red cube on a table", 11), ("a lighthouse at night", 22), ("green fields, oil painting", 33),
+            ("a bowl of ramen", 44), ("a lighthouse at night", 22),
+            ("a paper boat on a lake", 77)]  # fmt: skip
+REPEATED = (4, 1)
 
+
+@pytest.fixture(scope="module")
+def jobs(local_services, model_cache, scorer_hub, tmp_path_factory) -> dict:
+    """Four jobs run by one real worker, once for the module: "scored" (files layout, every
+    scorer, embeddings; prompts of 1 to 300 tokens), "tar" (webdataset, clip and embeddings),
+    "plain" (no --score) and "dup" (clip and embeddings; a DiffusionDB file whose row 4 repeats
+    row 1's prompt and seed, in another shard)."""
+    tmp = tmp_path_factory.mktemp("scores")
+    output = f"s3://fewstep-test/runs/{uuid.uuid4().hex[:8]}"
+    values = {
+        **local_services.env(),
+        "HF_HUB_OFFLINE": "1",
+        "FEWSTEP_MODEL_CACHE": str(model_cache),
+        "FEWSTEP_QUEUE_PREFIX": "t" + uuid.uuid4().hex[:10],
+        "PYTHONUNBUFFERED": "1",
+    }
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in values.items():
+            mp.setenv(key, value)
+        env = dict(os.environ)
+        prompts = prompts_from_1_to_300_tokens(8, seed=3)  # cut at 77 tokens by CLIP, and short ones
+        path = write_prompt_file(tmp / "p.tsv", prompts)
+        # enqueue checks that the scorer weights are in the cache (the same one as the worker's here).
+        scored = enqueue({**env, "HF_HUB_CACHE": str(scorer_hub.root)}, output, "scored", path,
+                         "--shard-size", "4", "--score", "clip,aesthetic", "--score", "nsfw",
+                         "--embeddings")  # fmt: skip
+        # The others in this process (a CLI start costs seconds).
+        with offline(scorer_hub.root):
+            tar = enqueue_here(output, "tar", write_prompt_file(tmp / "t.tsv", prompts[:4]),
+                               layout="webdataset", score=("clip",), embeddings=True)  # fmt: skip
+            rows = [(f"{i:08d}-0000-0000-0000-000000000000.png", p, 1, seed, 50, 7.0, 8, 512, 512, None, None,
+                     0.0, 0.0) for i, (p, seed) in enumerate(DUP_ROWS)]  # fmt: skip
+            source = DiffusionDB(str(write_diffusiondb(tmp / "metadata.parquet", rows)))
+            options = JobOptions(job="dup", output=output, model="tiny", width=64, height=64, shard_size=3,
+                                 score=("clip",), embeddings=True)  # fmt: skip
+            dup = enqueue_job(source, options, progress=False)
+        plain = enqueue_here(output, "plain", write_prompt_file(tmp / "q.tsv", prompts[:2]))
+        # One worker for the jobs, switching threads every 10 µs, reading ahead: the device
+        # thread scores (tokenizing with the scorer's tokenizer) while other threads count tokens.
+        worker_env = {**forced_thread_switching(env, tmp / "switching"), "HF_HUB_CACHE": str(scorer_hub.root)}
+        run_worker_until_done(worker_env, output, "scored", "tar", "plain", "dup", args=("--batch-size", "2"),
+                              log_path=tmp / "worker.log", timeout=240)  # fmt: skip
+        log = (tmp / "worker.log").read_text(errors="replace")
+        assert "Traceback" not in log, log[-3000:]
+        yield {"env": env, "output": output, "prompts": prompts, "scored": scored, "tar": tar, "plain": plain,
+               "dup": dup}  # fmt: skip
+
+
+def test_worker_scores_like_an_independent_clip_commits_embeddings_and_producer_tools_read_them(
+    jobs, scorer_hub
+):
+    env, output, prompts = jobs["env"], jobs["output"], jobs["prompts"]
+    scored, tar, plain = jobs["scored"], jobs["tar"], jobs["plain"]
     # Files layout, every scorer: each column against the independent computation.
     store = open_store(scored["job_url"])
     table = committed_metadata(scored["job_url"])
@@ -179,6 +281,8 @@ def test_worker_scores_like_an_independent_clip_commits_embeddings_and_producer_
     expected = independent_scores(scorer_hub, stored_images(store, table), prompts)
     check_scores(table, expected, ("clip_score", "aesthetic", "nsfw_score"))
     assert min(table.column("nsfw_score").to_pylist()) > 0 and max(table.column("clip_score").to_pylist()) > 0
+    # diffusers' checker flags one of these images as it is: the score it was compared with is 1.
+    assert (expected["nsfw_score"] == 1).sum() == 1, expected["nsfw_score"]
     # The counting threads were not disturbed by the scorer's tokenizer, nor it by them.
     assert table.column("prompt_tokens").to_pylist() == fresh_counts(tiny_directory(), prompts)
     assert set(table.column("attempt").to_pylist()) == {1}
@@ -209,10 +313,8 @@ def test_worker_scores_like_an_independent_clip_commits_embeddings_and_producer_
     assert json.loads(member)["clip_score"] == first["clip_score"]
     assert len(read_embeddings(tar_store)[0]) == 4
     verify_job("tar", output, env)
-    # What the worker wrote is what the producer's tools use: dedupe reads the real embeddings
-    # (nothing reaches a similarity of 1 but an image with itself), finalize --where filters on
-    # the real scores, report plots them.
-    assert dedupe(tar_store, 0.99999)["near_duplicates"] == 0
+    # What the worker wrote is what the producer's tools use: finalize --where filters on the
+    # real scores, report plots them (dedupe: its own test below).
     scores = sorted(tar_table.column("clip_score").to_pylist())
     kept = finalize(tar_store, where=(f"clip_score >= {scores[2]}",))
     assert kept["rows"] == len([x for x in scores if x >= scores[2]]) and kept["filters"][0]["removed"] == 2
@@ -253,6 +355,56 @@ def test_worker_scores_like_an_independent_clip_commits_embeddings_and_producer_
     summary = json.loads(result.stdout)
     assert result.returncode == 1 and not summary["ok"]
     assert summary["problems"] == [f"{embeddings_key(2, second)}: missing (the job has --embeddings)"]
+
+
+def test_each_score_depends_on_its_own_image_so_a_score_of_another_rows_image_fails_the_comparison(
+    jobs, scorer_hub
+):
+    """What makes the comparisons above mean "the worker scored row i's image": the replicas tell
+    the job's images apart by far more than the tolerances, so a worker that paired any two rows'
+    images the wrong way round would miss the independent values on one row at least."""
+    table = committed_metadata(jobs["scored"]["job_url"])
+    images, prompts = stored_images(open_store(jobs["scored"]["job_url"]), table), jobs["prompts"]
+    expected = independent_scores(scorer_hub, images, prompts)
+    n, pairs = len(images), np.triu_indices(len(images), 1)
+    # Unrelated images, unrelated embeddings (a default-initialised tiny CLIP: 0.999 and more).
+    cosines = (expected["embedding"] @ expected["embedding"].T)[pairs]
+    assert cosines.mean() < 0.6 and cosines.max() < 0.95, cosines.round(3)
+    # crossed[i, j]: row i's prompt with row j's image. Swapping rows i and j moves row i's or
+    # row j's clip_score off its own value by more than the tolerance.
+    pictures = [Image.fromarray(a) for a in images]
+    crossed = np.stack([independent_clip(scorer_hub, pictures, [p] * n)["clip_score"] for p in prompts])
+    np.testing.assert_allclose(np.diag(crossed), expected["clip_score"], rtol=0, atol=1e-3)
+    own = np.diag(crossed)
+    off = np.abs(crossed - own[:, None])  # off[i, j]: row i's score moved by showing it row j's image
+    moved = np.maximum(off, off.T)[pairs]
+    assert moved.min() > 2 * CLIP_TOLERANCE, crossed.round(2)
+    # The image-only scores differ between any two rows by more than their tolerance.
+    for column, tolerance in (("aesthetic", AESTHETIC_TOLERANCE), ("nsfw_score", COSINE_TOLERANCE)):
+        values = expected[column]
+        apart = np.abs(values[:, None] - values[None, :])[pairs]
+        assert apart.min() > tolerance, (column, values.round(4))
+
+
+def test_dedupe_at_the_default_threshold_finds_a_repeated_prompt_and_seed_in_worker_embeddings_only(jobs):
+    """`producer dedupe` at its documented default threshold on the embeddings the worker wrote:
+    the row that repeats another's prompt and seed (the same image, from another shard) is found,
+    none of the distinct images is."""
+    store = open_store(jobs["dup"]["job_url"])
+    threshold = float(defaults()["dedupe"]["threshold"])  # what `producer dedupe` uses by default
+    summary = dedupe(store, threshold)
+    assert (summary["rows"], summary["near_duplicates"], summary["method"]) == (len(DUP_ROWS), 1, "exact")
+    found = read_near_duplicates(store)[0].to_pylist()
+    assert [(f["row_id"], f["duplicate_of"]) for f in found] == [REPEATED]
+    assert found[0]["similarity"] >= 0.999
+    # The distinct images are not near the threshold: an embedding of every image alike (or of
+    # the prompt) would put them all above it.
+    row_ids, matrix = read_embeddings(store)
+    vectors = matrix.astype(np.float32)
+    similarity = vectors @ vectors.T
+    distinct = [i for i in range(len(row_ids)) if row_ids[i] != REPEATED[0]]
+    others = similarity[np.ix_(distinct, distinct)][np.triu_indices(len(distinct), 1)]
+    assert others.max() < threshold - 0.03, similarity.round(3)
 
 
 def test_score_option_records_presets_and_overrides_and_refuses_unknown_scorers(env, tmp_path, scorer_hub):

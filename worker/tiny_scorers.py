@@ -65,8 +65,41 @@ def processor(size: dict = TINY):
     )
 
 
-def clip(directory: Path, size: dict = TINY) -> None:
-    """A CLIPModel (tiny, or ``size``) with the byte-level CLIP tokenizer (every text tokenizes)."""
+def spread_vision(vision_model) -> None:
+    """Make a random CLIP vision tower give unrelated images unrelated embeddings (in place).
+
+    At transformers' default initialisation the class token, whose final state is the image
+    embedding, attends almost uniformly to the patches and what it reads is small next to its
+    own constant embedding: unrelated tiny-model images get cosines of about 0.999, so a score
+    hardly depends on its image. Three changes, all of them random weights rescaled:
+
+    - each patch filter is made zero-mean over its kernel, per colour channel: it responds to
+      shapes, not to the palette the tiny model paints every image in (magenta and blue on
+      black; per-channel-centred pixels of its unrelated images correlate ~0.04, raw ones ~0.7);
+    - the encoder layers' weights ×3 (what ``initializer_factor=3`` would draw): sharper
+      attention, so the class token reads particular patches;
+    - attention's value and output weights ×2 more: what it reads outweighs its own embedding.
+
+    Unrelated tiny-model images then have cosines around 0.4 (at most ~0.9); a copy with every
+    pixel moved by up to 3 levels keeps ~0.997; one level on a few pixels (the worker's torch
+    resize against Pillow's) moves an embedding by ~1e-4.
+    """
+    import torch
+
+    with torch.no_grad():
+        patch = vision_model.embeddings.patch_embedding.weight
+        patch.sub_(patch.mean(dim=(2, 3), keepdim=True))
+        for layer in vision_model.encoder.layers:
+            attention, mlp = layer.self_attn, layer.mlp
+            for linear in (attention.q_proj, attention.k_proj, mlp.fc1, mlp.fc2):
+                linear.weight.mul_(3)
+            for linear in (attention.v_proj, attention.out_proj):
+                linear.weight.mul_(6)
+
+
+def clip(directory: Path, size: dict = TINY, spread: bool = False) -> None:
+    """A CLIPModel (tiny, or ``size``) with the byte-level CLIP tokenizer (every text tokenizes);
+    with ``spread``, a vision tower that tells images apart (:func:`spread_vision`)."""
     import torch
     from transformers import CLIPConfig, CLIPModel
 
@@ -84,12 +117,16 @@ def clip(directory: Path, size: dict = TINY) -> None:
     config = CLIPConfig(text_config=text, vision_config=size["vision"], projection_dim=size["projection_dim"])
     model = CLIPModel(config)
     # Random towers give cosines around 0, half of them clipped to a clip_score of 0: a shared
-    # component (one projection, a common bias before it) makes most of them positive.
+    # component (one projection, a common bias before it) makes most of them positive. With a
+    # spread vision tower a smaller one does, and keeps unrelated images' cosines lower.
+    if spread:
+        spread_vision(model.vision_model)
+    shared = 0.7 if spread else 1.0
     with torch.no_grad():
         if size is TINY:  # (equal towers' widths only; the real sizes only time it)
             model.visual_projection.weight.copy_(model.text_projection.weight)
-        model.vision_model.post_layernorm.bias.fill_(1.0)
-        model.text_model.final_layer_norm.bias.fill_(1.0)
+        model.vision_model.post_layernorm.bias.fill_(shared)
+        model.text_model.final_layer_norm.bias.fill_(shared)
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
     processor(size).save_pretrained(directory)
@@ -140,13 +177,16 @@ def random_safety_checker(seed: int):
     return checker
 
 
-def safety_checker(directory: Path, size: dict = TINY) -> None:
+def safety_checker(directory: Path, size: dict = TINY, spread: bool = False) -> None:
     """A safety checker whose thresholds lie where random cosines reach them (0.4-0.8), so
-    scores spread over (0, 1] and some images would be flagged."""
+    scores spread over (0, 1] and some images would be flagged; with ``spread``, a vision
+    tower that tells images apart (:func:`spread_vision`)."""
     import torch
 
     if size is TINY:
         checker = random_safety_checker(72)
+        if spread:
+            spread_vision(checker.vision_model)
     else:
         from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
         from transformers import CLIPConfig
@@ -163,6 +203,8 @@ def safety_checker(directory: Path, size: dict = TINY) -> None:
 
 def build(directory: Path) -> None:
     """The set in the hub layout: ``clip/``, ``aesthetic/model.safetensors``, ``nsfw/``."""
+    # v1's towers, not spread (the tests' replicas are): spreading these changes the set's
+    # weights, so it waits for a bump of tiny_revision in config/scorers.toml.
     clip(directory / "clip")
     aesthetic_head(directory / "aesthetic" / "model.safetensors")
     safety_checker(directory / "nsfw")
