@@ -17,7 +17,8 @@ device on CUDA; never encoded and decoded again) are scored in one batch:
   checker flags an image when, for some concept i, cos(image, concept_i) > t_i − a (t_i
   the concept's threshold, a = 0.01 when a "special care" concept matched, else 0). The
   score is max_i cos_i / (t_i − a), clipped to [0, 1]: how close the image comes to the
-  nearest threshold; 1 exactly when the checker would flag the image. Nothing is blanked.
+  nearest threshold; 1 when the checker would flag the image (it rounds its margins to 3
+  decimals first: a margin under 0.0005 scores 1 unflagged). Nothing is blanked.
 
 Each model preprocesses with its own ``preprocessor_config.json`` (resize, centre crop,
 rescale, mean/std), done in torch on the tensor (:class:`ImageProcessing`). Models load

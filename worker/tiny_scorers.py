@@ -97,9 +97,9 @@ def spread_vision(vision_model) -> None:
                 linear.weight.mul_(6)
 
 
-def clip(directory: Path, size: dict = TINY, spread: bool = False) -> None:
+def clip(directory: Path, size: dict = TINY) -> None:
     """A CLIPModel (tiny, or ``size``) with the byte-level CLIP tokenizer (every text tokenizes);
-    with ``spread``, a vision tower that tells images apart (:func:`spread_vision`)."""
+    the tiny one's vision tower tells images apart (:func:`spread_vision`)."""
     import torch
     from transformers import CLIPConfig, CLIPModel
 
@@ -119,11 +119,12 @@ def clip(directory: Path, size: dict = TINY, spread: bool = False) -> None:
     # Random towers give cosines around 0, half of them clipped to a clip_score of 0: a shared
     # component (one projection, a common bias before it) makes most of them positive. With a
     # spread vision tower a smaller one does, and keeps unrelated images' cosines lower.
-    if spread:
+    tiny_ = size is TINY  # (equal towers' widths only; the real sizes only time it)
+    if tiny_:
         spread_vision(model.vision_model)
-    shared = 0.7 if spread else 1.0
+    shared = 0.7 if tiny_ else 1.0
     with torch.no_grad():
-        if size is TINY:  # (equal towers' widths only; the real sizes only time it)
+        if tiny_:
             model.visual_projection.weight.copy_(model.text_projection.weight)
         model.vision_model.post_layernorm.bias.fill_(shared)
         model.text_model.final_layer_norm.bias.fill_(shared)
@@ -177,16 +178,15 @@ def random_safety_checker(seed: int):
     return checker
 
 
-def safety_checker(directory: Path, size: dict = TINY, spread: bool = False) -> None:
+def safety_checker(directory: Path, size: dict = TINY) -> None:
     """A safety checker whose thresholds lie where random cosines reach them (0.4-0.8), so
-    scores spread over (0, 1] and some images would be flagged; with ``spread``, a vision
-    tower that tells images apart (:func:`spread_vision`)."""
+    scores spread over (0, 1] and some images would be flagged; the tiny one's vision tower
+    tells images apart (:func:`spread_vision`)."""
     import torch
 
     if size is TINY:
         checker = random_safety_checker(72)
-        if spread:
-            spread_vision(checker.vision_model)
+        spread_vision(checker.vision_model)
     else:
         from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
         from transformers import CLIPConfig
@@ -203,8 +203,6 @@ def safety_checker(directory: Path, size: dict = TINY, spread: bool = False) -> 
 
 def build(directory: Path) -> None:
     """The set in the hub layout: ``clip/``, ``aesthetic/model.safetensors``, ``nsfw/``."""
-    # v1's towers, not spread (the tests' replicas are): spreading these changes the set's
-    # weights, so it waits for a bump of tiny_revision in config/scorers.toml.
     clip(directory / "clip")
     aesthetic_head(directory / "aesthetic" / "model.safetensors")
     safety_checker(directory / "nsfw")

@@ -5,7 +5,7 @@ the real repository has: a ``CLIPModel`` with its tokenizer and ``preprocessor_c
 (clip), a ``model.safetensors`` of linear layers named like LAION's head (aesthetic), and a
 ``StableDiffusionSafetyChecker`` with its processor config (nsfw). They are the builders of
 the ``tiny`` scorer set (``worker/tiny_scorers.py``), which resize (shortest edge 40) and
-centre-crop (32) the images they see, so the preprocessing is exercised, here with vision
+centre-crop (32) the images they see, so the preprocessing is exercised, with vision
 towers that tell images apart (``tiny_scorers.spread_vision``): a score that hardly depends
 on its image could not show that the worker scored the right one.
 """
@@ -45,10 +45,9 @@ def build(root: Path, size: dict = TINY) -> HubCache:
     at ``root``, at its pinned revision."""
     hub = HubCache(root)
     presets = scorer_presets()
-    spread = size is TINY  # (the real sizes only time it)
-    clip(hub.snapshot(presets["clip"]["repo"], presets["clip"]["revision"]), size, spread)
+    clip(hub.snapshot(presets["clip"]["repo"], presets["clip"]["revision"]), size)
     aesthetic = presets["aesthetic"]
     path = hub.snapshot(aesthetic["repo"], aesthetic["revision"]) / aesthetic["file"]
     aesthetic_head(path, size["projection_dim"])
-    safety_checker(hub.snapshot(presets["nsfw"]["repo"], presets["nsfw"]["revision"]), size, spread)
+    safety_checker(hub.snapshot(presets["nsfw"]["repo"], presets["nsfw"]["revision"]), size)
     return hub
