@@ -1,8 +1,10 @@
-"""A real S3 endpoint that ignores ``If-None-Match``: an HTTP gateway in front of SeaweedFS.
+"""Real S3 endpoints that misbehave in one chosen way: an HTTP gateway in front of SeaweedFS.
 
 Some S3-compatible backends and gateways accept a conditional PUT and store it
-unconditionally. This gateway behaves so: it listens on 127.0.0.1, forwards every request
-to the session's SeaweedFS with the ``If-None-Match`` header removed, and relays the answer.
+unconditionally (``ignore``); some refuse the header outright (``reject``, 501); and S3 itself
+answers ``409 ConditionalRequestConflict`` to a conditional write while a conflicting one is in
+progress, asking the client to retry (``conflict``). The gateway listens on 127.0.0.1, forwards
+every other request to the session's SeaweedFS and relays the answer.
 
 boto3 signs ``If-None-Match`` (SigV4 signs every header but a short list such as
 ``User-Agent``), and the upstream address differs from the one the client signed for, so
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import http.client
 import threading
+import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
@@ -28,8 +31,8 @@ _REQUEST_DROP = frozenset(
     {"authorization", "x-amz-date", "x-amz-content-sha256", "host", "expect", "connection",
      "content-length", "transfer-encoding"}
 )  # fmt: skip
-# ... and the one it ignores on purpose.
-IGNORED_HEADER = "if-none-match"
+# ... and the conditional-write header it plays with.
+CONDITIONAL_HEADER = "if-none-match"
 _RESPONSE_DROP = frozenset({"connection", "transfer-encoding", "content-length", "date", "server"})
 
 
@@ -46,12 +49,20 @@ class _Handler(BaseHTTPRequestHandler):
             return
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         gateway = self.server.gateway
-        if self.headers.get(IGNORED_HEADER) is not None:
+        conditional = self.headers.get(CONDITIONAL_HEADER) is not None
+        key = urlsplit(self.path).path
+        if conditional and gateway.reject:
             gateway.ignored += 1
-            if gateway.reject:
-                self._not_implemented()
-                return
-        headers = {k: v for k, v in self.headers.items() if k.lower() not in _REQUEST_DROP | {IGNORED_HEADER}}
+            self._not_implemented()
+            return
+        if conditional and self.command == "PUT" and gateway.take_conflict(key):
+            gateway.conditional_puts.append((key, 409))
+            self._conflict(key)
+            return
+        if conditional and gateway.ignore:
+            gateway.ignored += 1
+        dropped = _REQUEST_DROP | ({CONDITIONAL_HEADER} if gateway.ignore else set())
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in dropped}
         request = AWSRequest(
             method=self.command, url=gateway.upstream + self.path, data=body, headers=headers
         )
@@ -64,6 +75,8 @@ class _Handler(BaseHTTPRequestHandler):
             data = response.read()
         finally:
             conn.close()
+        if conditional and self.command == "PUT":
+            gateway.conditional_puts.append((key, response.status))
         self.send_response(response.status, response.reason)
         for key, value in response.getheaders():
             if key.lower() not in _RESPONSE_DROP:
@@ -73,6 +86,22 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(data)
+
+    def _conflict(self, key: str) -> None:
+        # S3's answer, as documented for conditional writes racing on one key.
+        request_id = uuid.uuid4().hex[:16].upper()
+        body = (
+            '<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>ConditionalRequestConflict</Code>'
+            "<Message>A conflicting conditional operation is currently in progress against this "
+            f"resource. Please try again.</Message><Key>{key.lstrip('/')}</Key>"
+            f"<RequestId>{request_id}</RequestId><HostId>fewstep-test-gateway</HostId></Error>"
+        ).encode()
+        self.send_response(409)
+        self.send_header("Content-Type", "application/xml")
+        self.send_header("x-amz-request-id", request_id)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
 
     def _not_implemented(self) -> None:
         body = (
@@ -90,13 +119,16 @@ class _Handler(BaseHTTPRequestHandler):
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
-    gateway: IgnoringGateway
+    gateway: S3Gateway
 
 
-class IgnoringGateway:
-    """``with IgnoringGateway(endpoint, key, secret) as gw:`` serves at ``gw.url`` until the block ends.
+class S3Gateway:
+    """``with S3Gateway(endpoint, key, secret, ...) as gw:`` serves at ``gw.url`` until the block ends.
 
-    With ``reject``, it plays a backend that knows no conditional writes and says so (501).
+    ``ignore``: drop ``If-None-Match`` and store unconditionally (a backend that ignores
+    conditional writes). ``reject``: answer a request carrying the header 501 NotImplemented.
+    ``conflict``: answer the first ``conflicts`` conditional PUTs to a path ending with it
+    ``409 ConditionalRequestConflict``, without forwarding them.
     """
 
     def __init__(
@@ -106,24 +138,40 @@ class IgnoringGateway:
         secret_key: str,
         region: str = "us-east-1",
         *,
+        ignore: bool = False,
         reject: bool = False,
+        conflict: str | None = None,
+        conflicts: int = 1,
     ):
         self.upstream = upstream.rstrip("/")
-        #: Answer a request carrying the header 501 NotImplemented instead of dropping the header.
+        self.ignore = ignore
         self.reject = reject
+        self.conflict = conflict
         self.credentials = Credentials(access_key, secret_key)
         self.region = region
-        #: How many requests carried the header this gateway ignores.
+        #: How many requests carried the header this gateway dropped or refused.
         self.ignored = 0
+        #: Every conditional PUT that reached the gateway: (path, status answered), in order.
+        self.conditional_puts: list[tuple[str, int]] = []
+        self._conflicts_left = conflicts if conflict else 0
+        self._lock = threading.Lock()
         self._server = _Server(("127.0.0.1", 0), _Handler)
         self._server.gateway = self
+
+    def take_conflict(self, path: str) -> bool:
+        """Whether this conditional PUT to ``path`` is answered 409 (counted)."""
+        with self._lock:
+            if self._conflicts_left and self.conflict and path.endswith(self.conflict):
+                self._conflicts_left -= 1
+                return True
+            return False
 
     @property
     def url(self) -> str:
         host, port = self._server.server_address[:2]
         return f"http://{host}:{port}"
 
-    def __enter__(self) -> IgnoringGateway:
+    def __enter__(self) -> S3Gateway:
         threading.Thread(target=self._server.serve_forever, name="s3-gateway", daemon=True).start()
         return self
 

@@ -4,7 +4,9 @@ The honouring backend is the session's SeaweedFS (and a local directory). The on
 does not is real too: ``tests/s3_gateway.py``, an HTTP gateway on 127.0.0.1 in front of the
 same SeaweedFS that drops the header and re-signs each request (boto3 signs the header, so
 it cannot be stripped under the client's signature). boto3, the worker and the producer
-talk to it over HTTP exactly as they would to a misbehaving S3 service.
+talk to it over HTTP exactly as they would to a misbehaving S3 service. The same gateway
+plays S3's ``409 ConditionalRequestConflict`` (a conflicting conditional write in progress,
+retry) on a commit marker's PUT.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import time
 import pytest
 
 from fewstep import storage
-from fewstep.contract import JOB_SPEC_KEY, MANIFESTS, WORKERS
+from fewstep.contract import JOB_SPEC_KEY, MANIFESTS, WORKERS, metadata_key
 from fewstep.queue import pending_messages, queue_length, redis_client
 from fewstep.storage import (
     PROBE_PREFIX,
@@ -25,10 +27,11 @@ from fewstep.storage import (
     open_store,
 )
 from tests.conftest import BUCKET
-from tests.s3_gateway import IgnoringGateway
-from tests.support import cli, cli_json, start_worker
+from tests.s3_gateway import S3Gateway
+from tests.support import attempt_records, cli, cli_json, run_worker_until_done, start_worker
 from tests.test_cli_errors import assert_one_line_error
 from tests.test_end_to_end import SAMPLE
+from tests.test_faults import assert_each_prompt_once
 
 REFUSAL = "does not honour conditional writes (If-None-Match: *)"
 
@@ -42,8 +45,8 @@ def fresh_checks(monkeypatch):
 
 @pytest.fixture
 def gateway(local_services):
-    with IgnoringGateway(
-        local_services.s3_endpoint, local_services.access_key, local_services.secret_key
+    with S3Gateway(
+        local_services.s3_endpoint, local_services.access_key, local_services.secret_key, ignore=True
     ) as gw:
         yield gw
 
@@ -120,7 +123,7 @@ def test_a_backend_rejecting_if_none_match_is_refused_in_one_line(
     env, local_services, fresh_checks, monkeypatch
 ):
     svc = local_services
-    with IgnoringGateway(svc.s3_endpoint, svc.access_key, svc.secret_key, reject=True) as gateway:
+    with S3Gateway(svc.s3_endpoint, svc.access_key, svc.secret_key, reject=True) as gateway:
         monkeypatch.setenv("AWS_ENDPOINT_URL_S3", gateway.url)
         store = open_store(f"s3://{BUCKET}/rejected")
         start = time.monotonic()
@@ -172,3 +175,31 @@ def test_worker_refuses_a_backend_ignoring_if_none_match_and_leaves_the_shards_q
     written = {key.split("/")[0] for key, _ in job.list()}
     assert written <= {JOB_SPEC_KEY, MANIFESTS, WORKERS}  # the enqueue's, and the worker's heartbeat
     # (no image, attempt record, metadata, failed marker or probe)
+
+
+def test_a_409_conditional_request_conflict_on_the_marker_is_retried_and_commits_once(
+    env, output, local_services, tmp_path
+):
+    """S3 answers a conditional PUT racing another on the same key ``409 ConditionalRequestConflict``
+    and says to retry: it is no answer (neither 200 nor 412). The worker asks again, the marker's
+    second PUT reaches the store and lands, and the shard commits once, by this one attempt."""
+    svc = local_services
+    summary = cli_json(
+        "producer", "enqueue", "partiprompts", "--path", str(SAMPLE), "--model", "synthetic",
+        "--allow-synthetic", "--job", "conflicted", "--output", output, "--limit", "2", "--shard-size", "2",
+        env=env,
+    )  # fmt: skip
+    marker = metadata_key(1)
+    with S3Gateway(svc.s3_endpoint, svc.access_key, svc.secret_key, conflict=marker) as gateway:
+        run_worker_until_done(
+            {**env, "AWS_ENDPOINT_URL_S3": gateway.url}, output, "conflicted", model="synthetic",
+            log_path=tmp_path / "worker.log", timeout=90,
+        )  # fmt: skip
+    text = (tmp_path / "worker.log").read_text(errors="replace")
+    # The 409 was answered, then the same write was sent again and stored (200), nothing more.
+    answers = [status for path, status in gateway.conditional_puts if path.endswith(marker)]
+    assert answers == [409, 200], text[-3000:]
+    assert "in progress elsewhere" in text  # the retry's reason, from fewstep/storage.py
+    states = [r["state"] for r in attempt_records(summary["job_url"], 1)]
+    assert states == ["committed"], states  # one attempt, not an error retried by a second one
+    assert_each_prompt_once(summary["job_url"], 2)
