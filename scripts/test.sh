@@ -11,10 +11,11 @@ export HF_HUB_OFFLINE=1
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 
-# pytest's exit code 5 means it collected no tests: a failure here, never a pass.
+# pytest's exit code 5 means it collected no tests: a failure here, never a pass. -rs: every
+# skipped test is listed with its reason in the summary, so a skip never passes unseen.
 run_pytest() {
   local status=0
-  .venv/bin/python -m pytest -q "$@" || status=$?
+  .venv/bin/python -m pytest -q -rs "$@" || status=$?
   if [ "$status" -eq 5 ]; then
     echo "error: pytest collected no tests ($*)" >&2
     return 1
@@ -28,8 +29,8 @@ if [ "$#" -gt 0 ]; then
 fi
 status=0
 run_pytest -n 2 -m "not slow" --durations=40 || status=$?
-# The slow tests (the chaos run, the GPU host rehearsal, the Docker compose stack) after the
-# rest, each in its own pytest process so they overlap: the rehearsal waits on its installs
+# The slow tests (the chaos run, the GPU host rehearsal, the Docker compose stack and the
+# compose files read by Compose itself, which may install it first) after the rest, each in its own pytest process so they overlap: the rehearsal waits on its installs
 # and the compose stack on its image build while the chaos run computes.
-run_pytest -n 3 -m slow -rP --durations=5 || status=$?
+run_pytest -n 3 -m slow -rsP --durations=5 || status=$?
 exit "$status"

@@ -4,8 +4,9 @@ worker to real SeaweedFS, read back with the real `webdataset` library, `tarfile
 by `producer gc`; and a worker killed halfway through a shard's tar leaves nothing readable.
 
 Lean on purpose (CI budget): one module fixture crashes one worker mid-tar and then runs one
-worker for that job and a webdataset and a parquet job of 2 shards of real PartiPrompts
-each; the job-level commands run in this process.
+worker for that job and a webdataset and a parquet job of 2 shards each, from a PartiPrompts
+file written here (prompts with quotes, non-ASCII and emoji, so "byte exact" means something;
+no dependence on the developers' ../shared/data); the job-level commands run in this process.
 """
 
 from __future__ import annotations
@@ -45,6 +46,24 @@ LAYOUTS = ("webdataset", "parquet")
 # A killed worker's shard is restored seconds after the kill, not half a minute.
 FAST_RECOVERY = {"liveness_seconds": 1, "liveness_ttl": 3, "restore_after": 4, "scan_seconds": 1}
 ROWS = 8  # two shards of 4, 64x64 images: the tiny model on a shared CPU
+#: The prompts of the generated PartiPrompts file, in its row order.
+PROMPTS = [
+    "a red bicycle leaning against a brick wall",
+    'a sign that says "Café ouvert", with a croissant',
+    "ein Fuchs im Schnee, Aquarell",
+    "東京の夜景、雨上がり",
+    "a cat wearing sunglasses 😎 on a beach",
+    "a lighthouse on a rocky coast at dusk, 50% fog",
+    "Ünïcödé typography on an old poster",
+    "a bowl of ramen — steam rising, top view",
+]
+
+
+def write_parti_file(path) -> str:
+    """A PartiPrompts-format TSV (Prompt, Category, Challenge, Note) of ``PROMPTS``."""
+    lines = ["Prompt\tCategory\tChallenge\tNote", *(f"{p}\tArts\tBasic\t" for p in PROMPTS)]
+    path.write_bytes(("\n".join(lines) + "\n").encode())
+    return str(path)
 
 
 def _enqueue(env, parti, job: str, output: str, layout: str) -> dict:
@@ -85,12 +104,13 @@ def _crash_mid_tar(env: dict[str, str], output: str, job: str, parti, tmp_path) 
 
 
 @pytest.fixture(scope="module")
-def jobs(local_services, model_cache, parti_path, tmp_path_factory):
+def jobs(local_services, model_cache, tmp_path_factory):
     """(env, output, {layout: enqueue summary}, the source's prompts, what the crash left)."""
     env = module_env(local_services, model_cache)
     output = f"s3://{BUCKET}/runs/{uuid.uuid4().hex[:8]}"
     tmp_path = tmp_path_factory.mktemp("layouts")
     env["FEWSTEP_CONFIG_DIR"] = config_dir(tmp_path, recovery=FAST_RECOVERY)
+    parti_path = write_parti_file(tmp_path / "parti.tsv")
     with pytest.MonkeyPatch.context() as patch:  # this process reads storage with the same settings
         for key, value in env.items():
             patch.setenv(key, value)
@@ -99,9 +119,7 @@ def jobs(local_services, model_cache, parti_path, tmp_path_factory):
         run_worker_until_done(env, output, "killed", *made, log_path=tmp_path / "worker.log")
         # Committed by the next worker: now the dead attempt's upload is proven abandoned.
         crash["reconcile_after_commit"] = reconcile(_store(output, "killed"), abandoned_after=0)
-        # The reference: the file's first rows split on newlines and tabs only (no quoting rules).
-        lines = parti_path.read_bytes().decode().split("\n")[1 : ROWS + 1]
-        yield env, output, made, [line.split("\t")[0] for line in lines], crash
+        yield env, output, made, PROMPTS, crash
 
 
 def _store(output: str, job: str):
