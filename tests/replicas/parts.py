@@ -116,7 +116,7 @@ def vae_kl(seed: int, *, latent_channels: int = 4, blocks: int = 2, **config):
         sample_size=32,
         **config,
     )
-    tiny.widen_decoder(vae.decoder)
+    tiny.widen_last_layer(vae.decoder, 8.0)
     return vae
 
 

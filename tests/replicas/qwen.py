@@ -115,7 +115,7 @@ def flux2_klein_4b(snapshot: Path, files: list[str]) -> None:
         norm_num_groups=4,
         sample_size=32,
     )
-    tiny.widen_decoder(vae.decoder)
+    tiny.widen_last_layer(vae.decoder, 8.0)
     pipe = Flux2KleinPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**FLUX2_SCHEDULER),
         vae=vae,
