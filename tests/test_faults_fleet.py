@@ -5,8 +5,11 @@ dead worker's messages (fewstep/recovery.py) against a real Redis.
 
 from __future__ import annotations
 
+import os
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
+
+import boto3
 
 from fewstep.contract import image_key_attempt
 from fewstep.queue import queue_length, redis_client
@@ -33,6 +36,26 @@ def attempt_folders(job_url: str) -> dict[tuple[int, str], int]:
         assert owner is not None, f"{key} lies outside an attempt folder"
         folders[owner] += 1
     return dict(folders)
+
+
+def listed_images(job_url: str) -> dict[str, tuple[int, str]]:
+    """Every object under the job's ``images/``, listed with boto3 (none of fewstep's storage or
+    key code), with the (shard, attempt id) its path ``images/part-N/<attempt>/...`` names."""
+    bucket, _, prefix = job_url.removeprefix("s3://").partition("/")
+    client = boto3.client(
+        "s3",
+        endpoint_url=os.environ["AWS_ENDPOINT_URL_S3"],
+        aws_access_key_id=os.environ["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=os.environ["AWS_SECRET_ACCESS_KEY"],
+        region_name="us-east-1",
+    )
+    found: dict[str, tuple[int, str]] = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/images/"):
+        for item in page.get("Contents", []):
+            key = item["Key"].removeprefix(f"{prefix}/")
+            _images, part, attempt, _name = key.split("/")
+            found[key] = (int(part.removeprefix("part-")), attempt)
+    return found
 
 
 # --- (k) mixed workers, overlapping attempts ------------------------------------------------------
@@ -79,21 +102,29 @@ def test_k_mixed_batch_sizes_overlapping_attempts_verify_exact_and_gc_removes_on
     committed = set(
         zip(table.column("part_id").to_pylist(), table.column("attempt_id").to_pylist(), strict=True)
     )
-    folders = attempt_folders(url)
-    losers = {owner: n for owner, n in folders.items() if owner not in committed}
+    # What storage holds, listed independently: the committed rows' images, and the losers'.
+    before = listed_images(url)
+    committed_keys = {key for key, owner in before.items() if owner in committed}
+    loser_keys = set(before) - committed_keys
+    assert committed_keys == set(table.column("image_key").to_pylist())
+    assert loser_keys, f"no losing attempt wrote an image: gc --delete would prove nothing ({records})"
+    by_owner = Counter(before.values())
+    assert attempt_folders(url) == by_owner  # fewstep's listing agrees with boto3's
+    losers = {owner: n for owner, n in by_owner.items() if owner not in committed}
 
     # gc: dry run by default, lists exactly the losers' folders, touches nothing.
     dry = cli_json("producer", "gc", "mixed", "--output", output, env=env)
     assert not dry["deleted"]
     assert {(f["shard"], f["attempt"]): f["objects"] for f in dry["folders"]} == losers
     assert dry["kept_committed_objects"] == rows
-    assert attempt_folders(url) == folders
+    assert set(listed_images(url)) == set(before)
     # Readers never list what losers left: status and verify count committed rows only.
     status = cli_json("producer", "status", "mixed", "--output", output, env=env)
     assert status["images_done"] == rows
     done = cli_json("producer", "gc", "mixed", "--output", output, "--delete", env=env)
-    assert done["deleted"] and done["objects"] == sum(losers.values())
-    assert set(attempt_folders(url)) == committed
+    assert done["deleted"] and done["objects"] == len(loser_keys)
+    # Exactly the losers' objects are gone; every committed object is still there.
+    assert set(listed_images(url)) == committed_keys
     verify_job("mixed", output, env)  # the committed images were not touched
 
 

@@ -25,8 +25,11 @@ the next attempt: recovery never depends on a clean exit.
 
 from __future__ import annotations
 
+import contextlib
+import faulthandler
 import logging
 import os
+import sys
 import threading
 import time
 from typing import Any
@@ -118,8 +121,15 @@ def _watch_shutdown(margin: float) -> None:
         "an unacknowledged shard returns through `producer reconcile` or the visibility timeout",
         margin,
     )
+    # Where it is stuck, for the operator (and the tests): every thread's stack, once.
+    _dump_stacks()
     logging.shutdown()
     os._exit(EX_FAILURE)
+
+
+def _dump_stacks() -> None:
+    with contextlib.suppress(Exception):  # a report, never a reason not to exit
+        faulthandler.dump_traceback(file=sys.__stderr__, all_threads=True)
 
 
 def _backoff(first: float, retries: int) -> int:

@@ -247,8 +247,39 @@ def start_worker(settings: WorkerSettings) -> int:
     try:
         worker.start()
     finally:
-        runner.close()
+        _close(runner, worker.exitcode or 0)
     return worker.exitcode or 0
+
+
+#: Seconds a worker whose shutdown grace is over waits for its stages to stop before it leaves.
+CLOSE_AFTER_GRACE = 1.0
+
+
+def _close(runner, code: int) -> None:
+    """Stop the runner's stages; the worker's last step.
+
+    Once the shutdown grace is over, the shard in progress has gone back to the queue and the
+    batch the device may still be generating for it (a model call cannot be interrupted; under
+    CPU load it takes seconds) is for nothing: waiting for it made the clean exit depend on
+    load, and the watchdog ended such workers instead. So is the interpreter's teardown (torch's
+    modules: seconds on a loaded machine). The stages get a moment, then the process leaves with
+    ``os._exit`` and the worker's own exit code (no teardown under a running model call either,
+    which can abort the process).
+    """
+    from worker import commit
+
+    if not commit.shutdown.expired():
+        runner.close()
+        return
+    closing = threading.Thread(target=runner.close, name="close", daemon=True)
+    closing.start()
+    closing.join(timeout=CLOSE_AFTER_GRACE)
+    if closing.is_alive():
+        log.warning("shutdown grace over: not waiting for the batch on the device; exiting (code %d)", code)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 @click.group(invoke_without_command=True)
