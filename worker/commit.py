@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -41,13 +41,19 @@ from fewstep.contract import (
     attempt_images_prefix,
     attempt_key,
     failed_key,
+    job_layout,
     metadata_key,
     new_attempt_id,
     part_name,
     shard_object_key,
 )
+from fewstep.scorers import embeddings_wanted
 from fewstep.settings import defaults, describe_error
 from fewstep.storage import StorageError, Store, check_conditional_writes, open_store
+from worker.scoring import write_embeddings
+
+if TYPE_CHECKING:  # worker.rows needs ShardGuard from here
+    from worker.rows import ShardRun
 
 log = logging.getLogger("fewstep.worker")
 
@@ -392,3 +398,24 @@ def commit(
     # 412. A PUT retried after a lost response also gets 412 for its own first write: the
     # marker is ours exactly when it holds our bytes (worker id and timestamps differ).
     return store.get(metadata_key(shard)) == data
+
+
+def commit_run(
+    run: ShardRun, metadata: Callable[[], pa.Table], before_put: Callable[[], None] = lambda: None
+) -> bool:
+    """Finish an attempt whose every image is uploaded, then commit its ``metadata()`` (made
+    once the writer is finished: a tar's offsets are known only then) with :func:`commit`:
+    False when another attempt committed first. A failure before the marker aborts the
+    attempt's writer."""
+    shard = run.shard
+    try:
+        run.writer.finish()  # a tar or parquet is complete in storage only now
+        if embeddings_wanted(shard.spec):  # before the commit: a commit implies its embeddings
+            write_embeddings(shard.store, shard.message.shard, run.attempt_id, shard.rows["row_id"],
+                             run.embeddings_complete())  # fmt: skip
+    except BaseException:
+        run.writer.abort()
+        raise
+    # Checked complete, then written only if absent: of two racing attempts one commits.
+    layout = job_layout(shard.spec)
+    return commit(shard.store, shard.message.shard, metadata(), shard.size, layout, before_put=before_put)

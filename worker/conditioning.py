@@ -25,7 +25,7 @@ must equal the sha256 of the bytes read.
 - alpha (RGBA, LA, palette with transparency) composited over **white**: transparent
   product cut-outs and line drawings on transparent paper come out as they look on a page;
 - any other mode (1, L, P, YCbCr, HSV, ...) converted to RGB by Pillow;
-- an image above ``[condition_images] max_pixels`` is refused before it is decoded, and
+- an image above ``[conditioning] max_pixels`` is refused before it is decoded, and
   Pillow's decompression-bomb warnings are errors: one clear per-row error either way.
 
 A row that cannot be read or decoded raises :class:`ConditionError`, naming the row and its
@@ -47,7 +47,7 @@ run, far faster on a 50 MP photo):
   gradient) at the job's thresholds, white edges on black, as diffusers' ControlNet examples do;
 - ``sketch``: what the SDXS sketch ControlNet was shown: white strokes on black (its authors'
   demo inverts a black-on-white drawing canvas). From any image: grey, a 5×5 Gaussian blur
-  (photo texture is no stroke), Canny at ``[condition_images] sketch_low/high``, then strokes
+  (photo texture is no stroke), Canny at ``[conditioning] sketch_low/high``, then strokes
   widened to about 3 px at 512 px (a square of 2·round(side/512)+1): Canny's one-pixel
   edges are thinner than the pen strokes of the demo. A drawing already white-on-black goes
   in with ``as-is``; a black-on-white one traces as both sides of each line.
@@ -65,7 +65,7 @@ import io
 import threading
 import warnings
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -142,7 +142,7 @@ def decode(data: bytes, max_pixels: int, size: tuple[int, int] | None = None) ->
     if pixels > max_pixels:
         raise ConditionError(
             f"{image.width}x{image.height} image ({pixels / 1e6:.1f} MP) is above the limit of "
-            f"{max_pixels / 1e6:.1f} MP ([condition_images] max_pixels)"
+            f"{max_pixels / 1e6:.1f} MP ([conditioning] max_pixels)"
         )
     image.seek(0)  # the first frame of an animation
     if size is not None and image.format == "JPEG":
@@ -228,7 +228,7 @@ def control_map(image: Image.Image, settings: Conditioning) -> Image.Image:
         low, high = settings.canny or (100, 200)
         return canny_map(image, low, high)
     if settings.condition == SKETCH:
-        cfg = defaults()["condition_images"]
+        cfg = defaults()["conditioning"]
         return sketch_map(image, int(cfg["sketch_low"]), int(cfg["sketch_high"]))
     return image
 
@@ -276,7 +276,7 @@ class ShardConditioning:
         self.pool = pool
         self.width, self.height = size
         self.window = max(1, window)
-        self.batches_ahead = int(defaults()["condition_images"]["batches_ahead"])
+        self.batches_ahead = int(defaults()["conditioning"]["batches_ahead"])
         self.n = len(rows["row_id"])
         self.sha256: list[str | None] = [None] * self.n
         self._futures: dict[int, Future] = {}
@@ -284,7 +284,7 @@ class ShardConditioning:
         self._submitted = 0
         self._closed = False
         self._lock = threading.Lock()
-        cfg = defaults()["condition_images"]
+        cfg = defaults()["conditioning"]
         self.max_pixels = int(cfg["max_pixels"])
         self.png_level = int(cfg["control_png_level"])
 
@@ -385,3 +385,69 @@ class ShardConditioning:
                 if not self._closed:
                     self._controls[index] = png
         return prepared
+
+
+# --- a shard's conditioning, from the job spec to the device ----------------------------------
+
+
+def open_conditioning(
+    spec: dict[str, Any],
+    model: str,
+    preset: dict[str, Any],
+    rows: dict[str, list],
+    sources: ConditionSources,
+    pool: ThreadPoolExecutor,
+    size: tuple[int, int],
+    batch: int,
+) -> ShardConditioning | None:
+    """Start preparing a conditioned shard's images on ``pool`` (read-ahead included): a few
+    batches of ``batch`` rows ahead, never the whole shard. None for a text-only job; a job
+    the model (``model``, ``preset``) cannot run is refused with a :class:`ConditionError`."""
+    settings = Conditioning.from_spec(spec)
+    if settings is None:
+        if preset.get("control"):
+            raise ConditionError(
+                f"job {spec['job']} is text-only; model {model} is a ControlNet "
+                "preset and needs a conditioning image per row"
+            )
+        return None
+    if settings.condition == INIT and not preset.get("img2img"):
+        raise ConditionError(f"job {spec['job']}: model {model} has no img2img pipeline")
+    modes = (preset.get("control") or {}).get("modes", ())
+    if settings.condition != INIT and settings.condition not in modes:
+        raise ConditionError(f"job {spec['job']}: model {model} takes no {settings.condition} control maps")
+    # What runs when the spec leaves it to the preset: recorded as run.
+    if settings.condition == INIT and settings.strength is None:
+        settings = replace(settings, strength=float(preset["img2img"]["strength"]))
+    if settings.condition != INIT and settings.controlnet_scale is None:
+        settings = replace(settings, controlnet_scale=float(preset["control"].get("scale", 1.0)))
+    window = int(defaults()["conditioning"]["batches_ahead"]) * batch
+    conditioning = ShardConditioning(settings, rows, sources, pool, size, window)
+    conditioning.start()
+    return conditioning
+
+
+def conditioning_inputs(conditioning: ShardConditioning | None, lo: int, hi: int) -> dict[str, Any]:
+    """The batch's conditioning arguments for :meth:`Model.generate` (device thread; waits
+    for the pool): init images and strength, or control maps and their scale."""
+    if conditioning is None:
+        return {}
+    settings = conditioning.settings
+    images = [p.image for p in conditioning.batch(lo, hi)]
+    if settings.condition == INIT:
+        return {"images": images, "strength": settings.strength}
+    return {"control_images": images, "controlnet_scale": settings.controlnet_scale}
+
+
+def condition_columns(conditioning: ShardConditioning) -> dict[str, list]:
+    """The conditioning metadata of a shard's rows; ``cond_sha256`` fills in as the pool reads
+    each row's bytes (the very list), the control map columns come from the writer."""
+    settings, n = conditioning.settings, conditioning.n
+    return {
+        "cond_key": [conditioning.source(i) for i in range(n)],
+        "cond_sha256": conditioning.sha256,
+        "condition": [settings.condition] * n,
+        "strength": [settings.strength] * n,
+        "controlnet_scale": [settings.controlnet_scale] * n,
+        "resize": [settings.resize] * n,
+    }

@@ -25,7 +25,7 @@ rescale, mean/std), done in torch on the tensor (:class:`ImageProcessing`). Mode
 lazily, once per worker, on the device thread at the first batch of a job that asks for
 them, and are kept (keyed by model and revision) for later jobs; clip, aesthetic and the
 embeddings share one CLIP when they name the same one. Every tokenizer here is this
-module's own instance, used by the device thread only (see ``worker.model.TokenCounter``
+module's own instance, used by the device thread only (see ``worker.loaded_model.TokenCounter``
 for why a tokenizer must never be shared between threads).
 """
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from worker.model import Batch, Model
+from worker.loaded_model import Batch, Model
 
 LATENCY_ENV = "FEWSTEP_SYNTHETIC_BATCH_MS"
 DISTINCT_IMAGES = 16
