@@ -322,6 +322,9 @@ class ShardRunner:
                     generated = ahead.pop(0)  # generated from row 0 on, batch after batch
                 else:
                     run.add("wait_s", self.slots.take())
+                    if run.error is not None:  # failed while this waited for a slot (an upload):
+                        self.slots.free()  # its next batch would be wasted device time
+                        break
                     try:
                         generated = self.device.generate_fitting(shard, lo)
                     except BaseException:
