@@ -2,7 +2,7 @@
 # Set up (.venv) and run the whole test suite: lint, then pytest against a real
 # redis-server, SeaweedFS and worker processes started by the test fixtures.
 #   ./scripts/test.sh                  everything: the suite in two pytest processes (each with
-#                                      its own Redis and SeaweedFS), then the three slow tests
+#                                      its own Redis and SeaweedFS), then the slow tests
 #   ./scripts/test.sh ARGS...          pytest ARGS in one process (e.g. tests/test_worker.py -x)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,8 +29,9 @@ if [ "$#" -gt 0 ]; then
 fi
 status=0
 run_pytest -n 2 -m "not slow" --durations=40 || status=$?
-# The slow tests (the chaos run, the GPU host rehearsal, the Docker compose stack and the
-# compose files read by Compose itself, which may install it first) after the rest, each in its own pytest process so they overlap: the rehearsal waits on its installs
-# and the compose stack on its image build while the chaos run computes.
+# The slow tests (the chaos run, the GPU host rehearsal, the Docker compose stack, and the
+# compose files read by Compose itself, which may install it first) after the rest, in three
+# pytest processes so they overlap: the rehearsal waits on its installs and the compose stack
+# on its image build while the chaos run computes.
 run_pytest -n 3 -m slow -rsP --durations=5 || status=$?
 exit "$status"
