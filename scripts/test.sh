@@ -29,7 +29,7 @@ if [ "$#" -gt 0 ]; then
 fi
 status=0
 run_pytest -n 2 -m "not slow" --durations=40 || status=$?
-# The slow tests (the chaos run, the GPU host rehearsal, the Docker compose stack, and the
+# The slow tests (the chaos run, the GPU host rehearsal and smoke run, the Docker compose stack, and the
 # compose files read by Compose itself, which may install it first) after the rest, in three
 # pytest processes so they overlap: the rehearsal waits on its installs and the compose stack
 # on its image build while the chaos run computes.

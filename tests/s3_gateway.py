@@ -59,6 +59,10 @@ class _Handler(BaseHTTPRequestHandler):
             gateway.conditional_puts.append((key, 409))
             self._conflict(key)
             return
+        if conditional and self.command == "PUT" and not gateway.wait_if_held(key):
+            gateway.conditional_puts.append((key, 503))
+            self._slow_down()
+            return
         if conditional and gateway.ignore:
             gateway.ignored += 1
         dropped = _REQUEST_DROP | ({CONDITIONAL_HEADER} if gateway.ignore else set())
@@ -103,12 +107,19 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def _slow_down(self) -> None:
+        self._error(503, "SlowDown", "Please reduce your request rate.")
+
     def _not_implemented(self) -> None:
+        message = "A header you provided implies functionality that is not implemented"
+        self._error(501, "NotImplemented", message)
+
+    def _error(self, status: int, code: str, message: str) -> None:
         body = (
-            b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>NotImplemented</Code>'
-            b"<Message>A header you provided implies functionality that is not implemented</Message></Error>"
-        )
-        self.send_response(501)
+            f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
+            f"<Message>{message}</Message></Error>"
+        ).encode()
+        self.send_response(status)
         self.send_header("Content-Type", "application/xml")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -128,7 +139,10 @@ class S3Gateway:
     ``ignore``: drop ``If-None-Match`` and store unconditionally (a backend that ignores
     conditional writes). ``reject``: answer a request carrying the header 501 NotImplemented.
     ``conflict``: answer the first ``conflicts`` conditional PUTs to a path ending with it
-    ``409 ConditionalRequestConflict``, without forwarding them.
+    ``409 ConditionalRequestConflict``, without forwarding them. ``hold``: hold every
+    conditional PUT to a path ending with it until :meth:`release` (a storage that is slow to
+    take one write); one held longer than ``hold_seconds`` is answered ``503 SlowDown``, which
+    the client retries, so no client times out while the test holds it.
     """
 
     def __init__(
@@ -142,6 +156,8 @@ class S3Gateway:
         reject: bool = False,
         conflict: str | None = None,
         conflicts: int = 1,
+        hold: str | None = None,
+        hold_seconds: float = 30.0,
     ):
         self.upstream = upstream.rstrip("/")
         self.ignore = ignore
@@ -154,6 +170,11 @@ class S3Gateway:
         #: Every conditional PUT that reached the gateway: (path, status answered), in order.
         self.conditional_puts: list[tuple[str, int]] = []
         self._conflicts_left = conflicts if conflict else 0
+        self.hold = hold
+        self.hold_seconds = hold_seconds
+        #: Set when a held PUT first arrives; set ``_released`` to let held PUTs through.
+        self.holding = threading.Event()
+        self._released = threading.Event()
         self._lock = threading.Lock()
         self._server = _Server(("127.0.0.1", 0), _Handler)
         self._server.gateway = self
@@ -165,6 +186,18 @@ class S3Gateway:
                 self._conflicts_left -= 1
                 return True
             return False
+
+    def wait_if_held(self, path: str) -> bool:
+        """Whether this conditional PUT to ``path`` may be forwarded now; a held one waits for
+        :meth:`release` at most ``hold_seconds`` (False: it is still held)."""
+        if not (self.hold and path.endswith(self.hold)):
+            return True
+        self.holding.set()
+        return self._released.wait(self.hold_seconds)
+
+    def release(self) -> None:
+        """Forward held PUTs from now on."""
+        self._released.set()
 
     @property
     def url(self) -> str:

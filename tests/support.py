@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import select
 import subprocess
 import sys
 import time
@@ -59,13 +60,33 @@ def start_worker(
 
 
 def wait_done(job: str, output: str, env: dict[str, str], timeout: float = 180) -> dict:
-    """Poll ``producer status --json`` until the job is done (or fail after ``timeout``)."""
+    """Follow ``producer status --watch --json`` until the job is done (or fail after ``timeout``).
+
+    One command follows the job, as a user would, instead of a command per poll: each command
+    start imports pyarrow, boto3 and Celery (about a CPU-second), which the workers under test
+    would otherwise lose. A watch that ends on ``failed`` is started again, since a retry may
+    still complete the job.
+    """
     deadline = time.monotonic() + timeout
     status: dict = {}
     while time.monotonic() < deadline:
-        status = cli_json("producer", "status", job, "--output", output, env=env)
-        if status["state"] == "done":
-            return status
+        args = ["status", job, "--output", output, "--json", "--watch", "--interval", "0.5"]
+        watch = subprocess.Popen(
+            [sys.executable, "-m", "producer", *args], env=env, stdout=subprocess.PIPE, text=True
+        )
+        try:
+            while (left := deadline - time.monotonic()) > 0:
+                ready, _, _ = select.select([watch.stdout], [], [], left)
+                line = watch.stdout.readline() if ready else ""
+                if not line:
+                    break  # the watch ended (done, failed or an error) or the time is up
+                status = json.loads(line)
+                if status["state"] == "done":
+                    return status
+        finally:
+            watch.kill()
+            watch.wait()
+            watch.stdout.close()
         time.sleep(0.5)
     raise AssertionError(f"job {job} not done after {timeout}s: {status}")
 

@@ -82,6 +82,7 @@ def run_sh(results, *args, seconds: int = 900, timeout: int = 960, script: str =
                           capture_output=True, text=True, timeout=timeout)  # fmt: skip
 
 
+@pytest.mark.slow  # a whole smoke run (about 100 s of CPU): beside the rehearsal, in the slow pass
 def test_smoke_run_measures_every_part_through_a_real_worker(tmp_path):
     results = tmp_path / "results"
     # A long wall here: the CI machine is shared; the deadline has its own test below.

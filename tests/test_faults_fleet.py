@@ -11,13 +11,15 @@ from collections import Counter, defaultdict
 
 import boto3
 
-from fewstep.contract import image_key_attempt
+from fewstep.contract import image_key_attempt, metadata_key
 from fewstep.queue import queue_length, redis_client
 from fewstep.storage import open_store
+from tests.s3_gateway import S3Gateway
 from tests.support import (
     attempt_records,
     cli,
     cli_json,
+    config_dir,
     start_worker,
     stop_worker,
     verify_job,
@@ -62,37 +64,46 @@ def listed_images(job_url: str) -> dict[str, tuple[int, str]]:
 
 
 def test_k_mixed_batch_sizes_overlapping_attempts_verify_exact_and_gc_removes_only_losers(
-    env, output, tmp_path
+    env, output, local_services, tmp_path
 ):
     # Two workers with different batch sizes (different bytes for the same seed on CPUs) and a
-    # 2 s visibility timeout: every shard outlives it, so Redis hands running shards to the
-    # other worker and attempts really overlap.
+    # 2 s visibility timeout run one shard at the same time. The batch-1 worker takes it first
+    # and writes every image, but its storage is slow to take the commit marker (a gateway holds
+    # that one write); meanwhile Redis hands the shard to the batch-4 worker, which runs it
+    # whole and commits first. The batch-1 attempt is then a loser that wrote every image: what
+    # gc must remove. (Left to timing alone, the late attempt often sees the commit before its
+    # first upload and writes nothing, and gc would prove nothing.)
     short = {**env, "FEWSTEP_VISIBILITY_TIMEOUT": "2"}
+    svc = local_services
     logs = [tmp_path / "b1.log", tmp_path / "b4.log"]
-    workers = [
-        start_worker(short, "--batch-size", size, log_path=path)
-        for size, path in zip(("1", "4"), logs, strict=True)
-    ]
-    rows = 12
-    try:
-        wait_for(lambda: all(" ready." in log_text(p) for p in logs), 240, "both workers to be ready")
-        job = enqueue(
-            SAMPLE, "mixed", output, short, "--shard-size", "4", "--limit", str(rows), "--steps", "12"
-        )
-        url = job["job_url"]
-        wait_done("mixed", output, short, timeout=420)
-        records = {
-            s: wait_for(lambda s=s: _ended(attempt_records(url, s)), 240, f"shard {s}'s attempts to end")
-            for s in range(1, job["shards"] + 1)
-        }
-    finally:
-        for worker in workers:
-            stop_worker(worker)
+    rows = 8
+    marker = metadata_key(1)
+    with S3Gateway(svc.s3_endpoint, svc.access_key, svc.secret_key, hold=marker) as gateway:
+        workers = [
+            start_worker({**short, "AWS_ENDPOINT_URL_S3": gateway.url}, "--batch-size", "1", log_path=logs[0])
+        ]
+        try:
+            wait_for(lambda: " ready." in log_text(logs[0]), 240, "the batch-1 worker to be ready")
+            size = ("--shard-size", str(rows), "--limit", str(rows))
+            job = enqueue(SAMPLE, "mixed", output, short, *size, "--steps", "12")
+            url = job["job_url"]
+            wait_for(lambda: attempt_folders(url), 240, "the batch-1 worker's first image")
+            workers.append(start_worker(short, "--batch-size", "4", log_path=logs[1]))
+            wait_done("mixed", output, short, timeout=420)  # committed by the batch-4 worker
+            assert gateway.holding.is_set(), "the batch-1 worker never tried to commit"
+            gateway.release()
+            records = wait_for(lambda: _ended(attempt_records(url, 1)), 240, "both attempts to end")
+        finally:
+            for worker in workers:
+                stop_worker(worker)
 
-    states = [r["state"] for shard in records.values() for r in shard]
-    overlapping = [s for s, rs in records.items() if len(rs) > 1]
-    assert overlapping, f"no shard ran twice: the test did not exercise overlapping attempts ({states})"
-    assert all([r["state"] for r in rs].count("committed") == 1 for rs in records.values()), records
+    states = [r["state"] for r in records]
+    # The first delivery (batch 1) lost to the redelivery (batch 4), which ran at the same time.
+    assert [(r["state"], r["redelivered"]) for r in records] == [("superseded", False), ("committed", True)]
+    # The loser's conditional write of the marker reached storage and was refused (412).
+    assert [
+        status for path, status in gateway.conditional_puts if path.endswith(marker) and status != 503
+    ] == [412]
     assert "error" not in states  # a live attempt is no failure, so nothing was marked failed
     assert not list(open_store(url).list("failed/"))
 
@@ -107,7 +118,7 @@ def test_k_mixed_batch_sizes_overlapping_attempts_verify_exact_and_gc_removes_on
     committed_keys = {key for key, owner in before.items() if owner in committed}
     loser_keys = set(before) - committed_keys
     assert committed_keys == set(table.column("image_key").to_pylist())
-    assert loser_keys, f"no losing attempt wrote an image: gc --delete would prove nothing ({records})"
+    assert len(loser_keys) == rows, records  # the loser wrote every image before it lost
     by_owner = Counter(before.values())
     assert attempt_folders(url) == by_owner  # fewstep's listing agrees with boto3's
     losers = {owner: n for owner, n in by_owner.items() if owner not in committed}
@@ -135,8 +146,14 @@ def _ended(records: list[dict]) -> list[dict] | None:
 # --- (l) SIGKILL with the default visibility timeout --------------------------------------------
 
 
+RECOVERY = {"liveness_seconds": 1, "liveness_ttl": 6, "restore_after": 9, "scan_seconds": 2}
+
+
 def test_l_a_sigkilled_workers_shard_returns_without_the_visibility_timeout(env, output, tmp_path):
     assert "FEWSTEP_VISIBILITY_TIMEOUT" not in env  # the default: an hour
+    # Recovery settings 5× shorter than the defaults (which the compose-stack test runs with):
+    # the same mechanism, a kill-to-requeue bound of 17 s instead of 85 s.
+    env = {**env, "FEWSTEP_CONFIG_DIR": config_dir(tmp_path, recovery=RECOVERY)}
     job = enqueue(SAMPLE, "preempted", output, env, "--shard-size", "4", "--limit", "8", "--steps", "16")
     url = job["job_url"]
     a = start_worker(env, "--batch-size", "1", log_path=tmp_path / "a.log")
@@ -150,12 +167,12 @@ def test_l_a_sigkilled_workers_shard_returns_without_the_visibility_timeout(env,
     b = start_worker(env, log_path=tmp_path / "b.log")
     try:
         restored = 0
-        # Restored within liveness_ttl + restore_after + scan_seconds (85 s by default), by
-        # reconcile or by worker B's recoverer, then run by B.
+        # Restored within liveness_ttl + restore_after + scan_seconds (17 s here), by reconcile
+        # or by worker B's recoverer, then run by B.
         while time.monotonic() - killed_at < 180 and committed_count(url) < job["shards"]:
             summary = cli_json("producer", "reconcile", "preempted", "--output", output, "--json", env=env)
             restored += summary["restored_from_dead_workers"]
-            time.sleep(5)
+            time.sleep(2)
         wait_done("preempted", output, env, timeout=max(1.0, 180 - (time.monotonic() - killed_at)))
         took = time.monotonic() - killed_at
     finally:

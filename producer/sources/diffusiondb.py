@@ -58,8 +58,9 @@ METADATA_SCHEMA = pa.schema(
 )
 SAMPLERS = ["ddim", "plms", "k_euler", "k_euler_ancestral", "k_heun", "k_dpm_2", "k_dpm_2_ancestral", "k_lms"]
 SAMPLERS += ["others"]
-# Code → name: index 0 and codes past 9 have no name.
-_SAMPLER_NAMES = pa.array([None, *SAMPLERS], pa.string())
+# Code → name: index 0 and codes past 9 have no name. (Built where used: pa.array at import
+# time would import pandas into every producer command.)
+_SAMPLER_NAMES = [None, *SAMPLERS]
 
 # Metadata columns carried, with their field types; user_name only when asked (--carry), and
 # seed only with --seeds derived (otherwise the job's seed column is the source's seed).
@@ -114,7 +115,7 @@ def sampler_names(codes: pa.Array) -> pa.Array:
         return codes
     index = pc.fill_null(codes, 0).to_numpy(zero_copy_only=False).astype(np.int64)
     index[(index < 0) | (index >= len(_SAMPLER_NAMES))] = 0
-    return _SAMPLER_NAMES.take(pa.array(index))
+    return pa.array(_SAMPLER_NAMES, pa.string()).take(pa.array(index))
 
 
 class DiffusionDB(PromptSource):
