@@ -94,6 +94,7 @@ def test_k_mixed_batch_sizes_overlapping_attempts_verify_exact_and_gc_removes_on
             gateway.release()
             records = wait_for(lambda: _ended(attempt_records(url, 1)), 240, "both attempts to end")
         finally:
+            gateway.release()  # where the test failed early: a held worker can still stop
             for worker in workers:
                 stop_worker(worker)
 
