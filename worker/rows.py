@@ -108,7 +108,7 @@ class ShardRun:
             control=job_saves_control(shard.spec),
         )
         n = shard.size
-        self.batch_size = self.min_batch_size = self.oom_retries = 0  # see count_batch
+        self.batch_size = self.min_batch_size = self.oom_retries = 0  # see _count_batch_size
         self.nsfw: list[bool | None] = [None] * n
         # Per-row values of format-4 columns (scores, conditioning), set by the stages that
         # compute them; a column nobody set is null.
@@ -141,10 +141,14 @@ class ShardRun:
                 self.error = error
 
     def record_batch(self, generated: Generated) -> None:
-        """Keep what the device made of a batch's rows besides the images (device thread, before
-        the batch is handed to the encode and upload stages)."""
+        """Keep what the device made of a batch besides the images: its time, the batch size it
+        ran at, each row's results (device thread, before the batch is handed to the encode and
+        upload stages)."""
         (lo, hi), batch = generated.rows, generated.batch
         n = hi - lo
+        self.first_batch_at = self.first_batch_at or generated.started
+        self.add("generate_s", generated.busy[1] - generated.busy[0])
+        self._count_batch_size(generated)
         self.sampler = generated.sampler
         self.nsfw[lo:hi] = batch.nsfw
         self.gen_ms[lo:hi] = [1000 * batch.seconds / n] * n
@@ -172,9 +176,9 @@ class ShardRun:
             raise RuntimeError(f"{self.shard.label}: row {row} has no embedding")
         return self.embeddings
 
-    def count_batch(self, generated: Generated) -> None:
-        """Record the batch size a batch ran at (device thread): ``batch_size`` is the size
-        the shard started with, ``min_batch_size`` the smallest it ran at after halvings."""
+    def _count_batch_size(self, generated: Generated) -> None:
+        """``batch_size`` is the size the shard started with, ``min_batch_size`` the smallest
+        it ran at after halvings."""
         if not self.batch_size:
             self.batch_size = (*generated.too_large, generated.batch_size)[0]
         self.min_batch_size = min(self.min_batch_size or generated.batch_size, generated.batch_size)

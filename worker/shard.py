@@ -331,9 +331,6 @@ class ShardRunner:
                         self.slots.free()
                         raise
                 lo, hi = generated.rows
-                run.first_batch_at = run.first_batch_at or generated.started
-                run.add("generate_s", generated.busy[1] - generated.busy[0])
-                run.count_batch(generated)
                 run.record_batch(generated)
                 self.sink.put(run, generated)
                 lo = hi
