@@ -1,8 +1,10 @@
 # The fewstep image: GPU worker and producer. Build: docker compose build
-# The base brings a CUDA build of torch; pip keeps it (pyproject asks only torch>=2.1).
+# The base brings a CUDA build of torch; pip keeps it (pyproject asks torch>=2.6: transformers 5
+# disables an older torch), and every other package is pinned by constraints/lock-no-torch.txt
+# (scripts/lock.sh: the lock less torch).
 # BASE_IMAGE swaps it for another image with torch and pip on PATH: docker-compose.test.yml
 # builds from a local Debian image with a CPU torch (scripts/compose-test.sh makes it).
-ARG BASE_IMAGE=pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
+ARG BASE_IMAGE=pytorch/pytorch:2.9.0-cuda12.8-cudnn9-runtime
 FROM ${BASE_IMAGE}
 
 ENV PYTHONUNBUFFERED=1 \
@@ -13,13 +15,14 @@ ENV PYTHONUNBUFFERED=1 \
 
 WORKDIR /app
 COPY pyproject.toml README.md ./
+COPY constraints ./constraints
 COPY config ./config
 COPY fewstep ./fewstep
 COPY producer ./producer
 COPY worker ./worker
 # Not root at run time. /cache (model weights) and /locks (GPU claims) are volumes in
 # docker-compose.yml; made here so that new named volumes belong to the fewstep user.
-RUN pip install . \
+RUN pip install -c constraints/lock-no-torch.txt ".[worker]" \
  && useradd --create-home --uid 1000 fewstep \
  && mkdir -p /cache /locks \
  && chown fewstep /cache /locks

@@ -204,14 +204,14 @@ def run_jobs(
     first shard pays for the process's one-time set-up (connections, threads, first calls),
     which is reported apart, not mixed into the measured rates.
     """
-    env = {**env, "FEWSTEP_QUEUE_PREFIX": "b" + uuid.uuid4().hex[:10], **(worker_env or {})}
+    env = {**env, "FEWSTEP_QUEUE_PREFIX": "b" + uuid.uuid4().hex[:10]}  # worker_env: the worker's alone
     warm_url = _enqueue(env, prompts, model, shard_size, shard_size, jobs[0][1], output)
     urls = [_enqueue(env, prompts, model, images, shard_size, args, output) for images, args in jobs]
     out = open(log_path, "wb") if log_path else subprocess.DEVNULL  # noqa: SIM115
     started = time.time()
     worker = subprocess.Popen(
         [sys.executable, "-m", "worker", "--model", model, "--exit-when-idle", "1", *worker_args],
-        env=env,
+        env={**env, **(worker_env or {})},
         stdout=out,
         stderr=subprocess.STDOUT,
     )

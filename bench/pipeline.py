@@ -1,22 +1,29 @@
 """Pipeline overlap on a CPU-only machine: end-to-end vs model-only with the synthetic model.
 
 The ``synthetic`` model holds a fixed latency per batch with the GIL released and returns
-512x512 images, like a model on a GPU. For each rate it runs, in the same process run:
+512x512 images, like a model on a GPU. For each format, layout and rate it runs, in the same
+process run:
 
 - **model-only**: the synthetic model's batches back to back, nothing else;
 - **end-to-end**: ``producer enqueue`` + a real ``worker`` process + Redis + SeaweedFS, with
   encoding, uploads and commits;
 
-and prints their ratio (target: end-to-end ≥ 0.95 × model-only). It also prints the bare
-encoder's CPU cost per image against the worker's, how threads compare with processes for
-encoding, and the rate at which PNG becomes the bottleneck. The JPEG rates run once per
-``--layouts`` entry (files, webdataset, parquet: how the worker stores images), in the same
-run, with the storage requests per 1,000 images each layout made.
+and prints their ratio (target: end-to-end ≥ 0.95 × model-only), the whole worker process's
+CPU per image against the bare JPEG encoder's, and SeaweedFS's CPU per image. Formats:
+``jpeg`` (q90), ``png`` (fpng, the default PNG encoder), ``png-pillow6`` (Pillow's zlib at
+level 6, the old default) and ``jxl`` (lossless, effort 1).
 
-    .venv/bin/python bench/pipeline.py                 # the full sweep (a few minutes)
-    .venv/bin/python bench/pipeline.py --jpeg-rates 200 --png-rates 40 --images 512
+``--count-requests`` instead sends the worker's storage traffic through a counting gateway
+(``tests/s3_gateway.py``) in front of SeaweedFS and prints the requests that arrived there for
+each job, per 1,000 images and by kind: the whole life of every shard, from the task's first
+marker check to its last PUT (attempt record, stats), heartbeats and reading ahead included.
+The gateway re-signs and forwards every request in Python on the same cores, so that mode
+prints no CPU ratios.
+
+    .venv/bin/python bench/pipeline.py --formats jpeg,png --rates 100,300 --layouts webdataset,parquet
+    .venv/bin/python bench/pipeline.py --formats jpeg --rates 300 --layouts files --shard-size 256
+    .venv/bin/python bench/pipeline.py --count-requests --rates 100,300 --layouts webdataset,parquet
     .venv/bin/python bench/pipeline.py --read-ahead-ablation 200 --images 1024 --shard-size 128
-    .venv/bin/python bench/pipeline.py --layouts files,webdataset,parquet --jpeg-rates 100,300 --png-rates ""
 """
 
 from __future__ import annotations
@@ -25,19 +32,29 @@ import argparse
 import os
 import tempfile
 import time
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import unquote
 
 import numpy as np
 from harness import REPO, JobRun, local_services, machine, run_job, write_prompts
 
 from fewstep.contract import ShardStats
-from worker.encode import ImageFormat, encode
+from worker.encode import ImageFormat, encode, encoder_label
 from worker.synthetic import load as load_synthetic
 from worker.synthetic import pictures
 
-JPEG = ImageFormat("jpeg", quality=90)
-PNG = ImageFormat("png", png_level=6)
+FORMATS = {  # label → (the worker's format, producer enqueue flags)
+    "jpeg": (ImageFormat("jpeg", quality=90), ["--format", "jpeg", "--quality", "90"]),
+    "png": (ImageFormat("png", png_encoder="fpng"), ["--format", "png", "--png-encoder", "fpng"]),
+    "png-pillow6": (
+        ImageFormat("png", png_level=6, png_encoder="pillow"),
+        ["--format", "png", "--png-encoder", "pillow", "--png-level", "6"],
+    ),
+    "jxl": (ImageFormat("jxl", effort=1), ["--format", "jxl"]),
+}
+JPEG = FORMATS["jpeg"][0]
 TARGET = 0.95
 
 
@@ -51,27 +68,21 @@ def bare_encoder_cpu(image_format: ImageFormat, seconds: float = 2.0) -> float:
     return (time.thread_time() - start) / count
 
 
-def _encode_png_bytes(pixels: np.ndarray) -> int:
-    return len(encode(pixels, PNG))
+def _encode_bytes(label: str, pixels: np.ndarray) -> int:
+    return len(encode(pixels, FORMATS[label][0]))
 
 
-def _encode_jpeg_bytes(pixels: np.ndarray) -> int:
-    return len(encode(pixels, JPEG))
-
-
-def pool_rates(workers: int, count: int) -> dict[str, float]:
+def pool_rates(workers: int, count: int, labels: list[str]) -> dict[str, float]:
     """Images/s encoding ``count`` images with threads vs processes (pixels sent to them)."""
     images = pictures(512, 512)
     rates = {}
-    for label, fn, n in (
-        ("jpeg", _encode_jpeg_bytes, count),
-        ("png", _encode_png_bytes, max(8, count // 16)),
-    ):
+    for label in labels:
+        n = count if label != "png-pillow6" else max(8, count // 16)
         for kind, pool_cls in (("threads", ThreadPoolExecutor), ("processes", ProcessPoolExecutor)):
             with pool_cls(workers) as pool:
-                list(pool.map(fn, [images[0]] * workers))  # start the workers
+                list(pool.map(_encode_bytes, [label] * workers, [images[0]] * workers))  # start them
                 start = time.perf_counter()
-                list(pool.map(fn, [images[i % len(images)] for i in range(n)]))
+                list(pool.map(_encode_bytes, [label] * n, [images[i % len(images)] for i in range(n)]))
                 rates[f"{label} {kind}"] = n / (time.perf_counter() - start)
     return rates
 
@@ -87,63 +98,106 @@ def model_only(batch_ms: float, batch_size: int, images: int) -> float:
     return images / (time.perf_counter() - start)
 
 
-def end_to_end(
-    svc,
-    env,
-    prompts: Path,
-    rate: float,
-    args,
-    image_format: ImageFormat,
-    log: Path,
-    read_ahead: bool = True,
-    layout: str = "files",
-):
-    """Model-only and end-to-end runs at ``rate``: (model-only images/s, the job's run)."""
+def end_to_end(svc, env, prompts: Path, rate: float, args, flags: list[str], log: Path, *,
+               read_ahead: bool = True, layout: str = "files", endpoint: str | None = None):  # fmt: skip
+    """A job at ``rate`` through a fresh worker: (its run, the warm-up shard's stats).
+    ``endpoint``: the S3 endpoint the worker uses instead of SeaweedFS's own."""
     batch_ms = 1000 * args.batch_size / rate
-    settings = ["--layout", layout]
-    settings += ["--quality", str(image_format.quality)] if image_format.quality else []
-    settings += ["--png-level", str(image_format.png_level)] if image_format.png_level is not None else []
-    run, first = run_job(
+    worker_env = {"FEWSTEP_SYNTHETIC_BATCH_MS": f"{batch_ms:.4f}", "FEWSTEP_READ_AHEAD": "01"[read_ahead]}
+    if endpoint:
+        worker_env["AWS_ENDPOINT_URL_S3"] = endpoint
+    return run_job(
         env,
         prompts,
         model="synthetic",
         images=args.images,
         shard_size=args.shard_size,
-        job_args=["--format", image_format.name, *settings],
+        job_args=[*flags, "--layout", layout],
         worker_args=["--batch-size", str(args.batch_size)],
-        worker_env={"FEWSTEP_SYNTHETIC_BATCH_MS": f"{batch_ms:.4f}", "FEWSTEP_READ_AHEAD": "01"[read_ahead]},
+        worker_env=worker_env,
         log_path=log,
         storage_pid=svc.weed_pid,
     )
-    return model_only(batch_ms, args.batch_size, args.images), run, first
 
 
-def report(label: str, rate: float, alone: float, run: JobRun, first: ShardStats, bare: float) -> float:
-    """Print one rate's results; returns end-to-end / model-only."""
+def report(label: str, rate: float, alone: float, run: JobRun, first: ShardStats, bare_jpeg: float) -> float:
+    """Print one run's results; returns end-to-end / model-only."""
     ratio = run.rate / alone
     idle = sum(s.gpu_idle_fraction * s.seconds for s in run.stats) / sum(s.seconds for s in run.stats)
     print(
         f"{label} {rate:4.0f} img/s asked: model-only {alone:6.1f}, end-to-end {run.rate:6.1f} img/s, "
         f"ratio {ratio:.3f} {'ok' if ratio >= TARGET else 'BELOW TARGET'}; model idle {100 * idle:.1f}%, "
-        f"waited for slots "
-        f"{run.total('wait_s'):.2f}s, batches generated ahead in "
+        f"waited for slots {run.total('wait_s'):.2f}s, batches generated ahead in "
         f"{sum(s.batches_ahead > 0 for s in run.stats)}/{len(run.stats)} shards"
     )
     encode_cpu = run.total("encode_cpu_s") / run.images
     worker_cpu = run.cpu_seconds / run.images
+    size = sum(s.images for s in run.stats)
     print(
-        f"    CPU per image: encode stage {1000 * encode_cpu:.2f} ms = {encode_cpu / bare:.2f} x the bare "
-        f"encoder; whole worker process {1000 * worker_cpu:.2f} ms = {worker_cpu / bare:.2f} x the bare "
-        "encoder; "
-        f"SeaweedFS {1000 * run.storage_cpu_seconds / run.images:.2f} ms; a fresh worker's first shard "
-        f"(warm-up job) {first.seconds:.2f}s, model alone {first.images / alone:.2f}s"
-    )
-    per_1000 = {name: 1000 * run.total(name) / run.images for name in ("image_requests", "storage_requests")}
-    print(
-        f"    storage requests per 1,000 images: for the images {per_1000['image_requests']:.1f}, by the "
-        f"whole worker from each task's start to its commit {per_1000['storage_requests']:.1f}"
+        f"    CPU per image: encode stage {1000 * encode_cpu:.2f} ms; whole worker process "
+        f"{1000 * worker_cpu:.2f} ms = {worker_cpu / bare_jpeg:.2f} x the bare JPEG encoder; SeaweedFS "
+        f"{1000 * run.storage_cpu_seconds / run.images:.2f} ms; {size} images in {len(run.stats)} shards; "
+        f"a fresh worker's first shard (warm-up job) {first.seconds:.2f}s, "
+        f"model alone {first.images / alone:.2f}s"
     )
     return ratio
+
+
+def request_kind(job: str, method: str, path: str, query: str) -> str | None:
+    """What a request that reached the gateway was for (None: not about ``job``)."""
+    query = unquote(query)
+    marker = f"/{job}/"
+    if marker in path:
+        rest = path.split(marker, 1)[1]
+    elif f"prefix=bench/{job}/" in query:
+        rest = query.split(f"prefix=bench/{job}/", 1)[1].split("&", 1)[0]
+    else:
+        return None
+    top = rest.split("/", 1)[0] or "(job)"
+    if "list-type" in query or (method == "GET" and not rest):
+        return f"LIST {top}"
+    if "uploadId" in query and "partNumber" in query:
+        return f"{method} {top} (multipart part)"
+    if "uploads" in query.split("&") or query.startswith("uploads"):
+        return f"{method} {top} (multipart start)"
+    if "uploadId" in query:
+        return f"{method} {top} (multipart {'complete' if method == 'POST' else 'abort'})"
+    return f"{method} {top}"
+
+
+def count_requests(args) -> None:
+    """Each layout and rate through the counting gateway: requests per 1,000 images, by kind."""
+    from tests.s3_gateway import S3Gateway
+
+    print(machine())
+    flags = FORMATS[args.formats.split(",")[0]][1]
+    with local_services() as (svc, env), tempfile.TemporaryDirectory() as scratch:
+        prompts = write_prompts(Path(scratch) / "prompts.tsv", args.images)
+        logs = REPO / ".fewstep" / "bench-logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        with S3Gateway(svc.s3_endpoint, svc.access_key, svc.secret_key) as gateway:
+            for layout in [name for name in args.layouts.split(",") if name]:
+                for rate in [float(r) for r in args.rates.split(",") if r]:
+                    before = len(gateway.requests)
+                    log = logs / f"count-{layout}-{rate:.0f}.log"
+                    run, _ = end_to_end(svc, env, prompts, rate, args, flags, log,
+                                        layout=layout, endpoint=gateway.url)  # fmt: skip
+                    job = run.stats[0].job
+                    seen = gateway.requests[before:]
+                    kinds = Counter(k for r in seen if (k := request_kind(job, *r)) is not None)
+                    total = sum(kinds.values())
+                    seconds = [s.seconds for s in run.stats]
+                    print(
+                        f"{layout} {rate:.0f} img/s asked, {run.images} images in {len(run.stats)} shards of "
+                        f"{args.shard_size} (end-to-end {run.rate:.1f} img/s, "
+                        f"a shard's task {min(seconds):.1f}-"
+                        f"{max(seconds):.1f}s): {total} requests for this job = "
+                        f"{1000 * total / run.images:.2f} per 1,000 images "
+                        f"({total / len(run.stats):.1f} per shard); other requests meanwhile "
+                        f"(warm-up job, bucket checks): {len(seen) - total}"
+                    )
+                    for kind, n in sorted(kinds.items(), key=lambda kv: -kv[1]):
+                        print(f"    {n:5d}  {n / len(run.stats):6.2f}/shard  {kind}")
 
 
 def read_ahead_ablation(args) -> None:
@@ -154,78 +208,80 @@ def read_ahead_ablation(args) -> None:
         prompts = write_prompts(Path(scratch) / "prompts.tsv", args.images)
         logs = REPO / ".fewstep" / "bench-logs"
         logs.mkdir(parents=True, exist_ok=True)
+        bare = bare_encoder_cpu(JPEG, 0.5)
         for read_ahead in (True, False):
             log = logs / f"read-ahead-{int(read_ahead)}.log"
-            alone, run, first = end_to_end(svc, env, prompts, rate, args, JPEG, log, read_ahead=read_ahead)
-            report(f"JPEG, read-ahead {'on ' if read_ahead else 'off'}", rate, alone, run, first,
-                   bare_encoder_cpu(JPEG, 0.5))  # fmt: skip
+            run, first = end_to_end(
+                svc, env, prompts, rate, args, FORMATS["jpeg"][1], log, read_ahead=read_ahead
+            )
+            alone = model_only(1000 * args.batch_size / rate, args.batch_size, args.images)
+            report(f"JPEG, read-ahead {'on ' if read_ahead else 'off'}", rate, alone, run, first, bare)
+
+
+def sweep(args) -> None:
+    """Every format x layout x rate, end to end against model-only, in one process run."""
+    print(machine())
+    labels = [name for name in args.formats.split(",") if name]
+    bare = {label: bare_encoder_cpu(FORMATS[label][0]) for label in dict.fromkeys(["jpeg", *labels])}
+    print("bare encoder, one thread, 512x512 synthetic image, CPU per image: " + ", ".join(
+        f"{label} ({encoder_label(FORMATS[label][0])}) {1000 * cpu:.2f} ms = {cpu / bare['jpeg']:.2f} x JPEG"
+        for label, cpu in bare.items()
+    ))  # fmt: skip
+    cores = len(os.sched_getaffinity(0))
+    if args.pool_rates:
+        rates = pool_rates(cores, 400, labels)
+        print(f"encoding pool of {cores}: " + ", ".join(f"{k} {v:.0f} img/s" for k, v in rates.items()))
+    with local_services() as (svc, env), tempfile.TemporaryDirectory() as scratch:
+        prompts = write_prompts(Path(scratch) / "prompts.tsv", args.images)
+        logs = REPO / ".fewstep" / "bench-logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        for label in labels:
+            for layout in [name for name in args.layouts.split(",") if name]:
+                best = None
+                for rate in [float(r) for r in args.rates.split(",") if r]:
+                    log = logs / f"{label}-{layout}-{rate:.0f}.log"
+                    run, first = end_to_end(
+                        svc, env, prompts, rate, args, FORMATS[label][1], log, layout=layout
+                    )
+                    alone = model_only(1000 * args.batch_size / rate, args.batch_size, args.images)
+                    if report(f"{label} {layout}", rate, alone, run, first, bare["jpeg"]) >= TARGET:
+                        best = max(best or 0.0, alone)
+                print(f"{label} {layout}: highest rate held at >= {TARGET} x model-only: "
+                      + (f"{best:.0f} img/s" if best else "none of those tried"))  # fmt: skip
 
 
 def main() -> None:
-    """Run the sweep and print the results."""
+    """Run the sweep (or the request count, or the read-ahead ablation) and print the results."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--formats", default="jpeg,png", help=f"Comma list of {', '.join(FORMATS)}.")
+    parser.add_argument("--rates", default="100,300", help="Synthetic model rates (img/s).")
     parser.add_argument(
-        "--jpeg-rates", default="100,200,300,400,500", help="Synthetic rates (img/s), JPEG q90."
+        "--layouts", default="webdataset,parquet", help="Layouts: files, webdataset, parquet."
     )
-    parser.add_argument("--png-rates", default="10,20,30,40", help="Synthetic rates (img/s), PNG level 6.")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--shard-size", type=int, default=256)
-    parser.add_argument("--images", type=int, default=2048, help="Images per JPEG run.")
-    parser.add_argument("--png-images", type=int, default=256, help="Images per PNG run (4 shards).")
+    parser.add_argument("--shard-size", type=int, default=1024)
+    parser.add_argument("--images", type=int, default=3072, help="Images per measured job.")
+    parser.add_argument(
+        "--pool-rates", action="store_true", help="Also time threads vs processes for encoding."
+    )
+    parser.add_argument(
+        "--count-requests",
+        action="store_true",
+        help="Count the worker's storage requests at a gateway instead.",
+    )
     parser.add_argument(
         "--read-ahead-ablation",
         type=float,
         metavar="RATE",
         help="Only this: JPEG at RATE img/s through a worker with the next-shard read-ahead on, then off.",
     )
-    parser.add_argument(
-        "--layouts", default="files", help="Layouts the JPEG rates run with, e.g. files,webdataset,parquet."
-    )
     args = parser.parse_args()
     if args.read_ahead_ablation:
         read_ahead_ablation(args)
-        return
-
-    print(machine())
-    bare_jpeg, bare_png = bare_encoder_cpu(JPEG), bare_encoder_cpu(PNG)
-    print(f"bare encoder, one thread, 512x512 synthetic image: JPEG q90 {1000 * bare_jpeg:.2f} ms CPU, "
-          f"PNG level 6 {1000 * bare_png:.1f} ms CPU")  # fmt: skip
-    cores = len(os.sched_getaffinity(0))
-    rates = pool_rates(cores, 400)
-    print(f"encoding pool of {cores}: " + ", ".join(f"{k} {v:.0f} img/s" for k, v in rates.items()))
-
-    with local_services() as (svc, env), tempfile.TemporaryDirectory() as scratch:
-        prompts = write_prompts(Path(scratch) / "prompts.tsv", max(args.images, args.png_images))
-        logs = REPO / ".fewstep" / "bench-logs"
-        logs.mkdir(parents=True, exist_ok=True)
-        for layout in [name for name in args.layouts.split(",") if name]:
-            best = None
-            for rate in [float(r) for r in args.jpeg_rates.split(",") if r]:
-                log = logs / f"jpeg-{layout}-{rate:.0f}.log"
-                alone, run, first = end_to_end(svc, env, prompts, rate, args, JPEG, log, layout=layout)
-                if report(f"JPEG {layout}", rate, alone, run, first, bare_jpeg) >= TARGET:
-                    best = max(best or 0.0, alone)
-            print(f"{layout}: highest JPEG rate sustained at >= {TARGET} x model-only: "
-                  + (f"{best:.0f} img/s" if best else "none of those tried"))  # fmt: skip
-        png_args = argparse.Namespace(
-            **{
-                **vars(args),
-                "images": args.png_images,
-                "shard_size": max(args.batch_size, args.png_images // 4),
-            }
-        )
-        bottleneck = None
-        for rate in [float(r) for r in args.png_rates.split(",") if r]:
-            alone, run, first = end_to_end(
-                svc, env, prompts, rate, png_args, PNG, logs / f"png-{rate:.0f}.log"
-            )
-            if report("PNG ", rate, alone, run, first, bare_png) < TARGET and bottleneck is None:
-                bottleneck = alone
-        print(
-            "PNG level 6 becomes the bottleneck at: "
-            + (f"{bottleneck:.0f} img/s" if bottleneck else "none of the rates tried")
-            + f" (CPU bound: {cores} cores / {1000 * bare_png:.1f} ms = {cores / bare_png:.0f} img/s at most)"
-        )
+    elif args.count_requests:
+        count_requests(args)
+    else:
+        sweep(args)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,11 @@ loads what the spec says, never its own config, so every worker of a job scores 
       "embedding_model": {"model": "openai/clip-vit-large-patch14", "revision": "32bd..."}
     }
 
+A scorer whose card takes its tokenizer and preprocessing from another repository (pickscore,
+hpsv2) has ``"processor": {"model", "revision"}``; HPS v2.1's entry also has ``"file"`` (its
+pickle), ``"pickle": true``, the pinned ``"sha256"`` and ``"architecture"`` (OpenCLIP head
+widths), which a worker's opt-in conversion needs (``worker/scorer_weights.py``).
+
 ``embedding_model`` (only with ``--embeddings``) is the CLIP whose normalised image
 embeddings are stored: the ``clip`` scorer's model when the job scores with it (so an
 override applies to both), else the ``clip`` preset's.
@@ -63,7 +68,7 @@ def _location(name: str, value: str, preset: dict[str, Any]) -> tuple[str, str |
     if value == TINY:
         return tiny_model(preset["name"])
     if os.path.isdir(value):
-        needed = preset.get("file") or "config.json"
+        needed = preset.get("file") if preset.get("file") and not preset.get("pickle") else "config.json"
         if not os.path.isfile(os.path.join(value, needed)):
             raise UserError(f"--score {name}={value}: the directory has no {needed}")
         return os.path.abspath(value), None
@@ -80,8 +85,16 @@ def _entry(preset: dict[str, Any], model: str, revision: str | None) -> dict[str
     entry["licence"] = f"see {model}" if overridden else preset["licence"]
     if model.startswith("builtin:"):
         entry["licence"] = "none: random weights built locally (worker/tiny_scorers.py), for trying --score"
-    if preset.get("file"):
+    local = model.startswith("builtin:") or os.path.isabs(model)
+    if preset.get("file") and not (preset.get("pickle") and local):
         entry["file"] = preset["file"]
+        if preset.get("pickle"):  # converted on the worker's opt-in (worker/scorer_weights.py)
+            entry.update(pickle=True, sha256=preset["sha256"], architecture=dict(preset["architecture"]))
+    processor = preset.get("processor")
+    if processor and not local:
+        # A hub model reads the tokenizer and preprocessing its card names; a local directory
+        # (the tiny set, a conversion) has its own.
+        entry["processor"] = {"model": processor["repo"], "revision": processor["revision"]}
     return entry
 
 
@@ -155,8 +168,10 @@ def embeddings_wanted(spec: dict[str, Any]) -> bool:
 
 def scoring_models(scoring: dict[str, Any] | None) -> list[dict[str, Any]]:
     """Every model a job's ``scoring`` entry loads, each once per role: ``role`` (how errors name
-    it), ``kind`` (clip, aesthetic, nsfw), ``model``, ``revision``, ``file`` (the one file a head
-    reads, else None) and ``option`` (the ``--score`` item that replaces it)."""
+    it), ``kind`` (clip, aesthetic, nsfw, pickscore, hpsv2, or processor: a scorer's tokenizer
+    and preprocessing, loaded with it), ``model``, ``revision``, ``file`` (the one file a head or
+    a pickle is, else None), ``option`` (the ``--score`` item that replaces it), and for scorers
+    ``pickle`` and ``processor``."""
     if not scoring:
         return []
     models = []
@@ -164,8 +179,16 @@ def scoring_models(scoring: dict[str, Any] | None) -> list[dict[str, Any]]:
         kind = "clip" if name == CLIP else name
         models.append(
             {"role": name, "kind": kind, "model": s["model"], "revision": s["revision"],
-             "file": s.get("file"), "option": f"--score {name}=DIR"}
+             "file": s.get("file"), "option": f"--score {name}=DIR", "pickle": bool(s.get("pickle")),
+             "processor": s.get("processor")}
         )  # fmt: skip
+        if s.get("processor"):
+            p = s["processor"]
+            models.append(
+                {"role": f"{name}'s processor", "kind": "processor", "model": p["model"],
+                 "revision": p["revision"], "file": "preprocessor_config.json",
+                 "option": f"--score {name}=DIR"}
+            )  # fmt: skip
         if s.get("backbone"):
             b = s["backbone"]
             models.append(

@@ -13,6 +13,7 @@ from typing import Any
 
 from fewstep.presets import presets
 from fewstep.settings import load_config
+from producer.cost import cost_line
 
 
 def _size_category(rows: int) -> str:
@@ -89,6 +90,30 @@ def _loading_lines(layout: str) -> list[str]:
     return []
 
 
+def _jxl_lines(generation: dict[str, Any]) -> list[str]:
+    """How to decode a ``--format jxl`` job's images: Pillow, webdataset and datasets do not by themselves."""
+    if generation.get("format") != "jxl":
+        return []
+    kind = "lossless" if generation.get("quality") is None else f"lossy, quality {generation['quality']}"
+    return [
+        "",
+        f"The images are JPEG XL (`.jxl`, {kind}). Pillow does not read JPEG XL by itself: decode the bytes "
+        "with `imagecodecs` (`pip install imagecodecs`; `imagecodecs.jpegxl_decode(data)` gives a numpy "
+        "array), or register a Pillow plugin first (`import pillow_jxl`, PyPI `pillow-jxl-plugin`, "
+        "GPL-3.0), after which `PIL.Image.open` and the `datasets` `image` column read them:",
+        "",
+        "```python",
+        "import imagecodecs, datasets, webdataset as wds",
+        "",
+        'pixels = imagecodecs.jpegxl_decode(open("000000000000.jxl", "rb").read())  # (H, W, 3) uint8',
+        "# webdataset: name the decoder of the .jxl members",
+        'samples = wds.WebDataset(tars).decode(wds.handle_extension("jxl", imagecodecs.jpegxl_decode))',
+        "# datasets without a plugin: keep the bytes, decode them yourself",
+        'rows = rows.cast_column("image", datasets.Image(decode=False))  # rows[0]["image"]["bytes"]',
+        "```",
+    ]
+
+
 def _filter_lines(facts: dict[str, Any]) -> list[str]:
     """The ``Filters`` section: each ``--where`` and the near-duplicate step, with the rows removed."""
     steps, near = facts.get("filters") or [], facts.get("near_duplicates")
@@ -105,6 +130,13 @@ def _filter_lines(facts: dict[str, Any]) -> list[str]:
     for step in steps:
         if "where" in step:
             lines.append(f"- `{step['where']}`: removed {step['removed']:,} rows")
+        elif "per" in step:
+            short = (facts.get("per_limit") or {}).get("short") or {}
+            lines.append(
+                f"- `--per {step['per']} --limit {step['limit']}`: the {step['limit']:,} passing rows "
+                f"of each `{step['per']}` ranked highest, then by row id; removed {step['removed']:,} rows"
+                + (f"; {len(short):,} values have fewer" if short else "")
+            )
         else:
             lines.append(f"- near duplicates (`--drop-near-duplicates`): removed {step['removed']:,} rows")
     if near and not near["dropped"]:
@@ -145,9 +177,39 @@ def _scoring_lines(spec: dict[str, Any]) -> list[str]:
     scorers = scoring.get("scorers") or {}
     if not scorers and not scoring.get("embeddings"):
         return []
-    named = ", ".join(f"`{n}` ({s.get('model')}@{s.get('revision')})" for n, s in scorers.items())
+    named = ", ".join(
+        f"`{n}` ({s.get('model')}@{s.get('revision')}"
+        + (
+            f", processor {s['processor']['model']}@{s['processor']['revision']}"
+            if s.get("processor")
+            else ""
+        )
+        + ")"
+        for n, s in scorers.items()
+    )
     extra = "; CLIP image embeddings in `embeddings/`" if scoring.get("embeddings") else ""
     return [f"- scores computed on the worker: {named or 'none'}{extra}"]
+
+
+def _candidate_lines(spec: dict[str, Any]) -> list[str]:
+    """Best-of-K (``spec["candidates"]``) and top-up rounds (``spec["rounds"]``, ``quota``)."""
+    lines = []
+    c = spec.get("candidates")
+    if c:
+        kept = "every candidate is a row" if c.get("keep") == "all" else "the best one is stored"
+        lines.append(
+            f"- best of {c['k']}: {c['k']} candidates a prompt, ranked by `{c['rank_by']}`; {kept}. "
+            "`candidate`, `rank_score` and the `candidate_*` lists record every candidate's seed and scores"
+        )
+    rounds, quota = spec.get("rounds") or [], spec.get("quota")
+    if quota:
+        where = " and ".join(f"`{w}`" for w in quota["where"]) or "every row"
+        per = f" per `{quota['per']}`" if quota.get("per") else ""
+        lines.append(
+            f"- quota: {quota['until']:,} rows{per} where {where}, filled by {len(rounds)} `producer topup` "
+            "rounds (new seeds from job seed, round and row id; the same prompts)"
+        )
+    return lines
 
 
 def dataset_card(spec: dict[str, Any], facts: dict[str, Any]) -> str:
@@ -184,7 +246,7 @@ def dataset_card(spec: dict[str, Any], facts: dict[str, Any]) -> str:
     settings = ", ".join(
         f"{k} {gen[k]}" for k in ("steps", "guidance", "width", "height", "sampler", "format") if k in gen
     )
-    for k in ("png_level", "quality"):
+    for k in ("png_encoder", "png_level", "quality", "effort"):
         if k in gen:
             settings += f", {k.replace('_', ' ')} {gen[k]}"
     selection = source.get("selection") or {}
@@ -217,6 +279,7 @@ def dataset_card(spec: dict[str, Any], facts: dict[str, Any]) -> str:
         f"- layout: **{layout}** ({LAYOUT_WORDS[layout]})",
         *_conditioning_lines(spec),
         *_scoring_lines(spec),
+        *_candidate_lines(spec),
         "",
         "## Counts",
         "",
@@ -225,6 +288,7 @@ def dataset_card(spec: dict[str, Any], facts: dict[str, Any]) -> str:
         f"- bytes of images: {facts['image_bytes']:,}",
         f"- prompts truncated by the text encoder: {facts['truncated']:,}; flagged NSFW: {facts['nsfw']:,}",
         f"- workers: {facts['workers']:,}",
+        *([f"- cost: {cost_line(facts['cost'])}"] if facts.get("cost") else []),
         f"- generated between {facts['first_created']} and {facts['last_created']} (UTC); "
         f"job enqueued {spec.get('created_at')}",
     ]
@@ -269,6 +333,7 @@ def dataset_card(spec: dict[str, Any], facts: dict[str, Any]) -> str:
         f'table = ds.dataset(sorted(glob.glob("{data_files}"))).to_table()',
         *_loading_lines(layout),
         "```",
+        *_jxl_lines(gen),
         "",
         "Read straight from S3 with `storage_options` (datasets, s3fs) or `pyarrow.fs.S3FileSystem`.",
         "",

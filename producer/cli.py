@@ -8,7 +8,7 @@ import json
 import click
 
 from fewstep import UserError, console
-from fewstep.contract import LAYOUTS
+from fewstep.contract import KEEPS, LAYOUTS
 from fewstep.presets import ALLOW_SYNTHETIC_ENV
 from fewstep.settings import load_config
 from producer import finalize, gallery, jobs, status_view
@@ -26,9 +26,10 @@ from producer.sources.formats import FORMATS, open_file
 from producer.sources.job import JobSource
 from producer.sources.journeydb import TEXT_FIELDS, JourneyDB
 from producer.sources.partiprompts import PartiPrompts
+from producer.topup import topup_command
 from producer.verify import verify_command
 
-IMAGE_FORMATS = ("png", "jpeg", "webp")
+IMAGE_FORMATS = ("png", "jpeg", "webp", "jxl")
 
 
 def _job_option_list(image_format_flags: tuple[str, ...]) -> list:
@@ -55,8 +56,21 @@ def _job_option_list(image_format_flags: tuple[str, ...]) -> list:
             type=click.Choice(IMAGE_FORMATS),
             help="Image format [png].",
         ),
-        click.option("--quality", type=click.IntRange(1, 100), help="JPEG/WebP quality [90]."),
-        click.option("--png-level", type=click.IntRange(0, 9), help="PNG compression level [6]."),
+        click.option(
+            "--quality",
+            type=click.IntRange(1, 100),
+            help="JPEG/WebP quality [90]; JPEG XL: lossy at this quality (libjxl's scale) [lossless].",
+        ),
+        click.option(
+            "--png-encoder",
+            type=click.Choice(("fpng", "pillow")),
+            help="PNG encoder: fpng (fast, ~1 ms per 512x512 image) or pillow (zlib at --png-level) [fpng].",
+        ),
+        click.option(
+            "--png-level",
+            type=click.IntRange(0, 9),
+            help="PNG compression level, with --png-encoder pillow (alone, it implies pillow) [6].",
+        ),
         click.option(
             "--layout",
             type=click.Choice(LAYOUTS),
@@ -66,9 +80,10 @@ def _job_option_list(image_format_flags: tuple[str, ...]) -> list:
         click.option(
             "--score",
             multiple=True,
-            metavar="clip,aesthetic,nsfw[,NAME=PATH_OR_HUB_ID]",
+            metavar="clip,aesthetic,nsfw,pickscore,hpsv2[,NAME=PATH_OR_HUB_ID]",
             help="Score every image on the worker (config/scorers.toml): clip_score, aesthetic, "
-            "nsfw_score; NAME=DIR or NAME=owner/repo[@revision] replaces a scorer's model, "
+            "nsfw_score, pickscore, hpsv2 (HPS v2.1: workers need --allow-pickle-conversion); "
+            "NAME=DIR or NAME=owner/repo[@revision] replaces a scorer's model, "
             "aesthetic.backbone=... the CLIP the aesthetic head reads; `tiny` (or NAME=tiny): "
             "random-weight scorers built locally, to try it offline.",
         ),
@@ -85,6 +100,24 @@ def _job_option_list(image_format_flags: tuple[str, ...]) -> list:
             is_flag=True,
             help="Store each image's L2-normalised CLIP image embedding (float16) in "
             "embeddings/part-N/<attempt>.parquet.",
+        ),
+        click.option(
+            "--candidates",
+            type=click.IntRange(min=1),
+            metavar="K",
+            help="Best-of-K: generate K candidates a prompt in one batch, score them, keep the best "
+            "(needs --rank-by).",
+        ),
+        click.option(
+            "--rank-by",
+            metavar="EXPR",
+            help="How candidates rank, higher first: score columns, numbers, + - * /, e.g. "
+            "'aesthetic + 0.1*clip_score' (the scorers it names must be in --score).",
+        ),
+        click.option(
+            "--keep",
+            type=click.Choice(KEEPS),
+            help="best: store each prompt's best candidate; all: store all K, ranked [best].",
         ),
         click.option(
             "--dry-run", is_flag=True, help="Count prompts and shards; touch neither Redis nor storage."
@@ -357,5 +390,6 @@ cli.add_command(verify_command)
 cli.add_command(gc_command)
 cli.add_command(dedupe_command)
 cli.add_command(report_command)
+cli.add_command(topup_command)
 
 main = functools.partial(console.run, cli, hard_exit=True)

@@ -27,11 +27,15 @@ from fewstep.contract import (
     DUPLICATES_KEY,
     FORMAT_VERSION,
     JOB_SPEC_KEY,
+    KEEP_ALL,
+    KEEP_BEST,
+    KEEPS,
     LAYOUTS,
     ShardMessage,
     check_job_name,
     condition_images_key,
     manifest_key,
+    parse_rank_by,
     queue_name,
     spec_identity,
 )
@@ -67,6 +71,7 @@ class JobOptions:
     image_format: str | None = None
     quality: int | None = None
     png_level: int | None = None
+    png_encoder: str | None = None
     layout: str | None = None
     #: Opt-in to a benchmark-only preset (``synthetic``): its images are not real.
     allow_synthetic: bool = False
@@ -77,6 +82,10 @@ class JobOptions:
     embeddings: bool = False
     #: Refuse scorer models this machine can neither find in its cache nor on the hub.
     check_scorers: bool = True
+    #: Best-of-K: ``--candidates K --rank-by EXPR [--keep best|all]`` (None: one image a prompt).
+    candidates: int | None = None
+    rank_by: str | None = None
+    keep: str | None = None
 
 
 def _pick(flag, fallback):
@@ -115,7 +124,17 @@ def build_spec(source: PromptSource, opts: JobOptions, selector: Selector) -> di
     }
     check_generation(preset, generation)
     if image_format == "png":
-        generation["png_level"] = int(_pick(opts.png_level, out["png_level"]))
+        # A level asks for zlib: --png-level alone means Pillow's encoder (fpng has no levels).
+        implied = "pillow" if opts.png_level is not None else None
+        generation["png_encoder"] = _pick(opts.png_encoder, implied or out["png_encoder"])
+        if generation["png_encoder"] == "pillow":
+            generation["png_level"] = int(_pick(opts.png_level, out["png_level"]))
+        elif opts.png_level is not None:
+            raise UserError("--png-level applies to --png-encoder pillow only (fpng has no levels)")
+    elif image_format == "jxl":
+        if opts.quality is not None:  # lossless unless a quality is given
+            generation["quality"] = int(opts.quality)
+        generation["effort"] = int(out["jxl_effort"])
     else:
         generation["quality"] = int(_pick(opts.quality, out["quality"]))
     spec: dict[str, Any] = {
@@ -149,7 +168,40 @@ def build_spec(source: PromptSource, opts: JobOptions, selector: Selector) -> di
         problem = unavailable(scoring) if opts.check_scorers else None
         if problem:  # every shard would fail its attempts on the worker: say so now
             raise UserError(f"{problem} (--no-scorer-check: only the workers have them)")
+    candidates = candidates_spec(opts, scoring, condition is not None)
+    if candidates is not None:  # absent otherwise: jobs without candidates keep their identity
+        spec["candidates"] = candidates
     return spec
+
+
+def candidates_spec(
+    opts: JobOptions, scoring: dict[str, Any] | None, conditioned: bool
+) -> dict[str, Any] | None:
+    """The spec's best-of-K entry; the rank expression is checked against the job's --score columns."""
+    if opts.candidates is None:
+        if opts.rank_by is not None or opts.keep is not None:
+            raise UserError("--rank-by and --keep need --candidates K")
+        return None
+    limit = int(defaults()["candidates"]["max"])
+    if not 1 <= opts.candidates <= limit:
+        raise UserError(
+            f"--candidates must be 1 to {limit} (config/defaults.toml candidates.max), got {opts.candidates}"
+        )
+    if opts.rank_by is None:
+        raise UserError("--candidates needs --rank-by EXPR over --score columns, e.g. --rank-by clip_score")
+    columns = [s["column"] for s in ((scoring or {}).get("scorers") or {}).values()]
+    rank_by = parse_rank_by(opts.rank_by, columns)
+    keep = opts.keep or KEEP_BEST
+    if keep not in KEEPS:
+        raise UserError(f"--keep {keep!r}: use one of {', '.join(KEEPS)}")
+    if keep == KEEP_ALL and conditioned:
+        raise UserError("--keep all is not supported for image-conditioned jobs: use --keep best")
+    return {
+        "k": int(opts.candidates),
+        "rank_by": rank_by.text,
+        "keep": keep,
+        "seeds": "candidate 0: the row's seed; candidate c > 0: fewstep.contract.candidate_seeds",
+    }
 
 
 class EnqueueDisplay:

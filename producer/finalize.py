@@ -64,9 +64,11 @@ from fewstep.contract import (
 from fewstep.settings import defaults
 from fewstep.storage import Store, read_table
 from producer.card import dataset_card
+from producer.cost import cost_summary, gpu_price, read_stats
 from producer.dedupe import read_near_duplicates
 from producer.options import JSON, OUTPUT, job_store, progress_bar
 from producer.progress import Progress, read_progress
+from producer.quotas import pc_isin, per_limit_rows
 from producer.selection import Condition, parse_where
 from producer.tar_shards import part_tar
 
@@ -206,12 +208,20 @@ class RowFilter:
     each table gets the ``near_duplicate_of`` column from it, and with ``drop`` those rows go.
     """
 
-    def __init__(self, conditions: list[Condition], near: pa.Table | None, drop: bool):
+    def __init__(
+        self,
+        conditions: list[Condition],
+        near: pa.Table | None,
+        drop: bool,
+        per_limit: tuple[str, int, np.ndarray] | None = None,
+    ):
         self.conditions = conditions
         self.near = near
         self.drop = drop
+        # --per COLUMN --limit N: (column, N, the sorted row ids kept, chosen by choose_per_limit).
+        self.per_limit = per_limit
         self.removed = [0] * len(conditions)
-        self.dropped = 0
+        self.dropped = self.limited = 0
         self.marked = 0
         if near is not None:
             near = near.sort_by("row_id")
@@ -220,12 +230,12 @@ class RowFilter:
 
     def fresh(self) -> RowFilter:
         """The same filter with its counts at zero."""
-        return RowFilter(self.conditions, self.near, self.drop)
+        return RowFilter(self.conditions, self.near, self.drop, self.per_limit)
 
     @property
     def active(self) -> bool:
         """Whether rows can be removed (else the row count is known before reading)."""
-        return bool(self.conditions) or self.drop
+        return bool(self.conditions) or self.drop or self.per_limit is not None
 
     @property
     def columns(self) -> list[str]:
@@ -255,6 +265,10 @@ class RowFilter:
                 kept = table.filter(pc.invert(duplicate))
                 self.dropped += table.num_rows - kept.num_rows
                 table = kept
+        if self.per_limit is not None:
+            kept = table.filter(pc_isin(table, self.per_limit[2]))
+            self.limited += table.num_rows - kept.num_rows
+            table = kept
         return table
 
     def counts(self) -> list[dict[str, Any]]:
@@ -262,6 +276,8 @@ class RowFilter:
         steps = [{"where": str(c), "removed": n} for c, n in zip(self.conditions, self.removed, strict=True)]
         if self.drop:
             steps.append({"drop_near_duplicates": True, "removed": self.dropped})
+        if self.per_limit is not None:
+            steps.append({"per": self.per_limit[0], "limit": self.per_limit[1], "removed": self.limited})
         return steps
 
 
@@ -305,6 +321,9 @@ def finalize(
     webdataset: bool = False,
     where: tuple[str, ...] = (),
     drop_near_duplicates: bool = False,
+    per: str | None = None,
+    limit: int | None = None,
+    rank_by: str | None = None,
     on_shard: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Consolidate a job's committed shards; returns what was written (also saved as ``finalized.json``).
@@ -343,6 +362,15 @@ def finalize(
             "before --drop-near-duplicates"
         )
     row_filter = RowFilter(conditions, near[0] if near else None, drop_near_duplicates)
+    per_limit = None
+    if (per is None) != (limit is None):
+        raise UserError("--per COLUMN and --limit N go together: N rows per value of COLUMN")
+    if per is not None:
+        passes = row_filter.fresh().apply
+        kept, per_limit = per_limit_rows(
+            job_store, spec, schema, shards, lambda t: passes(t), row_filter.columns, per, limit, rank_by
+        )
+        row_filter = RowFilter(conditions, row_filter.near, drop_near_duplicates, (per, limit, kept))
     if webdataset and row_filter.active:
         raise UserError(
             "--webdataset copies every committed image: use it without --where/--drop-near-duplicates"
@@ -401,6 +429,7 @@ def finalize(
         "rows": facts.rows,
         "committed_rows": committed_rows,
         "filters": row_filter.counts(),
+        "per_limit": per_limit,
         "near_duplicates": (
             {
                 "rows": row_filter.marked,
@@ -427,6 +456,7 @@ def finalize(
         "workers": len(facts.workers),
         "first_created": when(facts.first_created),
         "last_created": when(facts.last_created),
+        "cost": cost_summary(read_stats(job_store), gpu_price()),  # priced by config/defaults.toml [cost]
     }
     job_store.put(DATASET_CARD_KEY, dataset_card(spec, summary).encode())
     job_store.put(FINALIZED_KEY, json.dumps(summary, indent=2).encode())
@@ -457,6 +487,21 @@ def finalize(
     is_flag=True,
     help="Leave out the rows `producer dedupe` found to nearly repeat a kept row.",
 )
+@click.option(
+    "--per", metavar="COLUMN", help="With --limit: keep N rows per value of this column (category)."
+)
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="With --per: the N passing rows of each value ranked best (--rank-by), then by row id.",
+)
+@click.option(
+    "--rank-by",
+    metavar="EXPR",
+    help="How --per/--limit ranks rows, higher first (score columns, + - * /) [the job's --rank-by; "
+    "none: row id].",
+)
 @JSON
 def finalize_command(
     job: str,
@@ -466,6 +511,9 @@ def finalize_command(
     webdataset: bool,
     where: tuple[str, ...],
     drop_near_duplicates: bool,
+    per: str | None,
+    limit: int | None,
+    rank_by: str | None,
     as_json: bool,
 ):
     """Consolidate JOB's committed shards into metadata.parquet with a dataset card (README.md).
@@ -482,6 +530,9 @@ def finalize_command(
             webdataset=webdataset,
             where=where,
             drop_near_duplicates=drop_near_duplicates,
+            per=per,
+            limit=limit,
+            rank_by=rank_by,
             on_shard=on_shard,
         )
     if as_json:
@@ -492,7 +543,9 @@ def finalize_command(
         f"into {', '.join(summary['files'])}; card {summary['card']}"
     )
     for step in summary["filters"]:
-        what = step.get("where") or "near duplicates"
+        what = step.get("where") or (
+            f"{step['limit']} per {step['per']}" if "per" in step else "near duplicates"
+        )
         click.echo(f"filter {what}: removed {step['removed']:,} of {summary['committed_rows']:,} rows")
     if summary["webdataset"] and summary["layout"] == LAYOUT_WEBDATASET:
         click.echo(
@@ -501,5 +554,10 @@ def finalize_command(
         )
     elif summary["webdataset"]:
         click.echo(f"webdataset: {len(summary['webdataset']):,} tar shards under {store.url}/{WEBDATASET}/")
+    if summary["per_limit"] and summary["per_limit"]["short"]:
+        short = summary["per_limit"]["short"]
+        click.echo(
+            f"short of --limit: {len(short):,} values ({', '.join(list(short)[:5])}...): `producer topup`"
+        )
     if summary["partial"]:
         click.echo(f"partial: {summary['missing_rows']:,} prompts missing in {summary['missing']}")

@@ -64,7 +64,8 @@ INDEX = f"{GALLERY}/index.html"
 NO_VALUE = "(none)"
 #: Scores ``--sort`` orders by, and how each is shown under a thumbnail.
 SORTS = ("clip_score", "aesthetic")
-SCORE_LABELS = {"clip_score": "clip {:.1f}", "aesthetic": "aesthetic {:.2f}", "nsfw_score": "nsfw {:.2f}"}
+SCORE_LABELS = {"clip_score": "clip {:.1f}", "aesthetic": "aesthetic {:.2f}", "nsfw_score": "nsfw {:.2f}",
+                "pickscore": "pick {:.1f}", "hpsv2": "hps {:.3f}"}  # fmt: skip
 
 STYLE = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5rem; color: #222; background: #fafafa; }

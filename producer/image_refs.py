@@ -40,6 +40,7 @@ from urllib.parse import urlsplit
 import pyarrow as pa
 from PIL import Image
 
+import fewstep.jpegxl  # noqa: F401  (Pillow reads JPEG XL headers: a jxl job's images as conditioning)
 from fewstep import UserError
 from fewstep.contract import CONDITION_MANIFEST, IMAGE_STRUCT
 from fewstep.settings import defaults

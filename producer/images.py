@@ -13,6 +13,7 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import fewstep.jpegxl  # noqa: F401  (Pillow reads a --format jxl job's images)
 from fewstep.contract import IMAGE_COLUMN, LAYOUT_FILES, LAYOUT_WEBDATASET
 from fewstep.storage import Store, read_table
 

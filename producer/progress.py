@@ -7,7 +7,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fewstep import UserError
-from fewstep.contract import FAILED, JOB_SPEC_KEY, METADATA, job_layout, shard_of_key, shard_rows
+from fewstep.contract import (
+    FAILED,
+    JOB_SPEC_KEY,
+    METADATA,
+    images_per_prompt,
+    job_layout,
+    shard_of_key,
+    shard_rows,
+)
 from fewstep.storage import KeyMissing, Store
 
 
@@ -62,7 +70,7 @@ class Progress:
             "shards_total": self.shards_total,
             "shards_done": len(self.committed),
             "shards_failed": len(self.failed - self.committed),
-            "images_total": int(self.spec["counts"]["prompts"]),
+            "images_total": int(self.spec["counts"]["prompts"]) * images_per_prompt(self.spec),
             "images_done": self.images_done,
         }
 

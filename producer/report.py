@@ -1,7 +1,8 @@
 """``producer report``: one HTML page on the scores of one or more jobs, to filter a dataset or
 compare models.
 
-For every score the jobs have (``clip_score``, ``aesthetic``, ``nsfw_score``: ``--score`` jobs),
+For every score the jobs have (``clip_score``, ``aesthetic``, ``nsfw_score``, ``pickscore``,
+``hpsv2``: ``--score`` jobs),
 the page shows a histogram (all jobs on common bins), the mean per group of ``--by`` (e.g.
 PartiPrompts' ``category``; without it one group, ``all``) with its 95% confidence interval
 (Student's t on the group's rows: mean ± t(0.975, n−1)·s/√n; none for a single row), one bar
@@ -17,7 +18,9 @@ SVG (matplotlib, Agg backend), ``thumbs/*.jpg``, ``report.csv`` (every number of
 tables) and, when jobs were compared, ``comparison.csv``. Every link is relative and the page
 has no script, so the folder opens anywhere (``--download DIR`` copies it). Images are read with
 :func:`producer.images.read_images`, so every layout works. Rows with a null score (not computed)
-are left out of that score's numbers, and counted (``n``).
+are left out of that score's numbers, and counted (``n``). A table gives each job's images
+generated and kept, GPU-hours and cost per 1,000 kept images (:mod:`producer.cost`; per model
+too when the jobs ran several models).
 """
 
 from __future__ import annotations
@@ -40,6 +43,9 @@ from fewstep import UserError
 from fewstep.contract import SCORE_COLUMNS, job_layout, job_metadata_schema, metadata_key
 from fewstep.settings import defaults
 from fewstep.storage import Store, read_table
+from producer.best_of_k import report_sections
+from producer.cost import GPU_PRICE, by_model, cost_summary, read_stats
+from producer.cost import gpu_price as price_of
 from producer.gallery import NO_VALUE, download, page_head, thumbnail
 from producer.images import read_images
 from producer.options import JSON, OUTPUT, download_option, job_store
@@ -48,7 +54,8 @@ from producer.progress import read_progress
 REPORT = "report"
 INDEX = f"{REPORT}/index.html"
 ALL = "all"
-SCORE_NAMES = {"clip_score": "CLIP score", "aesthetic": "aesthetic", "nsfw_score": "NSFW score"}
+SCORE_NAMES = {"clip_score": "CLIP score", "aesthetic": "aesthetic", "nsfw_score": "NSFW score",
+               "pickscore": "PickScore", "hpsv2": "HPS v2.1"}  # fmt: skip
 #: Scores where a lower value is the better image.
 LOWER_IS_BETTER = {"nsfw_score"}
 IMAGE_COLUMNS = ["image_key", "bytes", "image_offset", "image_row"]
@@ -402,6 +409,8 @@ def page(
     ranked: dict[str, dict[str, tuple]],
     rank_by: str,
     by: str | None,
+    cost: dict[str, list[dict]] | None = None,
+    sections: list[str] = (),
 ) -> str:
     """The report's HTML: relative links only, no script, every value from the data escaped."""
     e = html.escape
@@ -425,6 +434,7 @@ def page(
             f"<td>{j.table.num_rows:,}</td>{scored}</tr>"
         )
     out.append("</table>")
+    out += _cost_table(cost or {})
     out.append(
         '<p>The numbers: <a href="report.csv">report.csv</a>'
         + (' · paired comparison: <a href="comparison.csv">comparison.csv</a>' if paired else "")
@@ -483,8 +493,39 @@ def page(
                         f"{_caption(r, job.scores)}</figure>"
                     )
                 out.append("</div>")
+    out += sections  # best-of-K and quotas (producer/best_of_k.py)
     out.append("</body></html>")
     return "\n".join(out)
+
+
+def _cost_table(cost: dict[str, list[dict]]) -> list[str]:
+    """Images generated and kept, GPU-hours and cost per 1,000 kept images, per job and (when
+    the jobs ran more than one model) per model (:mod:`producer.cost`)."""
+    rows = [(r["job"], r) for r in cost.get("jobs", [])]
+    rows += [(f"model {r['model']}", r) for r in cost.get("models", [])]
+    if not rows:
+        return []
+    currency = rows[0][1]["currency"]
+    out = [
+        f"<h2 id=cost>Cost of the kept images</h2><table><tr><th></th><th>generated</th><th>kept</th>"
+        "<th>GPU-hours</th><th>GPU-hours per 1,000 kept</th>"
+        f"<th>{html.escape(currency)} per 1,000 kept</th></tr>"
+    ]
+    for name, r in rows:
+        out.append(
+            f"<tr><td class=text>{html.escape(name)}</td><td>{r['images_generated']:,}</td>"
+            f"<td>{r['images_kept']:,}</td>"
+            f"<td>{_number(r['gpu_hours'], 4)}</td><td>{_number(r['gpu_hours_per_1000_kept'], 4)}</td>"
+            f"<td>{_number(r['cost_per_1000_kept'], 4)}</td></tr>"
+        )
+    price = rows[0][1]["gpu_hour_price"]
+    out.append(
+        "</table><p>GPU-hours: the device time the workers' model threads spent on each shard's batches "
+        "(generation and scoring; not wall time), from the shard stats; "
+        + (f"at {price:g} {html.escape(currency)} per GPU-hour.</p>" if price else
+           "no price per GPU-hour set (--gpu-price, or [cost] in config/defaults.toml).</p>")
+    )  # fmt: skip
+    return out
 
 
 def _csv(rows: list[dict], fields: list[str]) -> bytes:
@@ -501,8 +542,10 @@ def make_report(
     *,
     by: str | None = None,
     rank_by: str | None = None,
+    gpu_price: float | None = None,
 ) -> dict[str, Any]:
-    """Write ``report/`` into the first job's folder; returns a summary (what was written where)."""
+    """Write ``report/`` into the first job's folder; returns a summary (what was written where);
+    ``gpu_price`` per GPU-hour prices the kept images (None: GPU-hours only)."""
     cfg = defaults()["report"]
     jobs = [load_job(store, by) for store in stores]
     if len({j.name for j in jobs}) < len(jobs):
@@ -512,6 +555,12 @@ def make_report(
     if rank_by not in scores:
         raise UserError(f"--rank-by {rank_by}: no job has that score (they have {', '.join(scores)})")
     groups = group_names(jobs, by)
+    shard_stats = [{"job": j.name, "model": j.model, "stats": read_stats(j.store)} for j in jobs]
+    cost = {
+        "jobs": [{"job": r["job"], "model": r["model"], **c} for r in shard_stats
+                 if (c := cost_summary(r["stats"], gpu_price))],
+        "models": by_model(shard_stats, gpu_price) if len({j.model for j in jobs}) > 1 else [],
+    }  # fmt: skip
     stats = score_stats(jobs, scores, groups, by)
     paired = paired_stats(jobs, scores, groups, by)
 
@@ -543,7 +592,8 @@ def make_report(
         )
         write_thumbs(target, job, rows, int(cfg["thumbnail_px"]))
         written.update(thumb_key(job.name, r["row_id"]) for r in rows)
-    target.put(INDEX, page(jobs, scores, stats, paired, ranked, rank_by, by).encode())
+    sections, candidates = report_sections(jobs, put, int(cfg["bins"]))
+    target.put(INDEX, page(jobs, scores, stats, paired, ranked, rank_by, by, cost, sections).encode())
     for key, _size in list(target.list(f"{REPORT}/")):
         if key not in written:
             target.delete(key)  # from an earlier report of other jobs or rows
@@ -556,6 +606,8 @@ def make_report(
         "compared": sorted({(r["job"], r["baseline"]) for r in paired}),
         "plots": sorted(k.removeprefix(f"{REPORT}/") for k in written if k.endswith(".svg")),
         "thumbnails": sum(1 for k in written if k.startswith(f"{REPORT}/thumbs/")),
+        "cost": cost,
+        **candidates,
     }
 
 
@@ -569,9 +621,16 @@ def make_report(
     help="The score that picks the best and worst images [clip_score, else the first the jobs have].",
 )
 @download_option("Also copy the report folder into this local directory.")
+@GPU_PRICE
 @JSON
 def report_command(
-    jobs: tuple[str, ...], output: str, by: str | None, rank_by: str | None, download_dir, as_json: bool
+    jobs: tuple[str, ...],
+    output: str,
+    by: str | None,
+    rank_by: str | None,
+    download_dir,
+    gpu_price: float | None,
+    as_json: bool,
 ) -> None:
     """Write an HTML report on the scores of JOB [JOB ...] into the first job's report/ folder.
 
@@ -579,7 +638,7 @@ def report_command(
     compared prompt by prompt, best and worst images, and the numbers as report.csv.
     """
     stores = [job_store(output, job) for job in jobs]
-    summary = make_report(stores, by=by, rank_by=rank_by)
+    summary = make_report(stores, by=by, rank_by=rank_by, gpu_price=price_of(gpu_price))
     if download_dir is not None:
         summary["local"] = str(download(stores[0], download_dir, [], folder=REPORT).resolve())
     if as_json:

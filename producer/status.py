@@ -29,6 +29,7 @@ from fewstep.contract import (
 from fewstep.queue import pending_messages, redis_client
 from fewstep.settings import defaults, describe_error
 from fewstep.storage import KeyMissing, Store
+from producer.cost import cost_summary
 from producer.progress import Progress, read_progress
 
 # Job throughput from per-shard stats is measured over this window.
@@ -79,6 +80,8 @@ class JobStatus:
     pending: set[int] | None = None  # shards in Redis (waiting or delivered); None: unknown
     redis_error: str | None = None
     observed_rate: float | None = None  # images/s between successive readings (watch mode)
+    quota: dict[str, Any] | None = None  # progress of the quota `producer topup` fills, if any
+    gpu_price: float | None = None  # per GPU-hour, for the cost of kept images (producer.cost)
 
     @property
     def spec(self) -> dict[str, Any]:
@@ -206,14 +209,20 @@ class JobStatus:
             "failures": [self.failures.get(s) or _failure(s, {}) for s in sorted(p.failed)],
             "last_errors": self.last_errors(),
             "stages": self.stage_totals(),
+            "quota": self.quota,
+            # Over the stats read (the newest stats_read shards of config/defaults.toml [status]).
+            "cost": cost_summary(self.stats.values(), self.gpu_price),
         }
 
 
 class StatusReader:
     """Reads a job's status again and again (``--watch``), fetching each unchanged object once."""
 
-    def __init__(self, job_store: Store, *, use_redis: bool = True, threads: int = 16):
+    def __init__(
+        self, job_store: Store, *, use_redis: bool = True, threads: int = 16, gpu_price: float | None = None
+    ):
         self.job_store = job_store
+        self.gpu_price = gpu_price
         self.use_redis = use_redis
         self.threads = threads
         self._objects: dict[str, tuple[int, dict[str, Any] | None]] = {}  # key -> (size, parsed)
@@ -221,6 +230,7 @@ class StatusReader:
         self._redis_failed_at: float | None = None
         self._redis_error: str | None = None
         self._samples: list[tuple[float, int]] = []  # (monotonic, images done)
+        self._quota_seen: tuple[Any, dict[str, Any]] | None = None
         cfg = defaults()["status"]
         self.stale_after_intervals = float(cfg["stale_after_intervals"])
         self.stats_read = int(cfg["stats_read"])
@@ -228,7 +238,7 @@ class StatusReader:
     def read(self) -> JobStatus:
         progress = read_progress(self.job_store)
         now = dt.datetime.now(dt.UTC)
-        status = JobStatus(progress=progress, read_at=now)
+        status = JobStatus(progress=progress, read_at=now, gpu_price=self.gpu_price)
         stats = self._read_folder(STATS, self.stats_read)
         status.stats = {s: v for s, v in stats.items() if v is not None}
         failed = self._read_folder(FAILED, listing=progress.listings[FAILED])
@@ -236,7 +246,21 @@ class StatusReader:
         status.workers = self._workers(now, progress.spec.get("job_url"))
         status.pending, status.redis_error = self._pending(progress)
         status.observed_rate = self._observe(progress.images_done)
+        status.quota = self._quota(progress)
         return status
+
+    def _quota(self, progress: Progress) -> dict[str, Any] | None:
+        """The quota's progress (``producer topup``), counted again only when commits changed."""
+        from producer.quotas import Quota
+        from producer.topup import job_quota_progress  # only jobs with a quota need it
+
+        quota = Quota.of(progress.spec)
+        if quota is None:
+            return None
+        key = (quota, frozenset(progress.committed))
+        if self._quota_seen is None or self._quota_seen[0] != key:
+            self._quota_seen = (key, job_quota_progress(self.job_store, progress, quota))
+        return self._quota_seen[1]
 
     def _read_folder(
         self, folder: str, limit: int | None = None, listing: list[tuple[str, int]] | None = None

@@ -18,6 +18,8 @@ from rich.text import Text
 
 from fewstep.console import stdout_console
 from fewstep.settings import defaults
+from producer.cost import GPU_PRICE, cost_line
+from producer.cost import gpu_price as price_of
 from producer.options import JSON, OUTPUT, job_store
 from producer.status import JobStatus, StatusReader
 
@@ -141,6 +143,12 @@ def render(status: JobStatus) -> Group:
             )
         )
 
+    if s.get("cost"):
+        parts.append(Text(f"cost: {cost_line(s['cost'])}", style="dim"))
+
+    if s.get("quota"):
+        parts.append(quota_table(s["quota"]))
+
     if s["workers"]:
         workers = Table(title=f"workers ({s['workers_live']} live)", title_justify="left", expand=False)
         for column in ("worker", "device", "state", "shard", "images", "img/s", "last heartbeat"):
@@ -173,6 +181,23 @@ def render(status: JobStatus) -> Group:
             )
         parts.append(errors)
     return Group(*parts)
+
+
+def quota_table(q: dict) -> Table:
+    """The quota `producer topup` fills: passing rows of each group against the target."""
+    where = " and ".join(q["where"]) or "every row"
+    per = f" per {q['per']}" if q["per"] else ""
+    title = f"quota: {q['until']:,} rows{per} where {where} ({q['groups_met']:,}/{len(q['groups']):,} met)"
+    table = Table(title=title, title_justify="left", expand=False)
+    for column in ("group", "passing", "generated", "short"):
+        table.add_column(column, justify="left" if column == "group" else "right")
+    groups = sorted(q["groups"].items(), key=lambda kv: (-kv[1]["short"], kv[0]))
+    for name, g in groups[:20]:
+        style = "green" if not g["short"] else "yellow"
+        table.add_row(name, f"{g['passing']:,}", f"{g['generated']:,}", Text(f"{g['short']:,}", style=style))
+    if len(groups) > 20:
+        table.add_row(f"… {len(groups) - 20:,} more", "", "", "")
+    return table
 
 
 def watch(reader: StatusReader, interval: float, console: Console | None = None) -> JobStatus:
@@ -218,15 +243,22 @@ def watch(reader: StatusReader, interval: float, console: Console | None = None)
     "--interval", type=click.FloatRange(min=0.1), metavar="SECONDS", help="Refresh interval of --watch [2]."
 )
 @click.option("--no-redis", is_flag=True, help="Read storage only; queued shards are then unknown.")
+@GPU_PRICE
 def status_command(
-    job: str, output: str, as_json: bool, follow: bool, interval: float | None, no_redis: bool
+    job: str,
+    output: str,
+    as_json: bool,
+    follow: bool,
+    interval: float | None,
+    no_redis: bool,
+    gpu_price: float | None,
 ):
     """Progress of JOB from storage: shards, images, rate and ETA, workers, last errors.
 
     Commit markers, failed markers, per-shard stats and worker heartbeats are read from
     storage; Redis is only asked how many shards still wait (unknown when it is gone).
     """
-    reader = StatusReader(job_store(output, job), use_redis=not no_redis)
+    reader = StatusReader(job_store(output, job), use_redis=not no_redis, gpu_price=price_of(gpu_price))
     interval = interval or float(defaults()["status"]["watch_interval"])
     if follow and not as_json:
         watch(reader, interval)

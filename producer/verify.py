@@ -34,9 +34,12 @@ from fewstep.contract import (
     LAYOUT_FILES,
     LAYOUT_WEBDATASET,
     attempt_images_prefix,
+    candidate_rows,
     control_name,
+    expected_seeds,
     image_key,
     images_parquet_schema,
+    images_per_prompt,
     job_layout,
     job_metadata_schema,
     job_saves_control,
@@ -115,11 +118,15 @@ def verify_shard(
     if not meta.schema.equals(job_metadata_schema(spec)):
         report.problem(f"{part}: metadata schema differs from the job's schema")
     meta = meta.sort_by("row_id")
-    manifest = manifest.sort_by("row_id")
-    if meta.num_rows != manifest.num_rows:
+    expected = manifest.sort_by("row_id").select(["row_id", "prompt", "seed", "source_row"]).to_pydict()
+    if images_per_prompt(spec) > 1:  # --keep all: K rows a manifest row
+        expected = candidate_rows(expected, images_per_prompt(spec))
+    if meta.num_rows != len(expected["row_id"]):
         report.problem(f"{part}: {meta.num_rows} metadata rows for {manifest.num_rows} manifest rows")
+    elif "candidate" in meta.schema.names:  # best-of-K: the kept candidate's seed
+        expected["seed"] = expected_seeds(spec, expected["seed"], meta.column("candidate").to_pylist())
     for column in ("row_id", "prompt", "seed", "source_row"):
-        if meta.column(column).to_pylist() != manifest.column(column).to_pylist():
+        if meta.column(column).to_pylist() != expected[column]:
             report.problem(f"{part}: column {column} differs from the manifest")
     rows = meta.to_pylist()
     ext = IMAGE_EXTENSIONS[spec["generation"]["format"]]
@@ -253,7 +260,9 @@ def _check_shard_object(
         return
     control = job_saves_control(spec)
     expected = images_parquet_schema(job_metadata_schema(spec), control)
-    if not table.schema.equals(expected, check_metadata=True):
+    # The schema's own metadata (HF datasets' features) must match; list columns read back with
+    # parquet's item name ("element"), which only the fields' metadata check would refuse.
+    if not table.schema.equals(expected) or table.schema.metadata != expected.metadata:
         report.problem(f"{key}: schema differs from the job's images schema")
         return
     stored = table.select(

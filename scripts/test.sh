@@ -31,8 +31,9 @@ status=0
 run_pytest -n 2 -m "not slow" --durations=40 || status=$?
 # The slow tests after the rest, one pytest process each so they overlap: the chaos run, the
 # GPU host rehearsal (it waits on its installs) and smoke run, the Docker compose stack (it
-# waits on its image build), and the compose files read by Compose itself (which may install
-# it first). With fewer processes xdist hands two long ones to one process, one after the
-# other: 472 s against 344 s for all five, measured under a CPU burner.
-run_pytest -n 5 -m slow -rsP --durations=5 || status=$?
+# waits on its image build), the compose files read by Compose itself (which may install
+# it first), and the producer-only install (it waits on pip). With fewer processes xdist hands
+# two long ones to one process, one after the other: 472 s against 344 s for the first five,
+# measured under a CPU burner.
+run_pytest -n 6 -m slow -rsP --durations=6 || status=$?
 exit "$status"

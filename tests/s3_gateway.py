@@ -4,7 +4,9 @@ Some S3-compatible backends and gateways accept a conditional PUT and store it
 unconditionally (``ignore``); some refuse the header outright (``reject``, 501); and S3 itself
 answers ``409 ConditionalRequestConflict`` to a conditional write while a conflicting one is in
 progress, asking the client to retry (``conflict``). The gateway listens on 127.0.0.1, forwards
-every other request to the session's SeaweedFS and relays the answer.
+every other request to the session's SeaweedFS and relays the answer. It records every request
+that reaches it (:attr:`S3Gateway.requests`): a count of what a client sent, taken where the
+requests arrive, for tests and ``bench/pipeline.py --count-requests``.
 
 boto3 signs ``If-None-Match`` (SigV4 signs every header but a short list such as
 ``User-Agent``), and the upstream address differs from the one the client signed for, so
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import http.client
 import threading
+import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
@@ -44,6 +47,7 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def _forward(self) -> None:
+        self.server.gateway.record(self.command, self.path)
         if "chunked" in self.headers.get("Transfer-Encoding", ""):
             self.send_error(501, "chunked request bodies are not supported by this test gateway")
             return
@@ -51,6 +55,8 @@ class _Handler(BaseHTTPRequestHandler):
         gateway = self.server.gateway
         conditional = self.headers.get(CONDITIONAL_HEADER) is not None
         key = urlsplit(self.path).path
+        if gateway.slow_parts and "partNumber=" in urlsplit(self.path).query:
+            time.sleep(gateway.slow_parts)
         if conditional and gateway.reject:
             gateway.ignored += 1
             self._not_implemented()
@@ -142,7 +148,8 @@ class S3Gateway:
     ``409 ConditionalRequestConflict``, without forwarding them. ``hold``: hold every
     conditional PUT to a path ending with it until :meth:`release` (a storage that is slow to
     take one write); one held longer than ``hold_seconds`` is answered ``503 SlowDown``, which
-    the client retries, so no client times out while the test holds it.
+    the client retries, so no client times out while the test holds it. ``slow_parts``: wait
+    this many seconds before forwarding each multipart part (a slow link to the storage).
     """
 
     def __init__(
@@ -158,6 +165,7 @@ class S3Gateway:
         conflicts: int = 1,
         hold: str | None = None,
         hold_seconds: float = 30.0,
+        slow_parts: float = 0.0,
     ):
         self.upstream = upstream.rstrip("/")
         self.ignore = ignore
@@ -169,15 +177,24 @@ class S3Gateway:
         self.ignored = 0
         #: Every conditional PUT that reached the gateway: (path, status answered), in order.
         self.conditional_puts: list[tuple[str, int]] = []
+        #: Every request that reached the gateway, in order of arrival: (method, path, query).
+        self.requests: list[tuple[str, str, str]] = []
         self._conflicts_left = conflicts if conflict else 0
         self.hold = hold
         self.hold_seconds = hold_seconds
+        self.slow_parts = slow_parts
         #: Set when a held PUT first arrives; set ``_released`` to let held PUTs through.
         self.holding = threading.Event()
         self._released = threading.Event()
         self._lock = threading.Lock()
         self._server = _Server(("127.0.0.1", 0), _Handler)
         self._server.gateway = self
+
+    def record(self, method: str, target: str) -> None:
+        """Note one request as it arrives (before it is answered or forwarded)."""
+        parts = urlsplit(target)
+        with self._lock:
+            self.requests.append((method, parts.path, parts.query))
 
     def take_conflict(self, path: str) -> bool:
         """Whether this conditional PUT to ``path`` is answered 409 (counted)."""

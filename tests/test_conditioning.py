@@ -359,7 +359,7 @@ def test_canny_map_saved_in_the_tar_equals_cv2_canny_of_the_resized_image(jobs, 
     assert verify(store)["ok"]
 
 
-def test_sketch_job_pads_and_stores_white_strokes_on_black_in_the_parquet_control_column(jobs, tmp_path):
+def test_sketch_job_pads_and_stores_black_strokes_on_white_in_the_parquet_control_column(jobs, tmp_path):
     import cv2
     import datasets
 
@@ -376,11 +376,18 @@ def test_sketch_job_pads_and_stores_white_strokes_on_black_in_the_parquet_contro
     for r, name in zip(rows, ("astronaut.png", "chelsea.jpg", "coffee.png"), strict=True):
         saved = _pixels(controls[r["control_offset"]]["bytes"])
         # Traced on the fitted image (so the pad's border is no edge): grey, 5x5 Gaussian blur,
-        # Canny at 100/200; strokes widened to a square of 2 x round(side / 512) + 1: 1 px at 64.
+        # Canny at 100/200; ink within half the preset's 16-px stroke (at 512) of an edge: 1 px
+        # at 64, measured here by brute force; black ink on white paper, the border white too.
         grey = cv2.cvtColor(_fitted(jobs, name), cv2.COLOR_RGB2GRAY)
-        strokes = cv2.Canny(cv2.GaussianBlur(grey, (5, 5), 0), 100, 200)
-        assert np.array_equal(saved, _on_black(name, np.stack([strokes] * 3, axis=-1))), name
-        assert 0 < saved.mean() < 128  # white strokes, mostly black
+        edges = np.argwhere(cv2.Canny(cv2.GaussianBlur(grey, (5, 5), 0), 100, 200))
+        rows_, cols = np.indices(grey.shape)
+        nearest = np.sqrt(
+            ((rows_[..., None] - edges[:, 0]) ** 2 + (cols[..., None] - edges[:, 1]) ** 2).min(axis=-1)
+        )
+        drawn = np.where(nearest <= 1.0, 0, 255).astype(np.uint8)
+        padded = 255 - _on_black(name, 255 - np.stack([drawn] * 3, axis=-1))
+        assert np.array_equal(saved, padded), name
+        assert 128 < saved.mean() < 255  # black strokes, mostly white
     assert {r["resize"] for r in rows} == {"pad"} and verify(store)["ok"]
 
 

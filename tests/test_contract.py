@@ -90,7 +90,7 @@ def test_jobs_of_format_version_2_keep_their_schema_without_the_layout_columns()
 
 def test_jobs_of_format_version_3_keep_their_schema_without_the_score_and_condition_columns():
     added = set(SCORE_COLUMNS + CONDITION_COLUMNS)
-    assert metadata_schema({}, 3).names == [n for n in metadata_schema({}).names if n not in added]
+    assert metadata_schema({}, 3).names == [n for n in metadata_schema({}, 4).names if n not in added]
     assert added <= set(metadata_schema({}).names)
     assert metadata_schema({"category": "string"}, 3).names[-1] == "category"
 

@@ -16,6 +16,7 @@ import io
 import json
 import os
 import tarfile
+import time
 import uuid
 
 import pyarrow as pa
@@ -30,6 +31,7 @@ from producer.gc import collect
 from producer.reconcile import reconcile
 from producer.verify import verify
 from tests.conftest import BUCKET
+from tests.s3_gateway import S3Gateway
 from tests.support import (
     attempt_records,
     cli,
@@ -41,6 +43,7 @@ from tests.support import (
     start_worker,
     wait_for,
 )
+from worker.writer import PartSender
 
 LAYOUTS = ("webdataset", "parquet")
 # A killed worker's shard is restored seconds after the kill, not half a minute.
@@ -188,7 +191,8 @@ def test_verify_passes_then_detects_a_corrupted_tar_member_and_parquet_image(job
     _env, output, made, _prompts, _crash = jobs
     for layout in LAYOUTS:
         store = _store(output, layout)
-        assert verify(store)["ok"] and verify(store)["images_checked"] == ROWS
+        summary = verify(store)
+        assert summary["ok"] and summary["images_checked"] == ROWS, summary
         row = committed_metadata(made[layout]["job_url"]).to_pylist()[5]  # part 2, its second image
         key, original = row["image_key"], store.get(row["image_key"])
         if layout == "webdataset":
@@ -281,3 +285,25 @@ def test_a_streamed_upload_sends_bounded_parts_and_shows_nothing_until_finished(
     aborted.write(data)
     aborted.abort()
     assert not store.exists("images/part-000001/z.tar")
+
+
+def test_rows_appended_while_a_slow_part_is_sent_do_not_wait_for_it(local_services, monkeypatch):
+    svc = local_services
+    part = 5 * 1024 * 1024
+    data = os.urandom(2 * part + 123)
+    with S3Gateway(svc.s3_endpoint, svc.access_key, svc.secret_key, slow_parts=2.0) as gateway:
+        for name, value in {**svc.env(), "AWS_ENDPOINT_URL_S3": gateway.url}.items():
+            monkeypatch.setenv(name, value)
+        store = open_store(f"s3://{BUCKET}/part-sender-{uuid.uuid4().hex[:8]}")
+        sender = PartSender(store.upload("images/part-000001/x.tar", part))
+        start = time.monotonic()
+        for at in range(0, len(data), 1 << 20):
+            sender.write(data[at : at + (1 << 20)])
+        appended = time.monotonic() - start
+        assert sender.finish() == len(data)
+        finished = time.monotonic() - start
+    # Two parts of 2 s each went out while the writer went on: it waited for neither.
+    assert appended < 1.5 and finished >= 4.0, (appended, finished)
+    assert store.get("images/part-000001/x.tar") == data
+    assert sender.upload.requests == 5  # start, 3 parts (the last one the 123 bytes left), complete
+    assert [m for m, _p, q in gateway.requests if "partNumber=" in q] == ["PUT"] * 3

@@ -32,6 +32,8 @@ from tests.support import (
     committed_metadata,
     run_worker_until_done,
     start_worker,
+    stop_worker,
+    verify_job,
     wait_done,
     wait_for,
 )
@@ -180,11 +182,14 @@ def test_two_workers_reading_ahead_commit_every_row_once(env, output, tmp_path):
         assert hashlib.sha256(store.get(row["image_key"])).hexdigest() == row["sha256"]
 
 
-FORMATS = {  # job → flags, Pillow's name, quality, PNG level
-    "as-jpeg": (("--format", "jpeg", "--quality", "75"), "JPEG", 75, None),
-    "as-webp": (("--format", "webp", "--quality", "80"), "WEBP", 80, None),
-    "as-png": (("--format", "png", "--png-level", "1"), "PNG", None, 1),
+FORMATS = {  # job → flags, Pillow's name, quality, PNG level, encoder label's start
+    "as-jpeg": (("--format", "jpeg", "--quality", "75"), "JPEG", 75, None, "pillow-"),
+    "as-webp": (("--format", "webp", "--quality", "80"), "WEBP", 80, None, "pillow-"),
+    "as-png": (("--format", "png", "--png-level", "1"), "PNG", None, 1, "pillow-"),
+    "as-fpng": (("--format", "png"), "PNG", None, None, "fpng-"),  # the default PNG encoder
+    "as-jxl": (("--format", "jxl"), "JXL", None, None, "imagecodecs-"),  # lossless by default
 }
+LOSSLESS = ("as-png", "as-fpng", "as-jxl")
 
 
 def test_formats_decode_and_record_their_settings(env, output, tmp_path):
@@ -193,18 +198,55 @@ def test_formats_decode_and_record_their_settings(env, output, tmp_path):
         for job, (flags, *_) in FORMATS.items()
     }
     run_worker_until_done(env, output, *FORMATS, log_path=tmp_path / "worker.log")
-    for job, (flags, pil_format, quality, png_level) in FORMATS.items():
+    pixels: dict[str, dict[int, np.ndarray]] = {}
+    for job, (flags, pil_format, quality, png_level, encoder) in FORMATS.items():
         store = open_store(urls[job])
         spec = json.loads(store.get("job.json"))["generation"]
         assert (spec["format"], spec.get("quality"), spec.get("png_level")) == (flags[1], quality, png_level)
+        pixels[job] = {}
         for row in committed_metadata(urls[job]).to_pylist():
             image = Image.open(io.BytesIO(store.get(row["image_key"])))
             image.load()
             assert image.format == pil_format and image.size == (128, 128)
             assert (row["format"], row["format_quality"], row["png_level"]) == (flags[1], quality, png_level)
             assert (
-                row["encoder"].startswith("pillow-") and row["dtype"] == "float32" and row["vae"] == "default"
+                row["encoder"].startswith(encoder) and row["dtype"] == "float32" and row["vae"] == "default"
             )
+            pixels[job][row["row_id"]] = np.asarray(image.convert("RGB"))
+    # Same spec but the format, same seeds: the lossless encoders stored the very same pixels.
+    for job in LOSSLESS[1:]:
+        assert pixels[job].keys() == pixels["as-png"].keys()
+        for row_id, reference in pixels["as-png"].items():
+            assert np.array_equal(pixels[job][row_id], reference), (job, row_id)
+
+
+def test_a_jxl_job_verifies_shows_in_gallery_and_report_and_conditions_a_chained_job(env, output, tmp_path):
+    flags = ("--format", "jxl", "--layout", "webdataset", "--score", "tiny", "--shard-size", "4")
+    source = enqueue(
+        "jxl-src", output, env, *flags, "--limit", "4", "--width", "64", "--height", "64", model="tiny"
+    )
+    worker = start_worker(env, "--exit-when-idle", "30", log_path=tmp_path / "worker.log")
+    try:
+        wait_done("jxl-src", output, env)
+        chained = cli_json("producer", "enqueue", "job", "jxl-src", "--model", "tiny", "--job", "jxl-chain",
+                           "--output", output, "--strength", "1.0", "--format", "jpeg", env=env)  # fmt: skip
+        wait_done("jxl-chain", output, env)
+    finally:
+        stop_worker(worker)
+    verify_job("jxl-src", output, env)
+    gallery = cli_json("producer", "gallery", "jxl-src", "--output", output, "--json", env=env)
+    report = cli_json("producer", "report", "jxl-src", "--output", output, "--json", env=env)
+    assert gallery["images"] == 4 and report["thumbnails"] > 0
+    cli_json("producer", "finalize", "jxl-src", "--output", output, "--json", env=env)
+    store = open_store(source["job_url"])
+    assert "imagecodecs.jpegxl_decode" in store.get("README.md").decode()  # the card says how to read them
+    thumbs = [k for k, _ in store.list("gallery/thumbs/")]
+    assert len(thumbs) == 4 and all(Image.open(io.BytesIO(store.get(k))).size[0] > 0 for k in thumbs)
+    made = {m["source_row"]: m for m in committed_metadata(chained["job_url"]).to_pylist()}
+    for row in committed_metadata(source["job_url"]).to_pylist():
+        # The worker decoded the JPEG XL it was given: the digest of those very bytes is recorded.
+        assert made[row["row_id"]]["cond_sha256"] == row["sha256"] and row["format"] == "jxl"
+        assert made[row["row_id"]]["condition"] == "init"
 
 
 def test_synthetic_model_holds_its_latency_with_the_gil_released():

@@ -133,4 +133,11 @@ def test_worker_models_json_gives_every_preset_whole_a_line_each():
     rows = {r["preset"]: r for r in map(json.loads, lines)}
     assert set(rows) == set(presets())
     assert rows["sdxl-turbo"]["vaes"] == "default,fp16-fix" and rows["tiny"]["why"] is None
-    assert "pickle" in rows["dmd2-sdxl-1step"]["why"]
+    assert "pickle" in rows["pixart-alpha-dmd-512"]["why"]
+    # Which presets need the conversion opt-in, and whose hub listings are not confirmed.
+    needs = {name for name, r in rows.items() if r["pickle_conversion"]}
+    assert needs == {"sdxs-512-dreamshaper-sketch", "dmd2-sdxl-1step", "pixart-alpha-dmd-512"}
+    assert "--allow-pickle-conversion" in rows["dmd2-sdxl-1step"]["pickle_conversion"]
+    assert "no pinned sha256" in rows["pixart-alpha-dmd-512"]["pickle_conversion"]
+    assert "dreamshaper-sketch" not in (rows["sdxs-512-dreamshaper-sketch"]["hub_listing"] or "")
+    assert "Qwen/Qwen-Image" in rows["qwen-image-lightning-4step"]["hub_listing"]

@@ -16,9 +16,11 @@ import torch
 from fewstep.presets import resolve_model
 from tests import replicas
 from tests.replicas.hub import offline
+from tests.replicas.pickles import config_with_replica_shas
 from tests.support import cli_json, committed_metadata, run_worker_until_done
 from tests.test_end_to_end import SAMPLE
 from tests.test_presets import PIXART, Card, Denoiser, check_img2img
+from worker import pickle_weights
 
 SANA = "SanaSprintPipeline"
 NC = "NON-COMMERCIAL"
@@ -55,6 +57,23 @@ def hub(tmp_path_factory):
     root = tmp_path_factory.mktemp("hub")
     with offline(root):
         yield replicas.build(root, set(CARDS_2025))
+
+
+@pytest.fixture(scope="module")
+def dmd_config(hub, tmp_path_factory):
+    """PixArt-α DMD's transformer is a pickle whose real sha256 is not pinned (the preset is
+    unavailable): its loading code runs here against config/ pinning the replica's sha256."""
+    directory = tmp_path_factory.mktemp("dmd") / "config"
+    config_with_replica_shas(hub, {"pixart-alpha-dmd-512"}, directory)
+    return directory
+
+
+@pytest.fixture(autouse=True)
+def dmd_converts(dmd_config, tmp_path, monkeypatch):
+    """Every test here sees that config, with the conversion opt-in and a fresh model cache."""
+    monkeypatch.setenv("FEWSTEP_CONFIG_DIR", str(dmd_config))
+    monkeypatch.setenv(pickle_weights.ALLOW_ENV, "1")
+    monkeypatch.setenv("FEWSTEP_MODEL_CACHE", str(tmp_path / "models"))
 
 
 class Calls(Denoiser):

@@ -65,6 +65,7 @@ from tests.replicas.hub import HubCache, offline
 from tests.support import cli, cli_json, committed_metadata, run_worker_until_done, verify_job
 from tests.test_cli_errors import assert_one_line_error
 from tests.test_faults_tokens import forced_thread_switching, write_prompt_file
+from tests.test_preference_scores import PICKSCORE_TOLERANCE, card_pickscore
 from tests.test_token_count import fresh_counts, prompts_from_1_to_300_tokens, tiny_directory
 
 CLIP_TOLERANCE = 0.25
@@ -173,6 +174,7 @@ def independent_scores(hub: HubCache, images: list[np.ndarray], prompts: list[st
     checker = StableDiffusionSafetyChecker.from_pretrained(nsfw_dir).eval()
     pixels = CLIPImageProcessor.from_pretrained(nsfw_dir)(pictures, return_tensors="pt").pixel_values
     out["nsfw_score"] = checker_flag_scale(checker, pixels)
+    out["pickscore"] = card_pickscore(hub, pictures, prompts)  # PickScore's model card
     return out
 
 
@@ -205,8 +207,9 @@ def check_scores(table, expected: dict[str, np.ndarray], columns: tuple[str, ...
         "clip_score": CLIP_TOLERANCE,
         "aesthetic": AESTHETIC_TOLERANCE,
         "nsfw_score": COSINE_TOLERANCE,
+        "pickscore": PICKSCORE_TOLERANCE,
     }
-    for column in ("clip_score", "aesthetic", "nsfw_score"):
+    for column in tolerance:
         values = table.column(column).to_pylist()
         if column not in columns:
             assert values == [None] * len(values), column
@@ -245,7 +248,7 @@ def jobs(local_services, model_cache, scorer_hub, tmp_path_factory) -> dict:
         path = write_prompt_file(tmp / "p.tsv", prompts)
         # enqueue checks that the scorer weights are in the cache (the same one as the worker's here).
         scored = enqueue({**env, "HF_HUB_CACHE": str(scorer_hub.root)}, output, "scored", path,
-                         "--shard-size", "4", "--score", "clip,aesthetic", "--score", "nsfw",
+                         "--shard-size", "4", "--score", "clip,aesthetic", "--score", "nsfw,pickscore",
                          "--embeddings")  # fmt: skip
         # The others in this process (a CLI start costs seconds).
         with offline(scorer_hub.root):
@@ -279,7 +282,7 @@ def test_worker_scores_like_an_independent_clip_commits_embeddings_and_producer_
     table = committed_metadata(scored["job_url"])
     assert table.column("prompt").to_pylist() == prompts
     expected = independent_scores(scorer_hub, stored_images(store, table), prompts)
-    check_scores(table, expected, ("clip_score", "aesthetic", "nsfw_score"))
+    check_scores(table, expected, ("clip_score", "aesthetic", "nsfw_score", "pickscore"))
     assert min(table.column("nsfw_score").to_pylist()) > 0 and max(table.column("clip_score").to_pylist()) > 0
     # diffusers' checker flags one of these images as it is: the score it was compared with is 1.
     assert (expected["nsfw_score"] == 1).sum() == 1, expected["nsfw_score"]
@@ -301,6 +304,13 @@ def test_worker_scores_like_an_independent_clip_commits_embeddings_and_producer_
         "clip",
         "aesthetic",
         "nsfw",
+        "pickscore",
+    }
+    # PickScore's processor is the one its card names, recorded with the scorer.
+    pick = scorer_presets()["pickscore"]["processor"]
+    assert spec["scoring"]["scorers"]["pickscore"]["processor"] == {
+        "model": pick["repo"],
+        "revision": pick["revision"],
     }
 
     # Webdataset layout, clip only: read back from the tars; the .json members carry the scores.
@@ -454,8 +464,8 @@ def test_score_option_records_presets_and_overrides_and_refuses_unknown_scorers(
         "--output", str(tmp_path / "out"), "--score", "clip,bogus", "--dry-run", env=env, check=False,
     )  # fmt: skip
     assert result.returncode == 2 and result.stderr == (
-        "error: --score: unknown scorer 'bogus'; choose from clip, aesthetic, nsfw, or tiny (all of them, "
-        "random weights built locally), aesthetic.backbone=\n"
+        "error: --score: unknown scorer 'bogus'; choose from clip, aesthetic, nsfw, pickscore, hpsv2, or "
+        "tiny (all of them, random weights built locally), aesthetic.backbone=\n"
     ), result.stderr
 
 
@@ -481,7 +491,8 @@ def test_image_processing_on_the_tensor_matches_the_clip_processor_within_one_le
 
 
 def test_convert_aesthetic_turns_laions_pickle_into_safetensors_and_refuses_code(tmp_path):
-    from worker.scoring import AestheticHead, convert_aesthetic
+    from worker.scorer_weights import convert_aesthetic
+    from worker.scoring import AestheticHead
 
     replicas.aesthetic_head(tmp_path / "head.safetensors")
     state = load_file(tmp_path / "head.safetensors")
@@ -549,12 +560,13 @@ def test_tiny_scorer_set_scores_offline_with_random_weights_built_locally(env, o
     spec = json.loads(open_store(job["job_url"]).get("job.json"))["scoring"]
     assert {n: s["model"] for n, s in spec["scorers"].items()} == {
         "clip": "builtin:tiny-clip", "aesthetic": "builtin:tiny-aesthetic", "nsfw": "builtin:tiny-nsfw",
+        "pickscore": "builtin:tiny-pickscore", "hpsv2": "builtin:tiny-hpsv2",
     }  # fmt: skip
     assert spec["scorers"]["aesthetic"]["backbone"]["model"] == "builtin:tiny-clip"
     assert spec["embedding_model"]["model"] == "builtin:tiny-clip"
     run_worker_until_done(empty, output, "tiny-scored", log_path=tmp_path / "worker.log", timeout=240)
     table = committed_metadata(job["job_url"])
-    for column in ("clip_score", "aesthetic", "nsfw_score"):
+    for column in ("clip_score", "aesthetic", "nsfw_score", "pickscore", "hpsv2"):
         assert None not in table.column(column).to_pylist(), column
     row_ids, matrix = read_embeddings(open_store(job["job_url"]))
     assert len(row_ids) == 4 and matrix.shape[1] == replicas.HIDDEN

@@ -41,6 +41,7 @@ from celery.worker import state as worker_state
 from celery.worker.strategy import default as default_strategy
 from kombu.exceptions import ContentDisallowed, DecodeError
 
+from fewstep import UserError
 from fewstep.attempts import history, running_elsewhere
 from fewstep.contract import (
     ATTEMPT_COMMITTED,
@@ -73,6 +74,24 @@ from worker.shard import ShardRunner
 log = logging.getLogger("fewstep.worker")
 
 app = celery_app()
+
+
+def gil_switch_interval() -> float:
+    """Seconds a thread waiting for the GIL waits before asking its holder to let go:
+    ``FEWSTEP_GIL_SWITCH_MS`` or ``[worker] gil_switch_ms``. The device thread asks for the GIL
+    after every batch (and a real pipeline between kernel launches) while encode and upload
+    threads run Python; Python's default of 5 ms can leave a fast model idle for that long."""
+    value = os.environ.get("FEWSTEP_GIL_SWITCH_MS") or defaults()["worker"]["gil_switch_ms"]
+    try:
+        millis = float(value)
+    except ValueError:
+        millis = -1.0
+    if not 0 < millis <= 100:
+        raise UserError(f"FEWSTEP_GIL_SWITCH_MS / [worker] gil_switch_ms must be in (0, 100], not {value!r}")
+    return millis / 1000
+
+
+sys.setswitchinterval(gil_switch_interval())
 
 #: Set once at start-up, before the first task.
 runner: ShardRunner | None = None

@@ -21,6 +21,7 @@ from fewstep.contract import queue_name
 from fewstep.presets import check_runnable, listing, presets, resolve_model
 from fewstep.queue import check_broker, queue_length, redis_client
 from fewstep.settings import broker_url, defaults, queue_prefix, read_ahead, redact_url, visibility_timeout
+from worker import hub_files, pickle_weights
 from worker.encode import JPEG_ENCODERS
 from worker.model import DTYPES
 from worker.speed import COMPILE_MODES, SpeedOptions
@@ -365,6 +366,14 @@ def _close(runner, code: int) -> None:
 @click.option(
     "--loglevel", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"])
 )
+@click.option(
+    "--allow-pickle-conversion",
+    is_flag=True,
+    envvar=pickle_weights.ALLOW_ENV,
+    help="Convert a preset's pickle-only weights (pinned by sha256) once to safetensors, read with "
+    "torch.load(weights_only=True) on torch >= 2.6 (env FEWSTEP_ALLOW_PICKLE_CONVERSION=1); "
+    "`worker models` lists the presets that need it.",
+)
 @click.version_option(package_name="fewstep")
 @click.pass_context
 def cli(
@@ -385,6 +394,7 @@ def cli(
     metrics_address,
     shutdown_grace,
     loglevel,
+    allow_pickle_conversion,
 ) -> None:
     """Hold one pinned model and turn the shards on its queue into images + parquet."""
     if ctx.invoked_subcommand is not None:
@@ -392,7 +402,10 @@ def cli(
     if not model:
         raise UserError("--model is required (a preset from `worker models`, a hub id or a local directory)")
     # Before the broker, the GPUs or the weights: a preset that cannot run is refused in one line.
-    check_runnable(resolve_model(model), allow_benchmark=True)
+    preset = check_runnable(resolve_model(model), allow_benchmark=True)
+    if allow_pickle_conversion:  # the launcher's workers and the Celery child inherit it
+        os.environ[pickle_weights.ALLOW_ENV] = "1"
+    pickle_weights.check_convertible(preset)
     if gpus:
         from worker.launcher import launch
 
@@ -423,7 +436,8 @@ def list_models(as_json: bool) -> None:
     """List the model presets: steps, guidance, size, dtype, samplers, status, whether the
     revision is pinned, gating, VRAM class, conditioning modes, VAEs, commercial use, licence.
 
-    Under the table, why each preset that is not simply available or not pinned is so. The
+    Under the table, why each preset that is not simply available or not pinned is so, which
+    need --allow-pickle-conversion, and whose hub listing is not confirmed offline. The
     table is wide (about 230 columns): --json gives the same facts for scripts and pipes.
     """
     columns = list(listing(presets()["tiny"]))
@@ -441,9 +455,12 @@ def list_models(as_json: bool) -> None:
                 notes.append(why)
         if p.get("revision_note"):
             notes.append(f"model {name}: {p['revision_note']}")
+        pickled, unlisted = pickle_weights.note(p), hub_files.note(p)
+        notes += [f"model {name}: {n}" for n in (None if why else pickled, unlisted) if n]
         if as_json:
             note = p.get("revision_note")
-            click.echo(json.dumps({"preset": name, **facts, "why": why, "revision_note": note}))
+            extra = {"pickle_conversion": pickled, "hub_listing": unlisted}
+            click.echo(json.dumps({"preset": name, **facts, "why": why, "revision_note": note, **extra}))
     if as_json:
         return
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
@@ -468,7 +485,7 @@ def list_scorers() -> None:
     for name, p in scorer_presets().items():
         click.echo(f"{name}  {p['column']}  {p['repo']}@{p['revision']}  {p['licence']}")
         click.echo(f"    {p['description']}")
-    click.echo("tiny  (all three)  built locally, offline (worker/tiny_scorers.py)  random weights")
+    click.echo("tiny  (all of them)  built locally, offline (worker/tiny_scorers.py)  random weights")
     click.echo("    --score tiny (or NAME=tiny): to try scores without downloading; the numbers mean nothing")
 
 
@@ -478,7 +495,7 @@ def list_scorers() -> None:
 def convert_aesthetic_command(source: str, directory: str) -> None:
     """Convert LAION's pickled aesthetic head (.pth) to OUT_DIR/model.safetensors, loaded with
     torch.load(weights_only=True); then enqueue with --score aesthetic=OUT_DIR."""
-    from worker.scoring import convert_aesthetic
+    from worker.scorer_weights import convert_aesthetic
 
     click.echo(f"wrote {convert_aesthetic(source, directory)}")
 

@@ -36,21 +36,15 @@ source: the shard fails (the attempt record says why), the worker goes on with o
 run, far faster on a 50 MP photo):
 
 - ``center-crop`` (default): scaled to cover the size, the middle kept;
-- ``pad``: scaled to fit inside, centred on **black** (a control map's "nothing here"); the
-  control map is computed on the image before padding, so the pad's border is no edge;
+- ``pad``: scaled to fit inside, centred on **black** (a control map's "nothing here"; white
+  paper for a black-on-white sketch); the control map is computed on the image before
+  padding, so the pad's border is no edge;
 - ``stretch``: scaled to the size, aspect ratio ignored.
 
 **Control maps** (``condition``):
 
 - ``init``: the resized image itself (img2img's starting point);
-- ``canny``: ``cv2.Canny`` of the resized RGB image (OpenCV takes the strongest channel's
-  gradient) at the job's thresholds, white edges on black, as diffusers' ControlNet examples do;
-- ``sketch``: what the SDXS sketch ControlNet was shown: white strokes on black (its authors'
-  demo inverts a black-on-white drawing canvas). From any image: grey, a 5×5 Gaussian blur
-  (photo texture is no stroke), Canny at ``[conditioning] sketch_low/high``, then strokes
-  widened to about 3 px at 512 px (a square of 2·round(side/512)+1): Canny's one-pixel
-  edges are thinner than the pen strokes of the demo. A drawing already white-on-black goes
-  in with ``as-is``; a black-on-white one traces as both sides of each line.
+- ``canny``, ``sketch``: edge maps (:mod:`worker.control_maps`);
 - ``as-is``: the resized image is the control map.
 
 All of it runs on the worker's conditioning pool (:class:`ShardConditioning`): rows are
@@ -74,6 +68,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from fewstep.condition_sources import ConditionSources
 from fewstep.settings import defaults, describe_error
 from fewstep.storage import KeyMissing, StorageError
+from worker.control_maps import canny_map, sketch_map
 
 # A decompression bomb is an error, never a warning in a log nobody reads.
 warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -101,6 +96,9 @@ class Conditioning:
     controlnet_scale: float | None = None
     canny: tuple[int, int] | None = None
     save_control: bool = False
+    #: The preset's sketch: stroke polarity ("black-on-white" or "white-on-black") and the
+    #: stroke width in pixels at a 512-pixel shorter side.
+    sketch: tuple[str, float] = ("black-on-white", 16.0)
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> Conditioning | None:
@@ -193,44 +191,36 @@ def resize(
     return image.resize((width, height), Image.Resampling.LANCZOS, box=box, reducing_gap=REDUCING_GAP), None
 
 
-def place(image: Image.Image, width: int, height: int, offset: tuple[int, int] | None) -> Image.Image:
-    """``image`` on a black ``width`` × ``height`` canvas at ``offset`` (``pad``); as is otherwise."""
+def place(
+    image: Image.Image, width: int, height: int, offset: tuple[int, int] | None, background=BLACK
+) -> Image.Image:
+    """``image`` on a ``background`` (black) ``width`` × ``height`` canvas at ``offset``
+    (``pad``); as is otherwise."""
     if offset is None:
         return image
-    canvas = Image.new("RGB", (width, height), BLACK)
+    canvas = Image.new("RGB", (width, height), background)
     canvas.paste(image, offset)
     return canvas
 
 
-def canny_map(image: Image.Image, low: int, high: int) -> Image.Image:
-    """White Canny edges on black, of the RGB image, as an RGB map."""
-    import cv2
-
-    edges = cv2.Canny(np.asarray(image), low, high)
-    return Image.fromarray(np.stack([edges] * 3, axis=-1))
-
-
-def sketch_map(image: Image.Image, low: int, high: int) -> Image.Image:
-    """White strokes on black traced from the image (see the module docstring)."""
-    import cv2
-
-    grey = cv2.cvtColor(np.asarray(image), cv2.COLOR_RGB2GRAY)
-    edges = cv2.Canny(cv2.GaussianBlur(grey, (5, 5), 0), low, high)
-    width = 2 * round(min(image.size) / 512) + 1
-    if width > 1:
-        edges = cv2.dilate(edges, np.ones((width, width), np.uint8))
-    return Image.fromarray(np.stack([edges] * 3, axis=-1))
-
-
-def control_map(image: Image.Image, settings: Conditioning) -> Image.Image:
-    """What the model is given for a resized image: the image (init, as-is) or its edges."""
+def control_map(image: Image.Image, settings: Conditioning, side: int | None = None) -> Image.Image:
+    """What the model is given for a resized image: the image (init, as-is) or its edges
+    (``side``: the shorter side of the job's canvas, which sets a sketch's stroke width)."""
     if settings.condition == CANNY:
         low, high = settings.canny or (100, 200)
         return canny_map(image, low, high)
     if settings.condition == SKETCH:
         cfg = defaults()["conditioning"]
-        return sketch_map(image, int(cfg["sketch_low"]), int(cfg["sketch_high"]))
+        strokes, width = settings.sketch
+        return sketch_map(image, int(cfg["sketch_low"]), int(cfg["sketch_high"]), strokes, width, side)
     return image
+
+
+def pad_colour(settings: Conditioning) -> tuple[int, int, int]:
+    """What a ``pad`` border is: the sketch's paper, else black (no edge, no image)."""
+    if settings.condition == SKETCH and settings.sketch[0] == "black-on-white":
+        return WHITE
+    return BLACK
 
 
 def encode_png(image: Image.Image, level: int) -> bytes:
@@ -377,7 +367,8 @@ class ShardConditioning:
                 f"{where}: cannot decode the conditioning image: {describe_error(e, 300)}"
             ) from None
         fitted, offset = resize(image, self.width, self.height, self.settings.resize)
-        given = place(control_map(fitted, self.settings), self.width, self.height, offset)
+        drawn = control_map(fitted, self.settings, min(self.width, self.height))
+        given = place(drawn, self.width, self.height, offset, pad_colour(self.settings))
         prepared = Prepared(given, digest)
         if self.settings.save_control:
             png = encode_png(given, self.png_level)
@@ -421,6 +412,13 @@ def open_conditioning(
         settings = replace(settings, strength=float(preset["img2img"]["strength"]))
     if settings.condition != INIT and settings.controlnet_scale is None:
         settings = replace(settings, controlnet_scale=float(preset["control"].get("scale", 1.0)))
+    sketch = (preset.get("control") or {}).get("sketch")
+    if sketch:  # the polarity and stroke width the preset's ControlNet is fed
+        if sketch.get("strokes") not in ("black-on-white", "white-on-black"):
+            raise ConditionError(
+                f"model {model}: control.sketch.strokes must be black-on-white or white-on-black"
+            )
+        settings = replace(settings, sketch=(str(sketch["strokes"]), float(sketch["stroke_width"])))
     window = int(defaults()["conditioning"]["batches_ahead"]) * batch
     conditioning = ShardConditioning(settings, rows, sources, pool, size, window)
     conditioning.start()

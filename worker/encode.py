@@ -1,8 +1,13 @@
-"""The encode stage: pixels to file bytes (PNG, JPEG or WebP) with the job's settings.
+"""The encode stage: pixels to file bytes (PNG, JPEG, WebP or JPEG XL) with the job's settings.
 
-On the CPU, Pillow compresses with the GIL released, so a pool of threads sized to the
-host's cores encodes in parallel (``bench/pipeline.py`` measures threads against
-processes). On CUDA, JPEG can be encoded by nvJPEG through ``torchvision.io.encode_jpeg``
+PNG is written by fpng by default (about 1 ms per 512x512 image, 50-90x faster than Pillow's
+zlib at level 6 for 1.1-1.15x the bytes; measured in ``bench/encoders.py``, see
+docs/BENCHMARKS.md), or by Pillow at a chosen ``png_level``; both are standard PNGs that
+every reader decodes to the same pixels. JPEG XL (lossless unless a quality is given) is
+written by libjxl through ``imagecodecs``. On the CPU, Pillow and imagecodecs compress with
+the GIL released, so a pool of threads sized to the host's cores encodes in parallel
+(``bench/pipeline.py`` measures threads against processes); fpng holds it for its
+millisecond. On CUDA, JPEG can be encoded by nvJPEG through ``torchvision.io.encode_jpeg``
 when torchvision is installed: the pixels never leave the GPU, only the compressed bytes
 do. Otherwise a batch produced on the GPU is copied to pinned host memory on a side
 stream (:func:`to_host`), so the copy of batch k overlaps the generation of batch k+1.
@@ -19,10 +24,13 @@ import numpy as np
 import PIL
 from PIL import Image
 
+import fewstep.jpegxl  # noqa: F401  (Pillow reads JPEG XL: conditioning on a jxl job's images)
 from fewstep import UserError
 from fewstep.contract import IMAGE_EXTENSIONS
 
 JPEG_ENCODERS = ("auto", "gpu", "cpu")
+PNG_ENCODERS = ("fpng", "pillow")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @dataclass(frozen=True)
@@ -30,17 +38,28 @@ class ImageFormat:
     """A job's image format and its settings (``generation`` block of job.json)."""
 
     name: str
-    quality: int | None = None  # JPEG and WebP
-    png_level: int | None = None  # PNG
+    quality: int | None = None  # JPEG and WebP; JPEG XL when lossy (None: lossless)
+    png_level: int | None = None  # PNG written by Pillow
+    png_encoder: str | None = None  # PNG: fpng or pillow
+    effort: int | None = None  # JPEG XL
 
     @classmethod
     def from_generation(cls, generation: dict[str, Any]) -> ImageFormat:
-        """The format a job spec asks for; settings it leaves out take Pillow-era defaults."""
+        """The format a job spec asks for; settings it leaves out take the defaults of the
+        job specs written before them (Pillow PNG at level 6, quality 90)."""
         name = generation["format"]
         if name not in IMAGE_EXTENSIONS:
-            raise UserError(f"unsupported image format {name!r}: use png, jpeg or webp")
+            raise UserError(f"unsupported image format {name!r}: use {', '.join(IMAGE_EXTENSIONS)}")
         if name == "png":
-            return cls(name, png_level=int(generation.get("png_level", 6)))
+            encoder = generation.get("png_encoder", "pillow")
+            if encoder not in PNG_ENCODERS:
+                raise UserError(f"unknown PNG encoder {encoder!r}: use {', '.join(PNG_ENCODERS)}")
+            level = int(generation.get("png_level", 6)) if encoder == "pillow" else None
+            return cls(name, png_level=level, png_encoder=encoder)
+        if name == "jxl":
+            quality = generation.get("quality")
+            return cls(name, quality=None if quality is None else int(quality),
+                       effort=int(generation.get("effort", 1)))  # fmt: skip
         return cls(name, quality=int(generation.get("quality", 90)))
 
     @property
@@ -52,8 +71,34 @@ class ImageFormat:
 PILLOW = f"pillow-{PIL.__version__}"
 
 
+def encoder_label(image_format: ImageFormat) -> str:
+    """The CPU encoder of ``image_format`` and its version, as recorded per row and in stats."""
+    if image_format.name == "png" and image_format.png_encoder == "fpng":
+        return f"fpng-{_fpng().__version__}"
+    if image_format.name == "jxl":
+        codecs = _imagecodecs()
+        return f"imagecodecs-{codecs.__version__} {codecs.jpegxl_version().replace(' ', '-')}"
+    return PILLOW
+
+
+def check_encoder(image_format: ImageFormat) -> None:
+    """Refuse, in one line, a format whose encoder is not installed on this worker."""
+    encoder_label(image_format)
+
+
 def encode(pixels: np.ndarray, image_format: ImageFormat) -> bytes:
-    """One (H, W, 3) uint8 RGB image as file bytes, on the CPU with Pillow."""
+    """One (H, W, 3) uint8 RGB image as file bytes, on the CPU."""
+    if image_format.name == "png" and image_format.png_encoder == "fpng":
+        data = _fpng().from_ndarray(np.ascontiguousarray(pixels))
+        if not data.startswith(PNG_SIGNATURE):  # the binding returns what it has when fpng fails
+            raise RuntimeError(f"fpng could not encode a {pixels.shape} {pixels.dtype} image")
+        return data
+    if image_format.name == "jxl":
+        lossless = image_format.quality is None
+        return _imagecodecs().jpegxl_encode(
+            np.ascontiguousarray(pixels), level=image_format.quality, lossless=lossless,
+            effort=image_format.effort, numthreads=1,  # one image a thread: the pool is the parallelism
+        )  # fmt: skip
     image = Image.fromarray(pixels)
     out = io.BytesIO()
     if image_format.name == "png":
@@ -63,6 +108,22 @@ def encode(pixels: np.ndarray, image_format: ImageFormat) -> bytes:
     else:
         image.save(out, format="WEBP", quality=image_format.quality)
     return out.getvalue()
+
+
+def _fpng():
+    try:
+        import fpng
+    except ImportError:
+        raise UserError("PNG with --png-encoder fpng needs the fpng package: pip install fpng") from None
+    return fpng
+
+
+def _imagecodecs():
+    try:
+        import imagecodecs
+    except ImportError:
+        raise UserError("JPEG XL needs the imagecodecs package: pip install imagecodecs") from None
+    return imagecodecs
 
 
 def gpu_jpeg_label() -> str | None:

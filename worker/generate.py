@@ -39,6 +39,11 @@ class Generated:
     batch_size: int = 0  # the batch size it ran at (its rows, but for a shard's last batch)
     too_large: tuple[int, ...] = ()  # batch sizes that ran out of memory before it fitted
     scores: BatchScores | None = None  # the job's scores and embeddings of its images (--score)
+    #: Best-of-K: the stored rows' candidate columns (worker.candidates); None without candidates.
+    candidates: dict[str, list] | None = None
+    generated: int = 0  # images the model made for it (K per row with --candidates K --keep best)
+    #: Device time of the batch: ``busy`` plus the out-of-memory tries before it fitted.
+    device_s: float = 0.0
 
 
 class DeviceThread:
@@ -89,11 +94,16 @@ class DeviceThread:
         # the next shard may belong to a job with another sampler.
         self.model.use_sampler(gen.get("sampler"))
         conditioning = conditioning_inputs(shard.conditioning, lo, hi)  # waits for the CPU pool's maps
+        prompts, seeds = shard.rows["prompt"][lo:hi], shard.rows["seed"][lo:hi]
+        cands = shard.candidates
+        if cands is not None:  # best-of-K: K images a row, in one call
+            prompts, seeds = cands.inputs(prompts, seeds)
+            conditioning = {k: cands.repeat(v) if isinstance(v, list) else v for k, v in conditioning.items()}
         started = now()
         start = self._running_since = time.perf_counter()
         batch = self.model.generate(
-            shard.rows["prompt"][lo:hi],
-            shard.rows["seed"][lo:hi],
+            prompts,
+            seeds,
             steps=gen["steps"],
             guidance=gen["guidance"],
             width=gen["width"],
@@ -105,20 +115,41 @@ class DeviceThread:
             shard.conditioning.release(lo, hi)
         # Scored here, from the decoded images still on the device, so batches generated ahead
         # for the next shard carry their scores too.
-        scores = self.scoring.score(shard.spec.get("scoring"), batch.images, shard.rows["prompt"][lo:hi])
+        scores = self.scoring.score(shard.spec.get("scoring"), batch.images, prompts)
+        generated, chosen = len(seeds), None
+        if cands is not None:  # keep each row's best candidate (or all, ranked), on the device
+            batch, scores, chosen = cands.keep(batch, scores, seeds)
         busy = (start, time.perf_counter())
         with self._busy_lock:
             self._busy.append(busy)
             self._running_since = None
-        return Generated(batch, busy, started, now(), self.model.sampler, (lo, hi), scores=scores)
+        return Generated(
+            batch, busy, started, now(), self.model.sampler, (lo, hi), scores=scores, candidates=chosen,
+            generated=generated,
+        )  # fmt: skip
 
     def generate_fitting(self, shard: OpenShard, lo: int) -> Generated:
         """The batch from row ``lo`` at the batch size for the shard's resolution, halved
         after each out-of-memory error (device thread; see :meth:`BatchSizes.fit`)."""
-        generated, size, too_large = self.batch_sizes.fit(
-            *shard.resolution, lambda size: self.generate(shard, lo, min(lo + size, shard.size))
-        )
-        return replace(generated, batch_size=size, too_large=too_large)
+        cands = shard.candidates  # a batch size counts images: K of them a prompt
+
+        def rows(size: int) -> int:
+            return cands.batch_rows(size) if cands is not None else size
+
+        failed = 0.0  # device time of the tries that ran out of memory
+
+        def attempt(size: int) -> Generated:
+            nonlocal failed
+            begun = time.perf_counter()
+            try:
+                return self.generate(shard, lo, min(lo + rows(size), shard.size))
+            except BaseException:
+                failed += time.perf_counter() - begun
+                raise
+
+        generated, size, too_large = self.batch_sizes.fit(*shard.resolution, attempt)
+        device_s = generated.busy[1] - generated.busy[0] + failed
+        return replace(generated, batch_size=size, too_large=too_large, device_s=device_s)
 
     def idle_seconds(self, start: float, end: float) -> float:
         """Time in [start, end] in which the device ran no batch (of any shard)."""

@@ -10,8 +10,10 @@ data-driven recipe, every step driven by a field the preset declares:
 3. ``lora``: LoRA weights loaded, fused into the weights at ``scale`` and unloaded;
 4. ``scheduler``: the sampler's scheduler class and config overrides.
 
-Weights load as safetensors only (pickle ``.bin`` files are refused), never with remote
-code or a hub ``custom_pipeline``. The loaded :class:`worker.loaded_model.Model`'s
+Weights load as safetensors only, never with remote code or a hub ``custom_pipeline``: a
+pickle ``.bin`` is refused, unless the preset names it as a pickle-only component with its
+sha256, which :mod:`worker.pickle_weights` converts once on an explicit opt-in. The loaded
+:class:`worker.loaded_model.Model`'s
 ``generate`` runs a batch with one seeded generator per image, so an image depends on its
 seed and prompt, not on its batch-mates.
 """
@@ -25,7 +27,7 @@ from typing import Any
 
 from fewstep import UserError
 from fewstep.presets import resolve_model
-from worker import synthetic
+from worker import pickle_weights, synthetic
 from worker.loaded_model import Model, TokenCounter, _diffusers_class
 
 log = logging.getLogger("fewstep.worker")
@@ -84,6 +86,8 @@ def _revision(preset: dict[str, Any]) -> str | None:
         if spec and "repo" in spec:
             probe = spec.get("file") or "/".join(filter(None, [spec.get("subfolder"), "config.json"]))
             words.append(f"{name}={spec['repo']}@{_commit(spec['repo'], spec.get('revision'), probe)}")
+    for name, spec in pickle_weights.pickle_parts(preset).items():  # what the conversion read
+        words.append(f"{name}.pickle_sha256={spec.get('sha256')}")
     return " ".join(w for w in words if w)
 
 
@@ -123,6 +127,19 @@ def _from_pretrained(cls, location: str, label: str, **kwargs):
         raise _load_error(e, label) from None
 
 
+def _downloader(spec: dict[str, Any], label: str):
+    """A function fetching one file of the component's repository at its pinned revision."""
+    from huggingface_hub import hf_hub_download
+
+    def download(filename: str) -> str:
+        try:
+            return hf_hub_download(spec["repo"], filename, revision=spec.get("revision"))
+        except (OSError, ValueError) as e:
+            raise _load_error(e, label) from None
+
+    return download
+
+
 def _source(spec: dict[str, Any]) -> dict[str, str]:
     return {k: spec[k] for k in ("revision", "variant", "subfolder") if spec.get(k)}
 
@@ -133,13 +150,17 @@ def _checkpoint(cls, name: str, spec: dict[str, Any], preset: dict[str, Any], la
     from huggingface_hub import hf_hub_download
     from safetensors.torch import load_file
 
-    filename = _safetensors_file(spec["file"], label)
+    pickled = name in pickle_weights.pickle_parts(preset)
+    filename = spec["file"] if pickled else _safetensors_file(spec["file"], label)
     try:
         revision = preset.get("revision")
         config = cls.load_config(preset["repo"], subfolder=name, **_source({"revision": revision}))
-        path = hf_hub_download(spec["repo"], filename, revision=spec.get("revision"))
+        if not pickled:
+            path = hf_hub_download(spec["repo"], filename, revision=spec.get("revision"))
     except (OSError, ValueError) as e:
         raise _load_error(e, label) from None
+    if pickled:  # the safetensors conversion loads, never the pickle
+        path = pickle_weights.convert(spec, label, _downloader(spec, label))
     with init_empty_weights():  # no throw-away random init of a multi-GB model
         model = cls.from_config(config)
     state = load_file(path)
@@ -155,12 +176,17 @@ def build_pipeline(preset: dict[str, Any], location: str, torch_dtype) -> Any:
     import diffusers
 
     label = preset["name"]
+    pickle_weights.check_convertible(preset)  # before any download: no opt-in, no conversion
     kwargs: dict[str, Any] = {_dtype_kwarg(): torch_dtype}
     if preset["kind"] != "local" and not preset["repo"].startswith("builtin:"):
         kwargs.update(_source({"revision": preset.get("revision"), "variant": preset.get("variant")}))
+    pickled = pickle_weights.pickle_parts(preset)
     for name, spec in (preset.get("components") or {}).items():
         cls = _diffusers_class(spec["class"], "component")
-        if "file" in spec:
+        if name in pickled and "file" not in spec:  # a model folder whose weights are a pickle
+            folder = pickle_weights.convert(spec, label, _downloader(spec, label)).parent
+            kwargs[name] = _from_pretrained(cls, str(folder), label, **{_dtype_kwarg(): torch_dtype})
+        elif "file" in spec:
             kwargs[name] = _checkpoint(cls, name, spec, preset, label).to(torch_dtype)
         else:
             # A scheduler (PixArt-DMD ships its own) has no weights, so no dtype.

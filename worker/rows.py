@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from fewstep.contract import (
+    CANDIDATE_COLUMNS,
     CONDITION_COLUMNS,
     SCORE_COLUMNS,
     ShardMessage,
@@ -36,6 +37,7 @@ from worker.scoring import BatchScores
 from worker.writer import ShardWriter, shard_writer
 
 if TYPE_CHECKING:  # worker.generate opens no shard: it only reads them
+    from worker.candidates import Candidates
     from worker.generate import Generated
 
 
@@ -53,6 +55,8 @@ class OpenShard:
     token_limit: int
     #: Image-conditioned jobs: the rows' conditioning images, being prepared ahead (None: text-only).
     conditioning: ShardConditioning | None = None
+    #: Best-of-K jobs: K and how candidates are ranked and kept (None: one image a prompt).
+    candidates: Candidates | None = None
 
     @property
     def label(self) -> str:
@@ -120,6 +124,8 @@ class ShardRun:
         self.created: list[dt.datetime | None] = [None] * n
         self.generate_s = self.encode_s = self.encode_cpu_s = self.upload_s = self.wait_s = 0.0
         self.uploaded = 0
+        self.images_generated = 0  # by the model: K a prompt with --candidates K
+        self.gpu_s = 0.0  # device time of the shard's batches (Generated.device_s)
         self.batches_ahead = 0
         self.first_batch_at: dt.datetime | None = None
         self.sampler = ""  # what generated the shard's batches (recorded in the metadata)
@@ -148,13 +154,17 @@ class ShardRun:
         n = hi - lo
         self.first_batch_at = self.first_batch_at or generated.started
         self.add("generate_s", generated.busy[1] - generated.busy[0])
+        self.add("gpu_s", generated.device_s or generated.busy[1] - generated.busy[0])
         self._count_batch_size(generated)
         self.sampler = generated.sampler
         self.nsfw[lo:hi] = batch.nsfw
         self.gen_ms[lo:hi] = [1000 * batch.seconds / n] * n
         self.created[lo:hi] = [generated.created] * n
+        self.images_generated += generated.generated or n
         if generated.scores is not None:
             self.record_scores(lo, hi, generated.scores)
+        for column, values in (generated.candidates or {}).items():
+            self.extra.setdefault(column, [None] * self.shard.size)[lo:hi] = values
 
     def record_scores(self, lo: int, hi: int, scores: BatchScores) -> None:
         """Keep a batch's scores (rows [lo, hi)) for the metadata and its embeddings for the
@@ -234,7 +244,7 @@ def metadata_columns(run: ShardRun, lo: int, hi: int, maker: Maker) -> dict[str,
         "image_name": [image_name(r, f.extension) for r in rows["row_id"][lo:hi]],
         "prompt": rows["prompt"][lo:hi],
         "part_id": [message.shard] * n,
-        "seed": rows["seed"][lo:hi],
+        "seed": run.extra.get("seed", rows["seed"])[lo:hi],  # best-of-K: the kept candidate's
         "step": [gen["steps"]] * n,
         "cfg": [gen["guidance"]] * n,
         "sampler": [run.sampler] * n,
@@ -265,7 +275,7 @@ def metadata_columns(run: ShardRun, lo: int, hi: int, maker: Maker) -> dict[str,
         "image_offset": writer.offsets[lo:hi],
         "image_row": writer.image_rows[lo:hi],
     }
-    for name in SCORE_COLUMNS + CONDITION_COLUMNS:
+    for name in SCORE_COLUMNS + CONDITION_COLUMNS + CANDIDATE_COLUMNS:
         values = run.extra.get(name)
         columns[name] = values[lo:hi] if values is not None else [None] * n
     if job_saves_control(spec):

@@ -1,6 +1,6 @@
 """Scores and embeddings of generated images, computed on the device thread.
 
-A job asks for scorers with ``producer enqueue --score clip,aesthetic,nsfw`` and for
+A job asks for scorers with ``producer enqueue --score clip,aesthetic,nsfw,pickscore,hpsv2`` and for
 embeddings with ``--embeddings``; its spec names each scorer's model and revision
 (:mod:`fewstep.scorers`). Right after the pipeline call, on the thread that owns the
 pipeline, the batch's decoded images (the uint8 tensor out of the pipeline, still on the
@@ -13,6 +13,10 @@ device on CUDA; never encoded and decoded again) are scored in one batch:
   L2-normalised CLIP ViT-L/14 image embedding as LAION's own code does (the published head
   is Linear 768→1024→128→64→16→1 with dropout between, no activations, so at inference
   it is that chain of affine maps; any chain of ``*.weight``/``*.bias`` linears loads);
+- ``pickscore`` and ``hpsv2`` (:data:`PREFERENCE`): fine-tuned CLIPs' cos(image, prompt), times
+  the logit scale for PickScore as its card does; their tokenizer and preprocessing from the
+  processor repository the spec names; HPS v2.1's pickle loads through its opt-in conversion
+  (:mod:`worker.scorer_weights`);
 - ``nsfw_score``: from the Stable Diffusion safety checker's concept similarities. The
   checker flags an image when, for some concept i, cos(image, concept_i) > t_i − a (t_i
   the concept's threshold, a = 0.01 when a "special care" concept matched, else 0). The
@@ -192,6 +196,29 @@ def _from_pretrained(cls, model: str, revision: str | None, **kwargs):
         raise UserError(f"cannot load scorer model {_label(model, revision)}: {first}") from None
 
 
+#: A CLIP processor's files: the tokenizer's and the image preprocessing's.
+PROCESSOR_FILES = [
+    "preprocessor_config.json",
+    "tokenizer*",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+]
+
+
+def _directory(model: str, revision: str | None, patterns: list[str]) -> str:
+    """A local directory holding a scorer repository's files that match ``patterns``."""
+    model = tiny_scorers.location(model, revision)
+    if os.path.isdir(model):
+        return model
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(model, revision=revision, allow_patterns=patterns)
+    except Exception as e:  # offline, unknown repo: one line for the attempt record
+        raise UserError(f"scorer model {_label(model, revision)}: cannot get its files ({_why(e)})") from None
+
+
 def _processing(model: str, revision: str | None) -> ImageProcessing:
     with open(_file(model, revision, "preprocessor_config.json")) as f:
         return ImageProcessing.from_config(json.load(f))
@@ -203,15 +230,17 @@ def _features(output):
 
 
 class Clip:
-    """A CLIP model with its own tokenizer and image processing (device thread only)."""
+    """A CLIP model with its own tokenizer and image processing (device thread only); those
+    two from ``processor`` ({"model", "revision"}) where the model's card takes them elsewhere."""
 
-    def __init__(self, model: str, revision: str | None, device: str, dtype):
+    def __init__(self, model: str, revision: str | None, device: str, dtype, processor: dict | None = None):
         from transformers import CLIPModel, CLIPTokenizer
 
         self.label = _label(model, revision)
         self.model = _from_pretrained(CLIPModel, model, revision, dtype=dtype).to(device).eval()
-        self.tokenizer = _from_pretrained(CLIPTokenizer, model, revision)
-        self.processing = _processing(model, revision)
+        source = (processor["model"], processor["revision"]) if processor else (model, revision)
+        self.tokenizer = _from_pretrained(CLIPTokenizer, *source)
+        self.processing = _processing(*source)
         positions = self.model.config.text_config.max_position_embeddings
         self.max_length = min(int(self.tokenizer.model_max_length), int(positions))
         self.dim = int(self.model.config.projection_dim)
@@ -230,6 +259,11 @@ class Clip:
         features = _features(self.model.get_text_features(**tokens)).float()
         return features / features.norm(dim=-1, keepdim=True)
 
+
+#: Preference scorers, each a fine-tuned CLIP: the score is cos(image, prompt), times the
+#: model's logit scale where its authors' scoring code multiplies by it (PickScore's card does,
+#: HPS v2's img_score.py does not).
+PREFERENCE = {"pickscore": True, "hpsv2": False}
 
 _INDEX = re.compile(r"(\d+)")
 
@@ -315,12 +349,14 @@ class Scoring:
 
         return getattr(torch, self.dtype_name) if self.device.startswith("cuda") else torch.float32
 
-    def _load(self, kind: str, model: str, revision: str | None, file: str | None = None):
+    def _load(self, kind: str, model: str, revision: str | None, file: str | None = None, processor=None):
         key = (kind, model, revision)
         if key not in self._models:
             start = time.perf_counter()
             if kind == "clip":
                 loaded: Any = Clip(model, revision, self.device, self._dtype())
+            elif kind in PREFERENCE:
+                loaded = Clip(model, revision, self.device, self._dtype(), processor)
             elif kind == "aesthetic":
                 loaded = AestheticHead(_file(model, revision, file or "model.safetensors"), self.device)
             else:
@@ -330,12 +366,29 @@ class Scoring:
             log.info("loaded %s scorer %s in %.1fs", kind, _label(model, revision), seconds)
         return self._models[key]
 
+    def _converted(self, entry: dict[str, Any]) -> tuple[str, None]:
+        """(directory, None) of a pickle scorer's conversion (:mod:`worker.scorer_weights`)."""
+        key = ("converted", entry["model"], entry["sha256"])
+        if key not in self._models:
+            from worker.scorer_weights import converted_scorer
+
+            p = entry["processor"]
+            processor = _directory(p["model"], p["revision"], PROCESSOR_FILES)
+            download = lambda filename: _file(entry["model"], entry["revision"], filename)  # noqa: E731
+            self._models[key] = converted_scorer(entry, download, processor)
+        return self._models[key], None
+
     def prepare(self, scoring: dict[str, Any] | None) -> None:
         """Load every model the job's ``scoring`` names (once per worker); one that cannot be
         loaded fails with one line naming its role (``aesthetic's backbone``) and its option."""
         for m in scoring_models(scoring):
+            if m["kind"] == "processor":
+                continue  # loaded with its scorer
             try:
-                self._load(m["kind"], m["model"], m["revision"], m["file"])
+                if m.get("pickle"):
+                    self._load(m["kind"], *self._converted(scoring["scorers"][m["role"]]))
+                else:
+                    self._load(m["kind"], m["model"], m["revision"], m["file"], m.get("processor"))
             except UserError as e:
                 raise UserError(
                     f"{m['role']}: {e}; give the job another ({m['option']}, or --score tiny to try "
@@ -380,6 +433,16 @@ class Scoring:
                         f"aesthetic head reads {head.dim}-d embeddings, backbone gives {backbone.shape[1]}-d"
                     )
                 columns[s["column"]] = head(backbone).cpu().tolist()
+            for name, scaled in PREFERENCE.items():
+                if name in scorers:
+                    s = scorers[name]
+                    if s.get("pickle"):
+                        model = self._load(name, *self._converted(s))
+                    else:
+                        model = self._load(name, s["model"], s["revision"], processor=s.get("processor"))
+                    cos = (model.image_embeddings(x) * model.text_embeddings(prompts)).sum(dim=-1)
+                    scale = model.model.logit_scale.exp().float() if scaled else 1.0
+                    columns[s["column"]] = (scale * cos).cpu().tolist()
             if "nsfw" in scorers:
                 s = scorers["nsfw"]
                 columns[s["column"]] = self._load("nsfw", s["model"], s["revision"])(x).cpu().tolist()
@@ -408,29 +471,3 @@ def write_embeddings(
 ) -> None:
     """Write one attempt's embeddings object; before its commit, so a commit implies its embeddings."""
     store.put(embeddings_key(shard, attempt_id), embeddings_bytes(row_ids, matrix))
-
-
-def convert_aesthetic(source: str, directory: str) -> str:
-    """Convert LAION's pickled aesthetic head (``sac+logos+ava1-l14-linearMSE.pth``) to
-    ``DIRECTORY/model.safetensors``, for ``--score aesthetic=DIRECTORY``; returns the file.
-
-    ``torch.load(weights_only=True)`` unpickles tensors and plain containers only, never code.
-    """
-    import torch
-    from safetensors.torch import save_file
-
-    try:
-        state = torch.load(source, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"{source}: no such file") from None
-    except Exception as e:  # not a torch file, or one that needs code to unpickle
-        raise UserError(f"{source}: not a weights-only torch file ({type(e).__name__})") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"{source}: not a state dict of tensors")
-    os.makedirs(directory, exist_ok=True)
-    target = os.path.join(directory, "model.safetensors")
-    save_file({k: v.contiguous() for k, v in state.items()}, target)
-    AestheticHead(target, "cpu")  # refuses what would not load as a head
-    return target

@@ -42,10 +42,19 @@ from typing import Any
 
 from fewstep import UserError
 from fewstep.condition_sources import ConditionSources
-from fewstep.contract import JOB_SPEC_KEY, ShardMessage, ShardStats, metadata_key, new_attempt_id, part_name
+from fewstep.contract import (
+    JOB_SPEC_KEY,
+    ShardMessage,
+    ShardStats,
+    candidate_rows,
+    metadata_key,
+    new_attempt_id,
+    part_name,
+)
 from fewstep.settings import defaults
-from fewstep.storage import Store, open_store, read_table, requests_sent
+from fewstep.storage import Store, open_store, read_table
 from worker.batching import BatchSizes
+from worker.candidates import Candidates
 from worker.commit import ShardGuard, ShutdownRequested, commit_run, shutdown
 from worker.conditioning import condition_columns, open_conditioning
 from worker.encode import ImageFormat
@@ -160,7 +169,11 @@ class ShardRunner:
         rows = read_table(store, message.manifest_key).to_pydict()
         image_format = ImageFormat.from_generation(spec["generation"])
         tokens, limit = self.model.count_tokens(rows["prompt"])
-        shard = OpenShard(message, spec, store, rows, image_format, tokens, limit)
+        candidates = Candidates.of(spec)
+        if candidates is not None and candidates.keep_all:  # every candidate is a row
+            rows = candidate_rows(rows, candidates.k)
+            tokens = [t for t in tokens for _ in range(candidates.k)]
+        shard = OpenShard(message, spec, store, rows, image_format, tokens, limit, candidates=candidates)
         resolution = shard.resolution
         batch = self.batch_sizes.size(*resolution) if self.batch_sizes.known(*resolution) else 1
         shard.conditioning = open_conditioning(
@@ -184,7 +197,7 @@ class ShardRunner:
         ``before_commit`` is called right before the commit marker's PUT is sent. The attempt
         stays named in heartbeats (:meth:`progress`) until this returns, commit included.
         """
-        start, started_at, requests = time.perf_counter(), now(), requests_sent()
+        start, started_at = time.perf_counter(), now()
         shard = self.lookahead.take(message)  # read ahead, checked not committed moments ago
         if shard is not None and shard.spec is not self._specs.get(message.job_url):
             shard.close()
@@ -204,7 +217,7 @@ class ShardRunner:
         self._current = run
         self.on_shard_start()  # the heartbeat names this attempt at once, not a beat later
         try:
-            return self._run(run, start, started_at, requests, before_commit)
+            return self._run(run, start, started_at, before_commit)
         finally:
             self._current = None
 
@@ -213,7 +226,6 @@ class ShardRunner:
         run: ShardRun,
         start: float,
         started_at: dt.datetime,
-        requests: int,
         before_commit: Callable[[], None],
     ) -> ShardResult:
         shard = run.shard
@@ -241,7 +253,8 @@ class ShardRunner:
             slots=(self.slots.limit, self.slots.peak),
             speed={"device": self.model.device, "dtype": self.model.dtype, **self.speed},
         )
-        stats.image_requests, stats.storage_requests = run.writer.requests, requests_sent() - requests
+        stats.image_requests = run.writer.requests
+        stats.images_generated = run.images_generated
         if committed:
             # The shard is done; its timings are informative and need not hold up the next one.
             self.sink.background(write_stats, shard.store, stats)

@@ -59,6 +59,7 @@ def shard_stats(
         upload_s=round(run.upload_s, 6),
         commit_s=round(commit_s, 6),
         score_s=round(run.score_s, 6),
+        gpu_s=round(run.gpu_s, 6),
         wait_s=round(run.wait_s, 6),
         gpu_idle_fraction=round(idle_s / seconds, 6) if seconds else 0.0,
         images_per_s=round(images / seconds, 3) if seconds else 0.0,

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from worker.encode import PILLOW, HostPixels, ImageFormat, encode, encode_jpeg_on_device, to_host
+from worker.encode import HostPixels, ImageFormat, encode, encode_jpeg_on_device, encoder_label, to_host
 from worker.generate import Generated
 from worker.rows import ShardRun
 
@@ -107,7 +107,7 @@ class Sink:
         """The encoder's label for images of ``image_format`` (recorded per row and in stats)."""
         if image_format.name == "jpeg" and self.gpu_jpeg:
             return self.gpu_jpeg
-        return PILLOW
+        return encoder_label(image_format)
 
     def put(self, run: ShardRun, generated: Generated) -> None:
         """Hand a generated batch, which holds a slot, to the encode and upload stages (device thread)."""

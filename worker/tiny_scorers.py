@@ -1,6 +1,6 @@
 """The ``tiny`` scorer set: random-weight CLIP, aesthetic head and safety checker built locally.
 
-What ``worker/tiny.py`` is for models, this is for ``--score``: the three scorers' classes
+What ``worker/tiny.py`` is for models, this is for ``--score``: the scorers' classes
 and file layouts (a ``CLIPModel`` with its tokenizer and ``preprocessor_config.json``, a
 ``model.safetensors`` of linear layers named like LAION's head, a
 ``StableDiffusionSafetyChecker`` with its processor config), at tiny widths, created
@@ -46,8 +46,10 @@ OPENAI_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_STD = [0.26862954, 0.26130258, 0.27577711]
 
 #: The scorers of the set, each a folder of the build: clip, aesthetic (its backbone is the
-#: set's clip) and nsfw.
-SCORERS = ("clip", "aesthetic", "nsfw")
+#: set's clip), nsfw, and the preference scorers pickscore and hpsv2 (CLIPs of their own).
+SCORERS = ("clip", "aesthetic", "nsfw", "pickscore", "hpsv2")
+#: Seeds of the set's CLIPs: each preference scorer gets weights of its own.
+CLIP_SEEDS = {"clip": 70, "pickscore": 74, "hpsv2": 75}
 
 
 def processor(size: dict = TINY):
@@ -97,9 +99,9 @@ def spread_vision(vision_model) -> None:
                 linear.weight.mul_(6)
 
 
-def clip(directory: Path, size: dict = TINY) -> None:
-    """A CLIPModel (tiny, or ``size``) with the byte-level CLIP tokenizer (every text tokenizes);
-    the tiny one's vision tower tells images apart (:func:`spread_vision`)."""
+def clip(directory: Path, size: dict = TINY, seed: int = CLIP_SEEDS["clip"]) -> None:
+    """A CLIPModel (tiny, or ``size``; weights from ``seed``) with the byte-level CLIP tokenizer
+    (every text tokenizes); the tiny one's vision tower tells images apart (:func:`spread_vision`)."""
     import torch
     from transformers import CLIPConfig, CLIPModel
 
@@ -113,7 +115,7 @@ def clip(directory: Path, size: dict = TINY) -> None:
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
     }
-    torch.manual_seed(70)
+    torch.manual_seed(seed)
     config = CLIPConfig(text_config=text, vision_config=size["vision"], projection_dim=size["projection_dim"])
     model = CLIPModel(config)
     # Random towers give cosines around 0, half of them clipped to a clip_score of 0: a shared
@@ -202,17 +204,20 @@ def safety_checker(directory: Path, size: dict = TINY) -> None:
 
 
 def build(directory: Path) -> None:
-    """The set in the hub layout: ``clip/``, ``aesthetic/model.safetensors``, ``nsfw/``."""
+    """The set in the hub layout: ``clip/``, ``aesthetic/model.safetensors``, ``nsfw/``,
+    ``pickscore/`` and ``hpsv2/`` (HPS v2 as its conversion holds it: a CLIP directory)."""
     clip(directory / "clip")
     aesthetic_head(directory / "aesthetic" / "model.safetensors")
     safety_checker(directory / "nsfw")
+    clip(directory / "pickscore", seed=CLIP_SEEDS["pickscore"])
+    clip(directory / "hpsv2", seed=CLIP_SEEDS["hpsv2"])
 
 
 def ensure(revision: str) -> Path:
     """The directory of the locally built set, building it on first use (atomically, safe to
     race). ``revision`` is ``config/scorers.toml``'s: bump it there whenever :func:`build` changes."""
     final = tiny.cache_root() / f"tiny-scorers-{revision}"
-    if (final / "nsfw" / "config.json").is_file():
+    if (final / SCORERS[-1] / "config.json").is_file():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".tiny-scorers-", dir=final.parent))
@@ -221,7 +226,7 @@ def ensure(revision: str) -> Path:
         try:
             os.rename(scratch, final)
         except OSError:
-            if not (final / "nsfw" / "config.json").is_file():
+            if not (final / SCORERS[-1] / "config.json").is_file():
                 raise  # someone else won the race only if the set is there
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Download, on a machine with PyPI access, exactly the wheels of wheels.txt (what the offline GPU
-# host lacks, and what it may have too old), for
+# host lacks, at the lock's versions, and what it may have too old), for
 # CPython 3.12 on manylinux x86-64, into bench/device/wheels/ (git-ignored). Fails, saying
 # so, when they exceed the 64 MiB a device run may carry (wheels and repository together).
 #
@@ -18,11 +18,23 @@ for p in manylinux2014_x86_64 manylinux_2_17_x86_64 manylinux_2_28_x86_64 manyli
   platforms+=(--platform "$p")
 done
 rm -rf "$out.partial" && mkdir -p "$out.partial"
+# What the host lacks comes at the lock's versions (constraints/lock-no-torch.txt, scripts/lock.sh):
+# pip refuses a wheels.txt pin that differs. What the host has (host-packages.txt) follows the
+# host's own stack (its transformers 5.17 needs huggingface_hub < 2), so the lock skips those.
+constraints="$(mktemp)"
+trap 'rm -f "$constraints"' EXIT
+"$python" - "$repo/constraints/lock-no-torch.txt" "$here/host-packages.txt" > "$constraints" <<'EOF'
+import re, sys
+name = lambda line: re.match(r"[A-Za-z0-9._-]*", line).group(0).lower().replace("_", "-")
+host = {name(line) for line in open(sys.argv[2]) if not line.startswith("#")}
+print("".join(line for line in open(sys.argv[1]) if not line.startswith("#") and name(line) not in host))
+EOF
 # --no-deps: the lists are the whole closure; the host's own torch/transformers stack is never fetched.
 if ! "$python" -m pip download --quiet --no-deps --only-binary=:all: --python-version "$version" \
-    --implementation cp --abi "cp${version/./}" --abi abi3 --abi none "${platforms[@]}" \
+    --implementation cp --abi "cp${version/./}" --abi abi3 --abi none "${platforms[@]}" -c "$constraints" \
     $(sed 's/#.*//' "$here/wheels.txt" | awk 'NF {print $1}') -d "$out.partial"; then
-  echo "fetch_wheels: pip download failed (no PyPI access, or a pinned version has no CPython $version manylinux wheel)" >&2
+  echo "fetch_wheels: pip download failed (no PyPI access, a wheels.txt pin that differs from the lock's," \
+       "or a pinned version without a CPython $version manylinux wheel)" >&2
   exit 1
 fi
 # The host has no git: the commit the wheels were fetched at travels with them (run.py reads it

@@ -5,7 +5,8 @@ importable from here (``from fewstep.contract import ShardMessage``).
 - :mod:`~fewstep.contract.messages`: the shard message (references only), queues, attempt states;
 - :mod:`~fewstep.contract.schema`: the parquet schemas, by format version;
 - :mod:`~fewstep.contract.spec`: the job spec's identity and shard sizes;
-- :mod:`~fewstep.contract.seeds`: per-row seeds;
+- :mod:`~fewstep.contract.seeds`: per-row, per-candidate and per-round seeds;
+- :mod:`~fewstep.contract.rank`: best-of-K: the rank expression and the choice of a candidate;
 - :mod:`~fewstep.contract.heartbeat`: worker heartbeats and when they count as alive;
 - :mod:`~fewstep.contract.webdataset`: WebDataset tar members;
 - :mod:`~fewstep.contract.stats`: a committed shard's stats object.
@@ -78,7 +79,22 @@ from fewstep.contract.messages import (
     ShardMessage,
     queue_name,
 )
+from fewstep.contract.rank import (
+    KEEP_ALL,
+    KEEP_BEST,
+    KEEPS,
+    RankBy,
+    candidate_rows,
+    candidates_generated,
+    choose,
+    expected_seeds,
+    images_per_prompt,
+    job_candidates,
+    parse_rank_by,
+)
 from fewstep.contract.schema import (
+    CANDIDATE_COLUMNS,
+    CANDIDATE_SCORE_PREFIX,
     CONDITION_COLUMNS,
     CONDITION_MANIFEST,
     CONTROL_IMAGE_COLUMN,
@@ -101,13 +117,17 @@ from fewstep.contract.schema import (
     metadata_schema,
 )
 from fewstep.contract.seeds import (
+    candidate_seeds,
     derive_seeds,
     mix64,
+    round_seeds,
 )
 from fewstep.contract.spec import (
     SPEC_IDENTITY_KEYS,
     job_layout,
+    job_rounds,
     job_saves_control,
+    shard_prompts,
     shard_rows,
     spec_identity,
 )
@@ -130,6 +150,8 @@ __all__ = [
     "ATTEMPT_RUNNING",
     "ATTEMPT_STORAGE_UNAVAILABLE",
     "ATTEMPT_SUPERSEDED",
+    "CANDIDATE_COLUMNS",
+    "CANDIDATE_SCORE_PREFIX",
     "CONDITION_COLUMNS",
     "CONDITION_MANIFEST",
     "CONTROL_IMAGE_COLUMN",
@@ -146,6 +168,9 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "IMAGE_STRUCT",
     "JOB_SPEC_KEY",
+    "KEEPS",
+    "KEEP_ALL",
+    "KEEP_BEST",
     "LAYOUTS",
     "LAYOUT_COLUMNS",
     "LAYOUT_FILES",
@@ -168,13 +193,18 @@ __all__ = [
     "TASK_NAME",
     "WEBDATASET",
     "WORKERS",
+    "RankBy",
     "ShardMessage",
     "ShardStats",
     "attempt_images_prefix",
     "attempt_key",
     "attempts_prefix",
+    "candidate_rows",
+    "candidate_seeds",
+    "candidates_generated",
     "check_fields",
     "check_job_name",
+    "choose",
     "condition_images_key",
     "control_name",
     "dataset_metadata_key",
@@ -182,6 +212,7 @@ __all__ = [
     "embeddings_key",
     "embeddings_key_attempt",
     "embeddings_schema",
+    "expected_seeds",
     "failed_key",
     "heartbeat_age",
     "heartbeat_key",
@@ -190,8 +221,11 @@ __all__ = [
     "image_key_attempt",
     "image_name",
     "images_parquet_schema",
+    "images_per_prompt",
+    "job_candidates",
     "job_layout",
     "job_metadata_schema",
+    "job_rounds",
     "job_saves_control",
     "json_part_key",
     "manifest_key",
@@ -200,11 +234,14 @@ __all__ = [
     "metadata_schema",
     "mix64",
     "new_attempt_id",
+    "parse_rank_by",
     "parse_time",
     "part_name",
     "queue_name",
+    "round_seeds",
     "shard_object_key",
     "shard_of_key",
+    "shard_prompts",
     "shard_rows",
     "spec_identity",
     "stats_key",

@@ -131,7 +131,7 @@ def attempt_key(shard: int, attempt_id: str) -> str:
 
 
 #: File extension of each image format, as it appears in image keys.
-IMAGE_EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
+IMAGE_EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp", "jxl": "jxl"}
 
 
 def image_name(row_id: int, ext: str) -> str:

@@ -15,7 +15,10 @@ from fewstep import UserError
 # 3: layouts (files, webdataset, parquet); metadata has image_offset and image_row.
 # 4: scores (clip_score, aesthetic, nsfw_score) and conditioning (cond_*, control_*) columns;
 #    job.json may hold "scoring" and "conditioning".
-FORMAT_VERSION = 4
+# 5: best-of-K columns (candidate, rank_score, candidate_* lists) and preference scores
+#    (pickscore, hpsv2); job.json may hold
+#    "candidates" and "rounds" (producer topup).
+FORMAT_VERSION = 5
 
 
 #: The column ``producer finalize`` adds once the job has been deduplicated: the kept row a
@@ -105,6 +108,10 @@ METADATA_CORE = pa.schema(
         pa.field("clip_score", pa.float32()),
         pa.field("aesthetic", pa.float32()),
         pa.field("nsfw_score", pa.float32()),
+        # Preference scores (format 5): pickscore, PickScore v1's logit scale x cos(image, prompt)
+        # (about 15-25); hpsv2, HPS v2.1's cos(image, prompt) (about 0.2-0.35).
+        pa.field("pickscore", pa.float32()),
+        pa.field("hpsv2", pa.float32()),
         # Image-conditioned jobs (``--image-column``, ``enqueue job``); null for text-only jobs.
         pa.field("cond_key", pa.string()),  # where the conditioning image came from (path, s3 key, row)
         pa.field("cond_sha256", pa.string()),  # sha256 of the conditioning image's source bytes
@@ -123,7 +130,9 @@ METADATA_CORE = pa.schema(
 #: Columns added by format version 3: jobs of version 2 have metadata without them.
 LAYOUT_COLUMNS = ("image_offset", "image_row")
 #: Columns added by format version 4: jobs of older versions have metadata without them.
-SCORE_COLUMNS = ("clip_score", "aesthetic", "nsfw_score")
+SCORE_COLUMNS = ("clip_score", "aesthetic", "nsfw_score", "pickscore", "hpsv2")
+#: Score columns added by format version 5 (the others came with version 4).
+PREFERENCE_COLUMNS = ("pickscore", "hpsv2")
 CONDITION_COLUMNS = (
     "cond_key",
     "cond_sha256",
@@ -135,6 +144,33 @@ CONDITION_COLUMNS = (
     "control_offset",
     "control_bytes",
 )
+
+#: Best-of-K (``--candidates K --rank-by EXPR``; null without): the stored candidate's index,
+#: its rank value, and each candidate's seed, rank value and scores, in candidate order, so a
+#: choice can be audited and reproduced; ``seed`` is the stored image's own seed.
+CANDIDATE_SCORE_PREFIX = "candidate_"
+METADATA_CORE = pa.schema(
+    [
+        *METADATA_CORE,
+        pa.field("candidate", pa.uint16()),
+        pa.field("rank_score", pa.float32()),
+        pa.field("candidate_seeds", pa.list_(pa.uint32())),
+        pa.field("candidate_rank_scores", pa.list_(pa.float32())),
+        *(
+            pa.field(CANDIDATE_SCORE_PREFIX + f.name, pa.list_(pa.float32()))
+            for f in METADATA_CORE
+            if f.name in SCORE_COLUMNS
+        ),
+    ]
+)
+
+#: Columns added by format version 5 (best-of-K).
+CANDIDATE_COLUMNS = (
+    "candidate",
+    "rank_score",
+    *(f.name for f in METADATA_CORE if f.name.startswith(CANDIDATE_SCORE_PREFIX)),
+)
+
 
 #: The image column of the parquet layout: HF datasets' ``Image`` feature's storage type.
 IMAGE_COLUMN = "image"
@@ -212,6 +248,8 @@ def metadata_schema(fields: dict[str, str], format_version: int = FORMAT_VERSION
     """The metadata schema of a job: identical in every shard of the job (``format_version``:
     the job's, so jobs written by an older version read with their own schema)."""
     dropped: tuple[str, ...] = ()
+    if format_version < 5:
+        dropped += CANDIDATE_COLUMNS + PREFERENCE_COLUMNS
     if format_version < 4:
         dropped += SCORE_COLUMNS + CONDITION_COLUMNS
     if format_version < 3:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fewstep.contract.keys import LAYOUT_FILES
+from fewstep.contract.rank import images_per_prompt
 
 
 def job_layout(spec: dict[str, Any]) -> str:
@@ -29,6 +30,7 @@ SPEC_IDENTITY_KEYS = (
     "layout",
     "scoring",
     "conditioning",
+    "candidates",
 )
 
 
@@ -37,10 +39,32 @@ def spec_identity(spec: dict[str, Any]) -> dict[str, Any]:
     return {k: spec.get(k) for k in SPEC_IDENTITY_KEYS}
 
 
+def job_rounds(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """The job's prompt rounds: the enqueue (round 0) and each ``producer topup`` round, each
+    with ``round``, ``first_shard``, ``shards``, ``first_row`` and ``prompts``. ``counts`` holds
+    the totals of all rounds."""
+    topups = list(spec.get("rounds") or [])
+    counts = spec["counts"]
+    first = {
+        "round": 0,
+        "first_shard": 1,
+        "shards": int(counts["shards"]) - sum(int(r["shards"]) for r in topups),
+        "first_row": 0,
+        "prompts": int(counts["prompts"]) - sum(int(r["prompts"]) for r in topups),
+    }
+    return [first, *topups]
+
+
+def shard_prompts(spec: dict[str, Any], shard: int) -> int:
+    """Manifest rows (prompts) in a shard: every shard of a round is full but its last."""
+    size = spec["shard_size"]
+    for r in job_rounds(spec):
+        local = shard - int(r["first_shard"]) + 1
+        if 1 <= local <= int(r["shards"]):
+            return size if local < int(r["shards"]) else int(r["prompts"]) - size * (int(r["shards"]) - 1)
+    raise ValueError(f"shard {shard} out of range 1..{spec['counts']['shards']}")
+
+
 def shard_rows(spec: dict[str, Any], shard: int) -> int:
-    """Rows in a shard: every shard is full but the last."""
-    total, size = spec["counts"]["prompts"], spec["shard_size"]
-    shards = spec["counts"]["shards"]
-    if not 1 <= shard <= shards:
-        raise ValueError(f"shard {shard} out of range 1..{shards}")
-    return size if shard < shards else total - size * (shards - 1)
+    """Metadata rows (images stored) in a shard: its prompts, times K with ``--keep all``."""
+    return shard_prompts(spec, shard) * images_per_prompt(spec)

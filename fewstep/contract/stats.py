@@ -45,15 +45,23 @@ class ShardStats:
     # size the shard then ran at (= batch_size when none ran out of memory).
     oom_retries: int = 0
     min_batch_size: int | None = None
-    # Storage requests (absent from older stats): made for the shard's images (one per image
-    # for the files layout; a few per shard for webdataset and parquet), and by the whole
-    # worker process between the task's start and its commit (attempt records, checks,
-    # commit, heartbeats, reading ahead included).
+    # Storage requests made for the shard's images (absent from older stats): one per image for
+    # the files layout, a few per shard for webdataset and parquet. (Older stats also had
+    # ``storage_requests``, counted in-process from the task's start to its commit only; a
+    # shard's whole life is counted where the requests arrive: ``bench/pipeline.py
+    # --count-requests``.)
     image_requests: int = 0
-    storage_requests: int = 0
     # Scoring (absent from older stats): device time spent scoring the shard's images
     # (--score, --embeddings), part of generate_s.
     score_s: float = 0.0
+    # Images the model generated for the shard (absent from older stats): ``images`` times K
+    # with best-of-K (--candidates K --keep best), else ``images``.
+    images_generated: int = 0
+    # Device time of the shard (absent from older stats): seconds the device thread spent on
+    # its batches, model call and scoring, out-of-memory tries that were halved included; not
+    # its wall time (encoding, uploads and waits for storage are not in it). What a GPU-hour
+    # price applies to (``producer status/report --gpu-price``).
+    gpu_s: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         """The stats object's JSON fields."""

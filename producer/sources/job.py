@@ -70,7 +70,7 @@ class JobSource(PromptSource):
         self.spec = progress.spec
         self.layout = job_layout(self.spec)
         self.shards = sorted(progress.committed)
-        total = int(self.spec["counts"]["prompts"])
+        total = progress.summary()["images_total"]  # --keep all: K rows a prompt
         self.total_rows = progress.images_done
         self.rows_not_committed = total - progress.images_done
         if self.rows_not_committed and not partial:

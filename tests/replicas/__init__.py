@@ -15,6 +15,8 @@ from pathlib import Path
 from fewstep.presets import presets
 from tests.replicas import flow, pixart, qwen, sana, sdxl, stable_diffusion, z_image
 from tests.replicas.hub import HubCache
+from worker import tiny
+from worker.hub_files import listings
 
 # Hub repository → builder(snapshot folder, files the presets ask of it).
 BUILDERS = {
@@ -68,6 +70,63 @@ def sources(presets_only: set[str] | None = None) -> dict[tuple[str, str], list[
     return dict(found)
 
 
+def listed_files(repo: str) -> tuple[set[str], list[str]] | None:
+    """The files config/hub_files.toml lists for ``repo`` and the folders it lists whole ("" the
+    top level); None where no listing was confirmed."""
+    entry = listings().get(repo)
+    if not entry or entry["listing"] == "unconfirmed":
+        return None
+    folders = [""] if entry["listing"] == "complete" else list(entry.get("folders", []))
+    return {f["path"] for f in entry["files"]}, folders
+
+
+def in_folders(path: str, folders: list[str]) -> bool:
+    """Whether ``path`` lies in one of ``folders`` ("" as the top level: the whole repository
+    for a complete listing, only top-level files for a partial one)."""
+    parent = path.rpartition("/")[0]
+    return any(parent == f or (f and parent.startswith(f + "/")) for f in folders) or folders == [""]
+
+
+PLACEHOLDER = b"placeholder: a file of the hub repository no preset loads\n"
+
+
+WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".onnx", ".onnx_data", ".gguf")
+
+
+def _match_listing(snapshot: Path, repo: str) -> tuple[list[str], list[str]]:
+    """Make the replica's files the listing's; the files added and removed, for tests to judge.
+
+    Files the library wrote that the repository lacks (transformers 5's tokenizer.json beside
+    a vocab.json and merges.txt) are removed from the folders listed whole; every listed file
+    the replica lacks (READMEs, images, parts no preset loads) is written as a placeholder, no
+    valid weights: loading the replica offline then succeeds only if the loader asks for listed
+    files. A builder must itself write every weight file a preset loads (test_hub_listings)."""
+    listed = listed_files(repo)
+    if listed is None:
+        return [], []
+    files, folders = listed
+    added, removed = [], []
+    for path in sorted(p for p in snapshot.rglob("*") if p.is_file()):
+        name = str(path.relative_to(snapshot))
+        if name not in files and in_folders(name, folders):
+            path.unlink()
+            removed.append(name)
+    for name in sorted(files):
+        target = snapshot / name
+        if target.name in ("vocab.json", "merges.txt") and not target.exists():
+            # The repository's CLIP tokenizer is vocab.json + merges.txt (transformers 5 saved
+            # the replica's as tokenizer.json): the same byte-level vocabulary, in those files.
+            tiny.write_tokenizer_files(target.parent)
+            added.append(name)
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            # An empty JSON object where the library reads one it did not write itself
+            # (transformers 5 writes no special_tokens_map.json).
+            target.write_bytes(b"{}" if name.endswith(".json") else PLACEHOLDER)
+            added.append(name)
+    return added, removed
+
+
 def build(root: Path, presets_only: set[str] | None = None) -> HubCache:
     """Write the replicas into a hub cache at ``root``: every repository the presets name, or
     only those ``presets_only`` load from (a test of a few presets need not build them all)."""
@@ -75,5 +134,7 @@ def build(root: Path, presets_only: set[str] | None = None) -> HubCache:
     for (repo, revision), files in sorted(sources(presets_only).items()):
         if repo not in BUILDERS:
             raise KeyError(f"no replica for hub repository {repo} (add one to tests/replicas)")
-        BUILDERS[repo](hub.snapshot(repo, revision), files)
+        snapshot = hub.snapshot(repo, revision)
+        BUILDERS[repo](snapshot, files)
+        hub.matched[repo] = _match_listing(snapshot, repo)
     return hub

@@ -22,6 +22,8 @@ class HubCache:
 
     def __init__(self, root: Path):
         self.root = Path(root)
+        #: Per repository, the files made to match its hub listing: (added, removed).
+        self.matched: dict[str, tuple[list[str], list[str]]] = {}
 
     def snapshot(self, repo: str, revision: str) -> Path:
         """The snapshot folder of ``repo`` at ``revision``; a branch gets a made-up commit and a ref."""

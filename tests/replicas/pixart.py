@@ -97,11 +97,13 @@ DDPM = {k: DPM[k] for k in ("beta_start", "beta_end", "beta_schedule", "num_trai
 
 
 def dmd_512(snapshot: Path, files: list[str]) -> None:
-    """PixArt-Alpha-DMD-XL-2-512x512 as the hub has it: a `transformer` and a DDPM `scheduler`
-    folder and a model_index.json, no text encoder, tokenizer or VAE (those come from the base)."""
+    """PixArt-Alpha-DMD-XL-2-512x512 as the hub has it: a `transformer` (pickle weights) and a
+    DDPM `scheduler` folder and a model_index.json, no text encoder, tokenizer or VAE (those
+    come from the base)."""
     from diffusers import DDPMScheduler
 
-    transformer(230, sample_size=64).save_pretrained(snapshot / "transformer")
+    # Its only weights are a pickle (transformer/diffusion_pytorch_model.bin), as on the hub.
+    transformer(230, sample_size=64).save_pretrained(snapshot / "transformer", safe_serialization=False)
     _legacy_class_name(snapshot / "transformer" / "config.json")
     DDPMScheduler(**DDPM, prediction_type="epsilon").save_pretrained(snapshot / "scheduler")
     index = {

@@ -92,9 +92,10 @@ def sdxs_dreamshaper(snapshot: Path, files: list[str]) -> None:
 
 
 def sdxs_dreamshaper_sketch(snapshot: Path, files: list[str]) -> None:
-    """The sketch ControlNet: a ControlNetModel shaped after the DreamShaper replica's UNet
-    (config.json and diffusion_pytorch_model.safetensors at the root, as the repository has)."""
-    tiny.controlnet_for(unet(22), 23).save_pretrained(snapshot, safe_serialization=True)
+    """The sketch ControlNet: a ControlNetModel shaped after the DreamShaper replica's UNet, as
+    the repository has it (config/hub_files.toml): config.json and a pickle
+    diffusion_pytorch_model.bin at the root, no safetensors."""
+    tiny.controlnet_for(unet(22), 23).save_pretrained(snapshot, safe_serialization=False)
 
 
 def sd_turbo(snapshot: Path, files: list[str]) -> None:
