@@ -71,6 +71,10 @@ def run_demo(prompts: str | None, out_dir: str) -> None:
                     output,
                     "--shard-size",
                     "8",
+                    # One file per image (the configured default, webdataset, puts a shard's
+                    # images in one tar): the demo's images are there to open one by one.
+                    "--layout",
+                    "files",
                     # Scores with the tiny scorer set (random weights, built locally): offline,
                     # and enough for `producer report` and `gallery --sort` to have something.
                     "--score",
@@ -135,6 +139,10 @@ def _summarise(job: str, output: str, status: dict, out_dir: Path, elapsed: floa
     click.echo(f"done in {elapsed:.1f}s: {status['images_done']} images in {status['shards_done']} shards")
     click.echo(f"in S3:   {job_store.url}/images/ and {job_store.url}/metadata/ (services now stopped)")
     click.echo(f"locally: {local}/images/ and {local}/metadata/ (the whole job folder)")
+    click.echo(
+        "  (--layout files, one file per image, to open them one by one; a fleet's training set "
+        "uses the default, webdataset: one tar per shard, README: Which layout)"
+    )
     click.echo("")
     rows = table.select(["image_name", "seed", "bytes", "category", "prompt"]).slice(0, 5).to_pylist()
     for r in rows:

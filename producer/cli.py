@@ -75,7 +75,7 @@ def _job_option_list(image_format_flags: tuple[str, ...]) -> list:
             "--layout",
             type=click.Choice(LAYOUTS),
             help="How images are stored: one object each (files), one tar per shard (webdataset), "
-            "or one parquet per shard with an HF datasets Image column (parquet) [files].",
+            "or one parquet per shard with an HF datasets Image column (parquet) [webdataset].",
         ),
         click.option(
             "--score",

@@ -280,10 +280,11 @@ sys.exit(1)
 EOF
 KILLER=$!
 
-say "enqueue partiprompts --model tiny --limit $LIMIT (job $JOB, prompts from $PROMPTS)"
+# --layout files (the default is webdataset): the check below reads every image by its own key.
+say "enqueue partiprompts --model tiny --limit $LIMIT --layout files (job $JOB, prompts from $PROMPTS)"
 "${COMPOSE[@]}" run --rm -T --no-deps -v "$PROMPTS:/prompts/PartiPrompts.tsv:ro" producer \
   enqueue partiprompts --path /prompts/PartiPrompts.tsv --model tiny --limit "$LIMIT" --job "$JOB" \
-  --shard-size 5 --steps 2 --json >"$STATE/enqueue.json" \
+  --shard-size 5 --steps 2 --layout files --json >"$STATE/enqueue.json" \
   || fail "producer enqueue failed"
 PROMPTS_ENQUEUED=$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["prompts"])' "$STATE/enqueue.json")
 [ "$PROMPTS_ENQUEUED" = "$EXPECTED" ] || fail "enqueued $PROMPTS_ENQUEUED prompts, expected $EXPECTED"

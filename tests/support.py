@@ -98,12 +98,22 @@ def committed_metadata(job_url: str) -> pa.Table:
     return pa.concat_tables(tables).sort_by("row_id")
 
 
+def layout_or_files(args: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """``producer enqueue`` arguments with ``--layout files`` unless they name a layout.
+
+    The configured default is webdataset (one tar per shard); the enqueue helpers of the tests
+    state the files layout through this, since their tests read single images by key
+    (``images/part-N/<attempt>/<row>.png``) and count shards of the files layout's size (256).
+    ``tests/test_layouts.py`` checks the real default."""
+    return tuple(args) if "--layout" in args else (*args, "--layout", "files")
+
+
 def run_job(env: dict[str, str], output: str, job: str, path: Path, tmp_path: Path, *extra: str) -> dict:
-    """Enqueue ``path`` as ``job`` with the tiny model, run a real worker until the queue is empty,
-    and return the enqueue summary."""
+    """Enqueue ``path`` as ``job`` with the tiny model (files layout unless ``extra`` names one),
+    run a real worker until the queue is empty, and return the enqueue summary."""
     summary = cli_json(
         "producer", "enqueue", "partiprompts", "--path", str(path), "--model", "tiny",
-        "--job", job, "--output", output, *extra, env=env,
+        "--job", job, "--output", output, *layout_or_files(extra), env=env,
     )  # fmt: skip
     run_worker_until_idle(env, tmp_path / f"worker-{job}.log")
     return summary

@@ -154,7 +154,7 @@ def test_best_of_k_topup_until_quotas_met_and_finalize_per_limit_on_a_real_fleet
     )
     k, rank_by = 3, "aesthetic + 0.1*clip_score"
     enqueue = ("producer", "enqueue", "partiprompts", "--path", str(path), "--model", "tiny",
-               "--output", output, "--shard-size", "2", *SCORE, "--candidates", str(k),
+               "--output", output, "--layout", "files", "--shard-size", "2", *SCORE, "--candidates", str(k),
                "--rank-by", rank_by)  # fmt: skip
     job = cli_json(*enqueue, "--job", "bok", env=env)
     every = cli_json(*enqueue, "--job", "every", "--keep", "all", "--limit", "2", env=env)

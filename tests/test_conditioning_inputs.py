@@ -36,7 +36,7 @@ from producer.sources.formats import open_file
 from producer.sources.job import JobSource
 from tests.conftest import BUCKET
 from tests.prompt_files import write_journeydb
-from tests.support import cli, committed_metadata, config_dir, run_worker_until_idle
+from tests.support import cli, committed_metadata, config_dir, layout_or_files, run_worker_until_idle
 from tests.test_cli_errors import assert_one_line_error
 
 PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "camera.png")
@@ -67,8 +67,8 @@ def photos(tmp_path) -> Path:
 
 def _enqueue(env, output, job, source, *args, check=True, model="tiny"):
     return cli(
-        "producer", "enqueue", *source, "--model", model, "--job", job, "--output", output, *args,
-        env=env, check=check,
+        "producer", "enqueue", *source, "--model", model, "--job", job, "--output", output,
+        *layout_or_files(args), env=env, check=check,
     )  # fmt: skip
 
 

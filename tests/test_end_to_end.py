@@ -12,15 +12,16 @@ from PIL import Image
 from fewstep.storage import open_store
 from producer.sources.partiprompts import parse
 from tests.conftest import REPO
-from tests.support import cli_json, committed_metadata, start_worker, wait_done
+from tests.support import cli_json, committed_metadata, layout_or_files, start_worker, wait_done
 
 SAMPLE = REPO / "examples" / "parti-sample.tsv"
 
 
 def enqueue(path: Path, job: str, output: str, env, *extra: str) -> dict:
+    """``producer enqueue partiprompts`` with the tiny model, files layout unless ``extra`` names one."""
     return cli_json(
         "producer", "enqueue", "partiprompts", "--path", str(path), "--model", "tiny",
-        "--job", job, "--output", output, *extra, env=env,
+        "--job", job, "--output", output, *layout_or_files(extra), env=env,
     )  # fmt: skip
 
 

@@ -71,16 +71,16 @@ def test_dry_run_prints_counts_and_touches_nothing(env, output, tmp_path):
     assert status.returncode != 0 and "no job at" in status.stderr
 
 
-def test_webdataset_and_parquet_jobs_default_to_1024_row_shards(env, output, tmp_path):
+def test_webdataset_and_parquet_jobs_default_to_4096_row_shards(env, output, tmp_path):
     path = tmp_path / "p.txt"
-    path.write_text("".join(f"prompt {i}\n" for i in range(2049)))
+    path.write_text("".join(f"prompt {i}\n" for i in range(4097)))
     shards = {
         layout: enqueue_json(
             env, output, f"l-{layout}", ["file", str(path)], "--layout", layout, "--dry-run"
         )["shards"]
         for layout in ("files", "webdataset", "parquet")
     }
-    assert shards == {"files": 9, "webdataset": 3, "parquet": 3}  # 256-row shards for files
+    assert shards == {"files": 17, "webdataset": 2, "parquet": 2}  # 256-row shards for files
 
 
 def test_diffusiondb_job_keeps_source_seeds_and_records_its_selection(env, output, tmp_path):

@@ -51,7 +51,7 @@ def test_j_hostile_prompts_are_kept_byte_exact_and_never_reach_a_key(env, output
     write_tsv(source, HOSTILE)
     job = cli_json(
         "producer", "enqueue", "partiprompts", "--path", str(source), "--model", "tiny", "--job", "hostile",
-        "--output", output, "--shard-size", "3", env=env,
+        "--output", output, "--shard-size", "3", "--layout", "files", env=env,
     )  # fmt: skip
     assert job["prompts"] == len(KEPT) and job["skipped_empty"] == 2
     log = tmp_path / "worker.log"

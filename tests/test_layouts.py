@@ -17,7 +17,9 @@ import json
 import os
 import tarfile
 import time
+import tomllib
 import uuid
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -127,6 +129,30 @@ def jobs(local_services, model_cache, tmp_path_factory):
 
 def _store(output: str, job: str):
     return open_store(f"{output}/{job}")
+
+
+def test_an_enqueue_without_layout_or_shard_size_makes_a_webdataset_job_of_that_layouts_shard_size(
+    env, output, tmp_path
+):
+    """The configured default (README, "Which layout"): `producer enqueue` without --layout or
+    --shard-size records layout webdataset in job.json and cuts shards of the webdataset size
+    that config/defaults.toml gives (read here with tomllib, not the project's settings code).
+    Enqueue only, no worker: the tasks stay in this test's own queue."""
+    config = tomllib.loads((Path(__file__).resolve().parent.parent / "config/defaults.toml").read_text())
+    size = config["producer"]["shard_size_by_layout"]["webdataset"]
+    assert size != config["producer"]["shard_size"]  # so the shard size tells the layouts apart
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"prompt number {i}\n" for i in range(size + 1)))
+    summary = cli_json(
+        "producer", "enqueue", "file", str(prompts), "--model", "tiny", "--job", "default",
+        "--output", output, env=env,
+    )  # fmt: skip
+    job = open_store(summary["job_url"])
+    spec = json.loads(job.get("job.json"))
+    assert (spec["layout"], spec["shard_size"], summary["shards"]) == ("webdataset", size, 2)
+    manifests = sorted(key for key, _ in job.list("manifests/"))
+    rows = [pq.read_table(io.BytesIO(job.get(key))).num_rows for key in manifests]
+    assert rows == [size, 1]
 
 
 def test_webdataset_job_writes_one_tar_per_shard_readable_by_webdataset_and_tarfile_prompts_byte_exact(

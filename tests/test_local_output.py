@@ -10,7 +10,8 @@ def test_local_directory_output_runs_end_to_end(env, tmp_path):
     output = str(tmp_path / "datasets")
     summary = cli_json(
         "producer", "enqueue", "partiprompts", "--path", str(SAMPLE), "--model", "tiny",
-        "--job", "local", "--output", output, "--shard-size", "16", "--format", "jpeg", env=env,
+        "--job", "local", "--output", output, "--shard-size", "16", "--format", "jpeg",
+        "--layout", "files", env=env,
     )  # fmt: skip
     assert summary["job_url"] == (tmp_path / "datasets" / "local").as_uri()
     worker = start_worker(env, "--exit-when-idle", "2")

@@ -30,6 +30,7 @@ from fewstep.storage import open_store
 from tests.support import (
     cli_json,
     committed_metadata,
+    layout_or_files,
     run_worker_until_done,
     start_worker,
     stop_worker,
@@ -46,10 +47,11 @@ BATCH_BYTES = 8 * 512 * 512 * 3
 
 
 def enqueue(job: str, output: str, env, *extra: str, model: str = "synthetic", path: Path = SAMPLE) -> dict:
-    """``producer enqueue`` (the synthetic model is benchmark-only: opted in, harmless for others)."""
+    """``producer enqueue`` (the synthetic model is benchmark-only: opted in, harmless for others),
+    files layout unless ``extra`` names one."""
     return cli_json(
         "producer", "enqueue", "partiprompts", "--path", str(path), "--model", model,
-        "--allow-synthetic", "--job", job, "--output", output, *extra, env=env,
+        "--allow-synthetic", "--job", job, "--output", output, *layout_or_files(extra), env=env,
     )  # fmt: skip
 
 

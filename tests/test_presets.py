@@ -24,7 +24,7 @@ from fewstep.presets import presets, resolve_model
 from fewstep.storage import open_store
 from tests import replicas
 from tests.replicas.hub import offline
-from tests.support import cli, cli_json, committed_metadata, run_worker_until_done
+from tests.support import cli, cli_json, committed_metadata, layout_or_files, run_worker_until_done
 from tests.test_end_to_end import SAMPLE
 from worker import pickle_weights
 
@@ -414,8 +414,8 @@ def test_worker_models_lists_presets_with_their_settings(env):
 def enqueue(env, output: str, job: str, model: str, *extra: str) -> dict:
     return cli_json(
         "producer", "enqueue", "partiprompts", "--path", str(SAMPLE), "--model", model, "--job", job,
-        "--output", output, "--limit", "4", "--shard-size", "4", "--width", "64", "--height", "64", *extra,
-        env=env,
+        "--output", output, "--limit", "4", "--shard-size", "4", "--width", "64", "--height", "64",
+        *layout_or_files(extra), env=env,
     )  # fmt: skip
 
 

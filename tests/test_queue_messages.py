@@ -59,7 +59,7 @@ def test_same_name_with_another_spec_is_refused(env, output):
     enqueue(SAMPLE, "taken", output, env, "--shard-size", "8")
     result = cli(
         "producer", "enqueue", "partiprompts", "--path", str(SAMPLE), "--model", "tiny", "--job", "taken",
-        "--output", output, "--shard-size", "8", "--seed", "7", env=env, check=False,
+        "--output", output, "--shard-size", "8", "--layout", "files", "--seed", "7", env=env, check=False,
     )  # fmt: skip
     assert result.returncode != 0
     assert "already exists" in result.stderr and "differs in: seed" in result.stderr

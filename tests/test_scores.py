@@ -62,7 +62,14 @@ from producer.verify import verify
 from tests.prompt_files import write_diffusiondb
 from tests.replicas import scorers as replicas
 from tests.replicas.hub import HubCache, offline
-from tests.support import cli, cli_json, committed_metadata, run_worker_until_done, verify_job
+from tests.support import (
+    cli,
+    cli_json,
+    committed_metadata,
+    layout_or_files,
+    run_worker_until_done,
+    verify_job,
+)
 from tests.test_cli_errors import assert_one_line_error
 from tests.test_faults_tokens import forced_thread_switching, write_prompt_file
 from tests.test_preference_scores import PICKSCORE_TOLERANCE, card_pickscore
@@ -193,11 +200,12 @@ def stored_images(store: Store, table) -> list[np.ndarray]:
 def enqueue(env, output, job: str, path: Path, *extra: str) -> dict:
     return cli_json(
         "producer", "enqueue", "partiprompts", "--path", str(path), "--model", "tiny", "--job", job,
-        "--output", output, "--width", "64", "--height", "64", *extra, env=env,
+        "--output", output, "--width", "64", "--height", "64", *layout_or_files(extra), env=env,
     )  # fmt: skip
 
 
 def enqueue_here(output: str, job: str, path: Path, **options) -> dict:
+    options = {"layout": "files", **options}
     opts = JobOptions(job=job, output=output, model="tiny", width=64, height=64, shard_size=4, **options)
     return enqueue_job(PartiPrompts(str(path)), opts, progress=False)
 

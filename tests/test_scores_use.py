@@ -95,7 +95,8 @@ def jobs(local_services, model_cache, tmp_path_factory):
             producer("enqueue", "partiprompts", "--path", str(parti), "--model", "tiny",
                      "--job", job, "--output", output, *extra)  # fmt: skip
         producer("enqueue", "diffusiondb", "--path", str(ddb_file(tmp)), "--model", "tiny",
-                 "--job", "ddb", "--output", output, "--shard-size", "4", "--seeds", "source")  # fmt: skip
+                 "--job", "ddb", "--output", output, "--shard-size", "4", "--seeds", "source",
+                 "--layout", "files")  # fmt: skip
         run_worker_until_idle(env, tmp / "worker.log")
 
         stores = {job: open_store(f"{output}/{job}") for job in ("parti-a", "parti-b", "parti-c", "ddb")}

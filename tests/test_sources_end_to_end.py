@@ -13,7 +13,7 @@ from tests.support import cli_json, committed_metadata, start_worker, wait_done
 def test_diffusiondb_and_journeydb_jobs_run_end_to_end(env, output, tmp_path):
     ddb_path = write_diffusiondb(tmp_path / "metadata.parquet")
     jdb_path = write_journeydb(tmp_path / "train_anno.jsonl.tgz")
-    common = ["--model", "tiny", "--output", output, "--shard-size", "2"]
+    common = ["--model", "tiny", "--output", output, "--shard-size", "2", "--layout", "files"]
     ddb = cli_json("producer", "enqueue", "diffusiondb", "--path", str(ddb_path), "--job", "ddb", *common,
                    "--carry", "step", "--carry", "sampler", "--carry", "timestamp", "--carry", "image_name",
                    env=env)  # fmt: skip

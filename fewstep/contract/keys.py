@@ -11,7 +11,7 @@ name and ids only, never from dataset fields)::
                                               one image, named by its global row id, in the
                                               folder of the attempt that made it; the committed
                                               metadata names the one attempt whose images count
-                                              (layout "files", the default)
+                                              (layout "files"; the default is "webdataset")
     images/part-000001/<attempt-id>/000000000042.control.png
                                               with --save-control: the control map the model saw
                                               (in the tar, or a ``control_image`` column, for
