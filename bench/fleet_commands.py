@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 from harness import BUCKET, local_services
 
 from fewstep.contract import (
+    CANDIDATE_COLUMNS,
     CONDITION_COLUMNS,
     FORMAT_VERSION,
     SCORE_COLUMNS,
@@ -67,7 +68,7 @@ def part_table(shard: int, rows: int) -> bytes:
         "encoder": ["pillow-11.0.0"] * rows, "dtype": ["float16"] * rows, "vae": ["default"] * rows,
         "image_offset": [None] * rows, "image_row": [None] * rows,
     }  # fmt: skip
-    for name in SCORE_COLUMNS + CONDITION_COLUMNS:  # a text-only job without --score
+    for name in SCORE_COLUMNS + CONDITION_COLUMNS + CANDIDATE_COLUMNS:  # text-only, no --score, K = 1
         columns[name] = [None] * rows
     out = io.BytesIO()
     pq.write_table(pa.Table.from_pydict(columns, schema=schema), out, compression="zstd")

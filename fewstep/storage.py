@@ -208,7 +208,7 @@ class Upload:
         self._buffer += data
         self._written += len(data)
         while len(self._buffer) >= self.part_bytes:
-            self._send(bytes(self._buffer[: self.part_bytes]))
+            self.send_part(bytes(self._buffer[: self.part_bytes]))
             del self._buffer[: self.part_bytes]
         return len(data)
 
@@ -236,7 +236,9 @@ class Upload:
         """Drop the upload: no object is made."""
         raise NotImplementedError
 
-    def _send(self, part: bytes) -> None:
+    def send_part(self, part: bytes) -> None:
+        """Send one part now (the first one starts the upload); :meth:`write` calls it as parts
+        fill, and a writer that sends parts from a thread of its own calls it directly."""
         raise NotImplementedError
 
 
@@ -581,7 +583,7 @@ class S3Upload(Upload):
     def started(self) -> bool:
         return self._upload_id is not None
 
-    def _send(self, part: bytes) -> None:
+    def send_part(self, part: bytes) -> None:
         store, client = self._store, self._store._client
         if self._upload_id is None:
             created = store._call(
@@ -606,7 +608,7 @@ class S3Upload(Upload):
             store.put(self.key, bytes(self._buffer))
         else:
             if self._buffer:
-                self._send(bytes(self._buffer))
+                self.send_part(bytes(self._buffer))
             store._call(
                 f"completing the upload of {self.key}",
                 lambda: store._client.complete_multipart_upload(
@@ -773,7 +775,7 @@ class LocalUpload(Upload):
     def started(self) -> bool:
         return self._tmp is not None
 
-    def _send(self, part: bytes) -> None:
+    def send_part(self, part: bytes) -> None:
         if self._tmp is None:
             self._path.parent.mkdir(parents=True, exist_ok=True)
             fd, self._tmp = tempfile.mkstemp(dir=self._path.parent, prefix=_tmp_prefix(self._path))
@@ -782,7 +784,7 @@ class LocalUpload(Upload):
             f.write(part)
 
     def finish(self) -> int:
-        self._send(bytes(self._buffer))
+        self.send_part(bytes(self._buffer))
         self._buffer = bytearray()
         os.replace(self._tmp, self._path)
         self._tmp = None

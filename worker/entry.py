@@ -3,36 +3,25 @@
 A producer-only host (``pip install fewstep``) has no torch, diffusers or transformers. The
 worker imports them as it loads its model, after connecting to Redis, possibly in a child
 process: a traceback there would come late and from deep inside. So before anything else, the
-``[worker]`` extra's packages (as fewstep's installed metadata lists them) must all be installed.
+modules without which no worker can start must be importable. Only those: a GPU host that
+brings its own stack (bench/device) may lack what one feature needs (peft for a LoRA preset,
+OpenCV for Canny maps, fpng for PNG), and that feature says so when a job asks for it.
 """
 
 from __future__ import annotations
 
-import re
 import sys
-from importlib import metadata
+from importlib.util import find_spec
 
 #: The command that brings the worker's model stack, as a user types it.
 INSTALL = "pip install 'fewstep[worker]'"
+#: The modules every worker loads before its first shard (import names are the distributions').
+CORE = ("torch", "diffusers", "transformers", "safetensors")
 
 
 def missing_model_stack() -> list[str]:
-    """The ``[worker]`` extra's distributions not installed here; none where fewstep itself is not
-    installed (run from a checkout, as bench/device does), which has no metadata to read."""
-    try:
-        requires = metadata.requires("fewstep") or []
-    except metadata.PackageNotFoundError:
-        return []
-    missing = []
-    for requirement in requires:
-        spec, _, marker = requirement.partition(";")
-        if re.search(r"""extra\s*==\s*["']worker["']""", marker):
-            name = re.match(r"[A-Za-z0-9._-]+", spec.strip()).group(0)
-            try:
-                metadata.version(name)
-            except metadata.PackageNotFoundError:
-                missing.append(name)
-    return missing
+    """The modules of :data:`CORE` that cannot be imported here (looked up, not imported)."""
+    return [module for module in CORE if find_spec(module) is None]
 
 
 def main() -> None:

@@ -175,7 +175,7 @@ class PartSender(Upload):
         while (part := self._parts.get()) is not None:
             if self._error is None and not self._stop:
                 try:
-                    self.upload._send(part)  # the inner upload's part primitive: no copy of its own
+                    self.upload.send_part(part)  # the inner upload's part primitive: no copy of its own
                 except BaseException as e:  # raised to the writer at its next write or finish
                     self._error = e
 
