@@ -499,13 +499,13 @@ def end_to_end(directory, cfg_dir, plan, clock, env, prompts, batch, alone, jobs
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         held["gpu_reserved_gib"] = round(torch.cuda.memory_reserved() / 2**30, 2)
     runs, first, life = run_jobs(
-        env,
+        {**env, "FEWSTEP_CONFIG_DIR": str(cfg_dir)},  # the producer reads the model's settings too
         prompts,
         model=str(directory),
         jobs=[(images, flags) for _, images, flags in jobs],
         shard_size=plan.shard_size,
         worker_args=worker_args,
-        worker_env={"FEWSTEP_CONFIG_DIR": str(cfg_dir), "FEWSTEP_READ_AHEAD": "1" if read_ahead else "0"},
+        worker_env={"FEWSTEP_READ_AHEAD": "1" if read_ahead else "0"},
         log_path=logs / f"{directory.name}-{label}.log",
         output=str(output),
         timeout=max(clock.left(), 30),
