@@ -9,7 +9,7 @@
 # - no time-zone database (PYTHONTZPATH points nowhere: kombu's ZoneInfo("UTC") needs the
 #   carried tzdata wheel) and no git on PATH (run.py must not need it);
 # - the carried wheels (bench/device/wheels, fetched by fetch_wheels.sh if absent), installed by
-#   run.sh from scratch (bench/device/site removed first), as on a bare host;
+#   run.sh from scratch (bench/device/site-rehearsal, removed first), as on a bare host;
 # - a clean environment (env -i): nothing of this machine's settings leaks in.
 # PYTHON312: the interpreter to build the virtualenv with [python3.12 on PATH, else pyenv's].
 set -euo pipefail
@@ -50,7 +50,9 @@ fi
 if ! ls "$here"/wheels/*.whl >/dev/null 2>&1; then
   bash "$here/fetch_wheels.sh"
 fi
-rm -rf "$here/site"
+# A site folder of its own: a smoke run in this checkout at the same time uses bench/device/site.
+site="$here/site-rehearsal"
+rm -rf "$site"
 # This machine's PATH without git (the host has none).
 nogit="$(mktemp -d)"
 trap 'rm -rf "$nogit"' EXIT
@@ -62,5 +64,5 @@ for dir in /usr/local/bin /usr/bin /bin; do
   done
 done
 env -i HOME="$HOME" PATH="$nogit" LANG=C.UTF-8 PYTHONTZPATH=/nonexistent PYTHON="$venv/bin/python" \
-  ${FEWSTEP_DEVICE_SECONDS:+FEWSTEP_DEVICE_SECONDS="$FEWSTEP_DEVICE_SECONDS"} \
+  FEWSTEP_DEVICE_SITE="$site" ${FEWSTEP_DEVICE_SECONDS:+FEWSTEP_DEVICE_SECONDS="$FEWSTEP_DEVICE_SECONDS"} \
   bash "$here/run.sh" "$@"

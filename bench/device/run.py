@@ -486,6 +486,18 @@ def _job_record(label: str, job, alone: float | None, output: Path) -> dict[str,
     return row
 
 
+def _png_encoder() -> list[str]:
+    """fpng (the default PNG encoder) where it imports here, else Pillow's zlib: a host whose
+    carried wheels do not fit its Python measures PNG rather than failing the job. The job's
+    ``encoder`` figure says which one ran."""
+    try:
+        import fpng  # noqa: F401
+    except ImportError:
+        print("fpng does not import here: the PNG job uses --png-encoder pillow", flush=True)
+        return ["--png-encoder", "pillow"]
+    return []
+
+
 def end_to_end(directory, cfg_dir, plan, clock, env, prompts, batch, alone, jobs, logs, read_ahead=True):
     """One worker process through ``jobs`` [(label, images, enqueue flags)]; a record per job."""
     import torch
@@ -607,7 +619,7 @@ def throughput(name, plan, clock, scratch, results, env, prompts) -> None:
     alone = entry["model_only_at_batch_size"]["images_per_s"]
     jobs = [("jpeg", plan.images["jpeg"] if sdxs else plan.other_jpeg, ["--format", "jpeg"])]
     if sdxs:
-        jobs += [("png", plan.images["png"], ["--format", "png"]),
+        jobs += [("png", plan.images["png"], ["--format", "png", *_png_encoder()]),
                  ("webp", plan.images["webp"], ["--format", "webp"])]  # fmt: skip
     with results.part(f"{name}: end to end") as part:
         if clock.allows(allowance("end to end", name)):

@@ -29,7 +29,9 @@ if [ $# -lt 1 ] || [ "${1#-}" != "$1" ]; then
   exit 2
 fi
 python="${PYTHON:-python3}"
-site="$here/site"
+# FEWSTEP_DEVICE_SITE: another folder (rehearse.sh gives its own, so that a rehearsal and a smoke
+# run in one checkout at the same time never share one).
+site="${FEWSTEP_DEVICE_SITE:-$here/site}"
 # The site folder belongs to the interpreter that filled it: another one's (a rehearsal's
 # CPython 3.12 wheels under a 3.11 virtualenv) would shadow its packages.
 interpreter="$("$python" -c 'import sys; print(sys.executable, sys.version.split()[0])')"
